@@ -1,0 +1,201 @@
+"""Causal language models: loading (hub id, local folder, GGUF, the embedded default), prompts,
+last-prompt-token hidden states for every layer, and answer sampling with token log-probs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import EMBEDDED_MODEL, ModelSpec, PromptConfig, SamplingConfig
+from .device import resolve_device, resolve_dtype
+from .errors import ModelLoadError
+from .paths import models_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedLM:
+    model: object  # transformers PreTrainedModel
+    tokenizer: object  # transformers PreTrainedTokenizerBase, padding_side='left'
+    device: str
+    spec: ModelSpec
+    source: str  # what was actually loaded (folder or hub id)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def _resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
+    """(name_or_path, gguf_file) to hand to from_pretrained."""
+    if spec.name_or_path == EMBEDDED_MODEL:
+        from .embedded import ensure_embedded_model
+
+        return str(ensure_embedded_model(models_dir())), None
+    path = Path(spec.name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {str(path)!r} does not exist. Check the path.")
+        return str(path.parent), path.name
+    if path.exists() and not path.is_dir():
+        raise ModelLoadError(f"{str(path)!r} is a file but not a .gguf file. Give a model folder, a .gguf file or a hub id.")
+    return (str(path) if path.is_dir() else spec.name_or_path), spec.gguf_file
+
+
+def load_model(spec: ModelSpec, device: str | None = None) -> LoadedLM:
+    """Load a causal LM and its tokenizer for ``spec``; errors say what was tried."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, gguf = _resolve_source(spec)
+    device = device or resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    kw = {"revision": spec.revision} if spec.revision else {}
+    if gguf:
+        kw["gguf_file"] = gguf
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **kw)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        where = "local folder" if Path(source).is_dir() else "Hugging Face hub id (no local folder of that name exists)"
+        raise ModelLoadError(
+            f"Could not load model {spec.name_or_path!r}: tried it as a {where}"
+            f"{' with GGUF file ' + gguf if gguf else ''}. Cause: {str(exc).splitlines()[0]}\n"
+            f"Give a folder with config.json and weights, a .gguf file, a reachable hub id, or {EMBEDDED_MODEL!r}."
+        ) from exc
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelLoadError(f"Tokenizer of {spec.name_or_path!r} has neither a pad nor an eos token; batching needs one.")
+        tok.pad_token = tok.eos_token
+    model.to(device)
+    model.eval()
+    torch.set_grad_enabled(False)
+    return LoadedLM(model=model, tokenizer=tok, device=device, spec=spec, source=source)
+
+
+# -- prompts -------------------------------------------------------------------------------------
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def build_prompt(tokenizer, question: str, cfg: PromptConfig) -> str:
+    """The text fed to the model for ``question`` (chat template when available and enabled)."""
+    if cfg.chat_template and has_chat_template(tokenizer):
+        messages = []
+        for q, a in cfg.few_shot:
+            messages += [{"role": "user", "content": f"{cfg.instruction}\n{q}"}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": f"{cfg.instruction}\n{question}"})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in cfg.few_shot)
+    return f"{cfg.instruction}\n\n{shots}Question: {question}\nAnswer:"
+
+
+def _encode(lm: LoadedLM, prompts: Sequence[str]):
+    # A chat template may already start with BOS; adding the tokenizer's own would double it.
+    bos = lm.tokenizer.bos_token
+    special = not (bos and all(p.startswith(bos) for p in prompts))
+    enc = lm.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=special)
+    return {k: v.to(lm.device) for k, v in enc.items()}
+
+
+def _position_ids(mask):
+    # Left padding shifts positions; count only real tokens so padded rows match unpadded ones.
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(mask) -> "object":
+    """Index of the last real (mask == 1) token in each row, whatever side the padding is on."""
+    import torch
+
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), positions, -1).max(dim=1).values  # (batch,)
+
+
+# -- hidden states -------------------------------------------------------------------------------
+
+def extract_hidden_states(lm: LoadedLM, prompts: Sequence[str], batch_size: int = 16) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (start, states) per batch; states: float16 (batch, n_layers+1, hidden), the state of
+    the last prompt token (the token before generation) at every layer, embeddings as layer 0."""
+    import torch
+
+    for start in range(0, len(prompts), batch_size):
+        enc = _encode(lm, prompts[start : start + batch_size])
+        out = lm.model(**enc, position_ids=_position_ids(enc["attention_mask"]), output_hidden_states=True, use_cache=False)
+        stacked = torch.stack(out.hidden_states, dim=1)  # (batch, L+1, seq, hidden)
+        idx = last_token_index(enc["attention_mask"])  # (batch,)
+        rows = stacked[torch.arange(stacked.shape[0]), :, idx]  # (batch, L+1, hidden)
+        yield start, rows.float().cpu().numpy().astype(np.float16)
+
+
+# -- sampling ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    token_logprobs: tuple[float, ...]  # model log-probs (temperature 1) of the kept tokens
+
+    @property
+    def seq_logprob(self) -> float:
+        """Length-normalised sequence log-prob (0.0 for an empty answer)."""
+        return float(np.mean(self.token_logprobs)) if self.token_logprobs else 0.0
+
+
+def _cut_at_stop(tokenizer, ids: Sequence[int], stops: Sequence[str], special: set[int]) -> tuple[str, int]:
+    """Decoded answer up to the first stop string or special token (leading whitespace ignored, so
+    an answer that starts with a newline is not cut to nothing), and how many tokens it keeps."""
+    kept = 0
+    for j, t in enumerate(ids):
+        if t in special:
+            break
+        text = tokenizer.decode(ids[: j + 1], skip_special_tokens=True).lstrip()
+        cuts = [text.find(s) for s in stops if s and s in text]
+        if cuts:
+            return text[: min(cuts)].strip(), kept
+        kept = j + 1
+    return tokenizer.decode(ids[:kept], skip_special_tokens=True).strip(), kept
+
+
+def generate_answers(lm: LoadedLM, prompts: Sequence[str], cfg: SamplingConfig, temperature: float, n: int, seed: int) -> list[list[Generation]]:
+    """``n`` sampled answers per prompt at ``temperature``; one batched generate call."""
+    import torch
+
+    torch.manual_seed(seed)
+    enc = _encode(lm, prompts)
+    out = lm.model.generate(
+        **enc,
+        do_sample=True,
+        temperature=temperature,
+        top_p=cfg.top_p,
+        top_k=0,
+        num_return_sequences=n,
+        max_new_tokens=cfg.max_new_tokens,
+        stop_strings=[s for s in cfg.stop if s] or None,
+        tokenizer=lm.tokenizer,
+        pad_token_id=lm.tokenizer.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    # Raw (temperature-1) log-probs of the chosen tokens: the model's own likelihood, used by the
+    # likelihood-weighted SE and the mean log-likelihood baseline.
+    logp = lm.model.compute_transition_scores(out.sequences, out.logits, normalize_logits=True)  # (batch*n, new)
+    new_tokens = out.sequences[:, enc["input_ids"].shape[1] :]  # (batch*n, new)
+    special = set(lm.tokenizer.all_special_ids)
+    result: list[list[Generation]] = [[] for _ in prompts]
+    for row in range(new_tokens.shape[0]):
+        ids = new_tokens[row].tolist()
+        text, kept = _cut_at_stop(lm.tokenizer, ids, cfg.stop, special)
+        lps = tuple(float(x) for x in logp[row, :kept].tolist())
+        result[row // n].append(Generation(text=text, token_logprobs=lps))
+    return result

@@ -1,0 +1,227 @@
+"""Reading and validating question pools (CSV / TSV, JSONL, JSON, Parquet).
+
+A pool row needs ``question``; ``answer`` / ``answers`` (gold answers, aliases as a list or
+separated by ``|``) and ``id`` are optional; every other column is kept as metadata. Rows are
+numbered from 1, not counting a header. Validation collects every problem before failing, and
+nothing is stored unless the whole file passes (or ``skip_invalid`` leaves the bad rows out).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import PoolError
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
+DEFAULT_MAX_MB = 200
+MAX_QUESTION_CHARS = 2000
+ANSWER_COLUMNS = ("answer", "answers")
+
+
+@dataclass(frozen=True)
+class QuestionRow:
+    ext_id: str
+    question: str
+    answers: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PoolData:
+    name: str
+    source: str
+    rows: list[QuestionRow]
+    n_read: int
+    skipped: list[str] = field(default_factory=list)
+    metadata_columns: list[str] = field(default_factory=list)
+
+    @property
+    def has_answers(self) -> bool:
+        return any(r.answers for r in self.rows)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "rows_read": self.n_read,
+            "rows_imported": len(self.rows),
+            "rows_with_answers": sum(1 for r in self.rows if r.answers),
+            "skipped": self.skipped,
+            "metadata_columns": self.metadata_columns,
+        }
+
+
+def read_pool(
+    path: Path | str,
+    name: str | None = None,
+    skip_invalid: bool = False,
+    encoding: str | None = None,
+    max_mb: float = DEFAULT_MAX_MB,
+) -> PoolData:
+    path = Path(path)
+    if not path.is_file():
+        raise PoolError(f"{path} does not exist or is not a file.")
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise PoolError(f"{path.name}: unsupported file type {path.suffix or '(none)'!r}. Use one of: {', '.join(sorted(FORMATS))}.")
+    size = path.stat().st_size
+    if size == 0:
+        raise PoolError(f"{path.name} is empty (0 bytes). Export the pool again; it needs a 'question' column and at least one row.")
+    if size > max_mb * 1024 * 1024:
+        raise PoolError(
+            f"{path.name} is {size / 1024 / 1024:.0f} MB, over the {max_mb:g} MB limit for one pool. "
+            "Split it into smaller pools, or raise the limit (--max-mb) if this machine has the memory."
+        )
+    records = _read_records(path, fmt, encoding)
+    return validate_records(records, name=name or path.stem, source=str(path), skip_invalid=skip_invalid)
+
+
+def _read_text(path: Path, encoding: str | None) -> str:
+    raw = path.read_bytes()
+    head = raw[:8192]
+    if head.startswith(b"PAR1"):
+        raise PoolError(f"{path.name} is a Parquet file with a {path.suffix} name. Rename it to .parquet.")
+    if b"\x00" in head and not head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise PoolError(f"{path.name} looks like a binary file (it contains NUL bytes), not text. Export the pool as UTF-8 CSV, JSONL or Parquet.")
+    enc = encoding or ("utf-16" if head.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig")
+    try:
+        return raw.decode(enc)
+    except LookupError as exc:
+        raise PoolError(f"Unknown encoding {encoding!r}. Use a Python codec name such as utf-8, cp1252 or latin-1.") from exc
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise PoolError(
+            f"{path.name} is not valid {enc} text: byte 0x{raw[exc.start]:02x} at line {line} cannot be decoded. "
+            "Re-save the file as UTF-8, or give its encoding (e.g. --encoding cp1252)."
+        ) from exc
+
+
+def _read_records(path: Path, fmt: str, encoding: str | None) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    if fmt == "parquet":
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises several unrelated types
+            raise PoolError(f"{path.name} is not a readable Parquet file: {exc}") from exc
+        return frame.to_dict(orient="records")
+    text = _read_text(path, encoding)
+    if not text.strip():
+        raise PoolError(f"{path.name} contains only whitespace. It needs a 'question' column and at least one row.")
+    if fmt in ("csv", "tsv"):
+        try:
+            frame = pd.read_csv(io.StringIO(text), sep="\t" if fmt == "tsv" else ",", dtype=str, keep_default_na=False, skip_blank_lines=True)
+        except pd.errors.ParserError as exc:
+            raise PoolError(f"{path.name} is not well-formed {fmt.upper()}: {exc}. Check quoting on that line.") from exc
+        return frame.to_dict(orient="records")
+    if fmt == "json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PoolError(f"{path.name} is not valid JSON (line {exc.lineno}: {exc.msg}).") from exc
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise PoolError(f"{path.name} must hold a JSON list of objects, one per question.")
+        return data
+    records = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PoolError(f"{path.name} line {n} is not valid JSON ({exc.msg}). Each line must be one JSON object.") from exc
+        if not isinstance(obj, dict):
+            raise PoolError(f"{path.name} line {n} is a JSON {type(obj).__name__}, expected an object such as {{\"question\": \"...\"}}.")
+        records.append(obj)
+    return records
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def parse_answers(value: Any) -> tuple[str, ...]:
+    """Gold answers from a cell: a list, a JSON list in a string, or aliases separated by '|'."""
+    if _is_missing(value):
+        return ()
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, str):
+        s = value.strip()
+        if s.startswith("["):
+            try:
+                value = json.loads(s)
+            except json.JSONDecodeError:
+                value = s.split("|")
+        else:
+            value = s.split("|")
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    return tuple(dict.fromkeys(str(v).strip() for v in value if not _is_missing(v) and str(v).strip()))
+
+
+def validate_records(records: Sequence[dict[str, Any]], name: str, source: str, skip_invalid: bool = False) -> PoolData:
+    if not records:
+        raise PoolError(f"{source} has no rows. Add at least one question.")
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    lower = {str(c).strip().lower(): c for c in columns}
+    if "question" not in lower:
+        hint = next((c for c in columns if str(c).strip().lower() in ("prompt", "query", "text", "q", "questions")), None)
+        raise PoolError(
+            f"{source} has no 'question' column. Columns found: {', '.join(map(str, columns)) or '(none)'}. "
+            + (f"Rename {hint!r} to 'question'." if hint else "Rename the column holding the questions to 'question'.")
+        )
+    qcol, idcol = lower["question"], lower.get("id")
+    acol = next((lower[c] for c in ANSWER_COLUMNS if c in lower), None)
+    meta_cols = [c for c in columns if c not in (qcol, idcol, acol)]
+
+    problems: list[str] = []
+    bad: set[int] = set()
+    seen_q: dict[str, int] = {}
+    seen_id: dict[str, int] = {}
+    rows: list[tuple[int, QuestionRow]] = []
+    for n, rec in enumerate(records, start=1):
+        raw_q = rec.get(qcol)
+        q = "" if _is_missing(raw_q) else " ".join(str(raw_q).split())
+        ext = str(n) if idcol is None or _is_missing(rec.get(idcol)) or str(rec.get(idcol)).strip() == "" else str(rec[idcol]).strip()
+        if not q:
+            problems.append(f"Row {n}: column 'question' is empty. Every row needs a question; remove the row or fill it in.")
+            bad.add(n)
+            continue
+        if len(q) > MAX_QUESTION_CHARS:
+            problems.append(f"Row {n}: the question is {len(q)} characters, over the {MAX_QUESTION_CHARS} limit. Shorten it or remove the row.")
+            bad.add(n)
+            continue
+        key = q.casefold()
+        if key in seen_q:
+            problems.append(f"Row {n}: duplicate of row {seen_q[key]} ({q[:60]!r}). Remove one of them.")
+            bad.add(n)
+            continue
+        if ext in seen_id:
+            problems.append(f"Row {n}: id {ext!r} is already used by row {seen_id[ext]}. Ids must be unique.")
+            bad.add(n)
+            continue
+        seen_q[key], seen_id[ext] = n, n
+        meta = {str(c): _jsonable(rec.get(c)) for c in meta_cols if not _is_missing(rec.get(c))}
+        rows.append((n, QuestionRow(ext_id=ext, question=q, answers=parse_answers(rec.get(acol)) if acol else (), metadata=meta)))
+    if problems and not skip_invalid:
+        raise PoolError(
+            f"{source}: {len(bad)} of {len(records)} rows are invalid, so nothing was imported. "
+            "Fix them, or import with skip_invalid (--skip-invalid) to leave them out:",
+            problems,
+        )
+    if not rows:
+        raise PoolError(f"{source}: none of the {len(records)} rows is valid, so nothing was imported.", problems)
+    return PoolData(name=name, source=source, rows=[r for _, r in rows], n_read=len(records), skipped=problems, metadata_columns=[str(c) for c in meta_cols])
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value if isinstance(value, (str, int, float, bool, list, dict)) or value is None else str(value)

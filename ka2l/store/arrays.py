@@ -1,0 +1,31 @@
+"""Large float arrays (hidden states) as memory-mapped .npy files, each with a sidecar JSON that
+records how it was made."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import StoreError
+
+
+def create_array(path: Path, shape: tuple[int, ...], dtype: str = "float16", meta: dict[str, Any] | None = None) -> np.memmap:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    path.with_suffix(".json").write_text(json.dumps({"shape": list(shape), "dtype": dtype, **(meta or {})}, indent=1))
+    return arr
+
+
+def open_array(path: Path | str, mode: str = "r") -> np.memmap:
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"Array file {path} is missing. It belongs to a run whose data folder was moved or deleted; re-run it.")
+    return np.load(path, mmap_mode=mode)
+
+
+def read_meta(path: Path | str) -> dict[str, Any]:
+    side = Path(path).with_suffix(".json")
+    return json.loads(side.read_text()) if side.is_file() else {}

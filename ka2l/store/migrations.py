@@ -1,0 +1,166 @@
+"""The schema, as an ordered list of migrations. Never edit a shipped migration: append one.
+
+Each migration runs inside one transaction together with the bump of ``PRAGMA user_version``, so
+a crash mid-migration leaves the database at the previous version.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: list[str] = [
+    # 1: pools, questions, Stage 1 runs and everything they produce, probes, predictions, jobs.
+    """
+    CREATE TABLE pools (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        source TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        n_questions INTEGER NOT NULL,
+        has_answers INTEGER NOT NULL,
+        report TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE TABLE questions (
+        id INTEGER PRIMARY KEY,
+        pool_id INTEGER NOT NULL REFERENCES pools(id) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        ext_id TEXT NOT NULL,
+        question TEXT NOT NULL,
+        answers TEXT NOT NULL DEFAULT '[]',
+        metadata TEXT NOT NULL DEFAULT '{}',
+        UNIQUE (pool_id, idx),
+        UNIQUE (pool_id, ext_id)
+    );
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY,
+        pool_id INTEGER NOT NULL REFERENCES pools(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
+        config TEXT NOT NULL,
+        config_hash TEXT NOT NULL,
+        model TEXT NOT NULL,
+        status TEXT NOT NULL,
+        stage TEXT,
+        error TEXT,
+        n_layers INTEGER,
+        hidden_size INTEGER,
+        hidden_path TEXT,
+        threshold TEXT,
+        versions TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        timings TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX runs_resume ON runs (pool_id, kind, config_hash, status);
+    CREATE TABLE hidden_done (
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        question_id INTEGER NOT NULL REFERENCES questions(id) ON DELETE CASCADE,
+        PRIMARY KEY (run_id, question_id)
+    );
+    CREATE TABLE answers (
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        question_id INTEGER NOT NULL REFERENCES questions(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL CHECK (kind IN ('low', 'sample')),
+        sample_idx INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        token_logprobs TEXT NOT NULL,
+        seq_logprob REAL NOT NULL,
+        PRIMARY KEY (run_id, question_id, kind, sample_idx)
+    );
+    CREATE TABLE clusters (
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        question_id INTEGER NOT NULL REFERENCES questions(id) ON DELETE CASCADE,
+        cluster_ids TEXT NOT NULL,
+        n_clusters INTEGER NOT NULL,
+        judge_calls INTEGER NOT NULL,
+        verdicts TEXT NOT NULL,
+        PRIMARY KEY (run_id, question_id)
+    );
+    CREATE TABLE scores (
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        question_id INTEGER NOT NULL REFERENCES questions(id) ON DELETE CASCADE,
+        se REAL NOT NULL,
+        se_weighted REAL NOT NULL,
+        regular_entropy REAL NOT NULL,
+        mean_loglik REAL NOT NULL,
+        correct INTEGER,
+        bise INTEGER,
+        PRIMARY KEY (run_id, question_id)
+    );
+    CREATE TABLE probes (
+        id INTEGER PRIMARY KEY,
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        layer INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        config TEXT NOT NULL,
+        metrics TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE probe_layers (
+        probe_id INTEGER NOT NULL REFERENCES probes(id) ON DELETE CASCADE,
+        layer INTEGER NOT NULL,
+        val_auroc REAL,
+        test_auroc REAL,
+        test_ci_low REAL,
+        test_ci_high REAL,
+        test_auroc_correct REAL,
+        PRIMARY KEY (probe_id, layer)
+    );
+    CREATE TABLE predictions (
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        probe_id INTEGER NOT NULL REFERENCES probes(id) ON DELETE CASCADE,
+        question_id INTEGER NOT NULL REFERENCES questions(id) ON DELETE CASCADE,
+        p_unknown REAL NOT NULL,
+        label INTEGER NOT NULL,
+        layer INTEGER NOT NULL,
+        PRIMARY KEY (run_id, probe_id, question_id)
+    );
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        config TEXT NOT NULL,
+        status TEXT NOT NULL,
+        stage TEXT,
+        done INTEGER NOT NULL DEFAULT 0,
+        total INTEGER,
+        message TEXT,
+        pid INTEGER,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        result TEXT,
+        created_at TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT
+    );
+    """,
+]
+
+
+def current_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the database to the latest schema; returns the version reached."""
+    version = current_version(conn)
+    if version > len(MIGRATIONS):
+        from ..errors import StoreError
+
+        raise StoreError(f"Database schema version {version} is newer than this ka2l knows ({len(MIGRATIONS)}). Upgrade ka2l.")
+    for number in range(version + 1, len(MIGRATIONS) + 1):
+        # executescript would COMMIT implicitly; run statements one by one inside one transaction.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _statements(MIGRATIONS[number - 1]):
+                conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except Exception:
+            conn.execute("ROLLBACK")
+            raise
+    return current_version(conn)
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]

@@ -1,0 +1,69 @@
+"""Probes find a planted signal in the right layer, and are at chance on shuffled labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ka2l.config import ProbeConfig
+from ka2l.errors import ProbeError
+from ka2l.probes import auroc, bootstrap_auroc, load_probe, predict_unknown, probe_layers, save_probe, stratified_split
+
+
+def planted(n=300, layers=4, dim=24, signal_layer=2, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    hidden = rng.normal(size=(n, layers + 1, dim)).astype(np.float16)
+    direction = rng.normal(size=dim)
+    hidden[:, signal_layer] += (np.outer(y * 2 - 1, direction) * 0.6).astype(np.float16)
+    return hidden, y
+
+
+def test_auroc_orientation_and_bootstrap():
+    assert auroc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert auroc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
+    assert np.isnan(auroc([1, 1], [0.3, 0.4]))
+    lo, hi = bootstrap_auroc([0, 1] * 50, np.r_[np.zeros(50), np.ones(50)][np.argsort(np.tile([0, 1], 50), kind="stable")], n=200)
+    assert lo <= hi
+
+
+def test_split_is_stratified_7_2_1_and_refuses_tiny_classes():
+    y = np.array([0] * 70 + [1] * 30)
+    s = stratified_split(y, (0.7, 0.2, 0.1), seed=1)
+    assert (len(s.train), len(s.val), len(s.test)) == (70, 20, 10)
+    assert set(s.train) | set(s.val) | set(s.test) == set(range(100))
+    assert y[s.test].sum() == 3 and y[s.val].sum() == 6
+    with pytest.raises(ProbeError, match="known=97, unknown=3"):
+        stratified_split(np.array([0] * 97 + [1] * 3))
+
+
+@pytest.mark.parametrize("kind", ["logistic", "mlp", "llama-mlp"])
+def test_planted_signal_found_in_its_layer(kind):
+    hidden, y = planted()
+    cfg = ProbeConfig(kind=kind, intermediate_size=64, epochs=30 if kind == "mlp" else 0, lr=3e-4 if kind == "llama-mlp" else 0.0, bootstrap=100)
+    res = probe_layers(hidden, y, cfg, incorrect=y)
+    assert res.best_layer == 2
+    assert res.best.test_auroc > 0.9
+    assert res.best.test_auroc_correct == res.best.test_auroc
+    others = [s.test_auroc for s in res.layers if s.layer != 2]
+    assert max(others) < 0.75, others
+    assert res.best.test_ci_low <= res.best.test_auroc <= res.best.test_ci_high
+
+
+def test_shuffled_labels_give_chance():
+    hidden, y = planted(n=400)
+    rng = np.random.default_rng(5)
+    res = probe_layers(hidden, rng.permutation(y), ProbeConfig(kind="logistic", bootstrap=0), layers=[2])
+    assert abs(res.best.test_auroc - 0.5) < 0.2
+
+
+def test_saved_probe_reloads_and_predicts_identically(tmp_path):
+    hidden, y = planted()
+    res = probe_layers(hidden, y, ProbeConfig(kind="mlp", epochs=10, bootstrap=0), layers=[2])
+    save_probe(tmp_path / "p", res.net, "mlp", 2, ProbeConfig(kind="mlp", epochs=10), {"target": "bise"})
+    net, meta = load_probe(tmp_path / "p" / "probe.safetensors")
+    x = hidden[:, 2].astype(np.float32)
+    np.testing.assert_allclose(predict_unknown(net, x), predict_unknown(res.net, x), atol=1e-6)
+    assert meta["layer"] == 2 and meta["kind"] == "mlp" and "torch" in meta["versions"]
+    with pytest.raises(ProbeError, match="missing"):
+        load_probe(tmp_path / "nope" / "probe.safetensors")
