@@ -45,6 +45,15 @@ class PoolData:
     def has_answers(self) -> bool:
         return any(r.answers for r in self.rows)
 
+    def sample(self, n: int, seed: int = 0) -> "PoolData":
+        """A random subset of ``n`` rows (pool order kept), for quick runs on a slice of a big pool."""
+        import random
+
+        if n <= 0:
+            raise PoolError(f"--limit must be a positive number of questions, got {n}.")
+        keep = sorted(random.Random(seed).sample(range(len(self.rows)), min(n, len(self.rows))))
+        return PoolData(self.name, self.source, [self.rows[i] for i in keep], self.n_read, self.skipped, self.metadata_columns)
+
     def report(self) -> dict[str, Any]:
         return {
             "rows_read": self.n_read,

@@ -42,6 +42,13 @@ def auroc(y: Sequence[int], score: Sequence[float]) -> float:
     return float(roc_auc_score(y, np.asarray(score, dtype=np.float64)))
 
 
+def masked_auroc(y: Sequence[int], score: Sequence[float]) -> float:
+    """AUROC over the rows whose label is known (label -1 = unknown, e.g. no gold answer)."""
+    y, score = np.asarray(y), np.asarray(score)
+    keep = y >= 0
+    return auroc(y[keep], score[keep])
+
+
 def bootstrap_auroc(y: Sequence[int], score: Sequence[float], n: int = 1000, seed: int = 0) -> tuple[float, float]:
     """95% percentile interval of AUROC over ``n`` resamples (resamples with one class are skipped)."""
     y, score = np.asarray(y), np.asarray(score)
@@ -242,7 +249,7 @@ def probe_layers(
     y: Sequence[int],
     cfg: ProbeConfig,
     split: Split | None = None,
-    incorrect: Sequence[int] | None = None,
+    incorrect: Sequence[int] | None = None,  # 1 = wrong answer, 0 = right, -1 = no gold answer
     layers: Sequence[int] | None = None,
     kind: str | None = None,
     target: str = "bise",
@@ -266,7 +273,7 @@ def probe_layers(
         p_val, p_test = predict_unknown(net, x[split.val]), predict_unknown(net, x[split.test])
         lo, hi = bootstrap_auroc(y[split.test], p_test, cfg.bootstrap, cfg.seed)
         s = LayerScore(layer, auroc(y[split.val], p_val), auroc(y[split.test], p_test), lo, hi,
-                       None if wrong is None else auroc(wrong[split.test], p_test))
+                       None if wrong is None else masked_auroc(wrong[split.test], p_test))
         scores.append(s)
         if best is None or (not math.isnan(s.val_auroc) and (math.isnan(best[0].val_auroc) or s.val_auroc > best[0].val_auroc)):
             best = (s, net, p_test)

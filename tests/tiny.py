@@ -70,3 +70,33 @@ def save_tiny_nli(folder: Path, label_order=("contradiction", "neutral", "entail
     DebertaV2ForSequenceClassification(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def save_memorising_llama(folder: Path, known: list[tuple[str, str]], steps: int = 150, seed: int = 0) -> Path:
+    """A tiny chat Llama trained to answer the ``known`` questions (through ka2l's own prompt), so
+    those get consistent answers (low SE) while unseen questions get random ones (high SE)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ka2l.config import PromptConfig
+    from ka2l.llm import build_prompt
+
+    tok = make_tokenizer(chat=True)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                      vocab_size=len(tok), max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    model = LlamaForCausalLM(cfg)
+    texts = [build_prompt(tok, q, PromptConfig()) + a + tok.eos_token for q, a in known]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(**enc, labels=labels).loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

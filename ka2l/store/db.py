@@ -27,10 +27,10 @@ def open_db(path: Path | str | None = None) -> sqlite_utils.Database:
         conn = sqlite3.connect(path, timeout=30, isolation_level=None)
     except (OSError, sqlite3.Error) as exc:
         raise StoreError(f"Cannot open the database at {path}: {exc}. Check the folder exists and is writable.") from exc
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=30000")
     try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
         migrate(conn)
     except sqlite3.DatabaseError as exc:
         conn.close()

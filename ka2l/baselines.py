@@ -1,0 +1,101 @@
+"""Evidence tables for a Stage 1 run (METHOD.md section 8), scored on the held-out test split.
+
+- ``baseline_table``: the probe against the SE probe (logistic on BiSE), the accuracy probe
+  (logistic on correctness), mean log-likelihood, regular entropy and SE itself. AUROC orientation:
+  positive = unknown / incorrect, score = 'how unknown'. SE against BiSE is circular (BiSE is
+  thresholded SE) and is shown only for completeness.
+- ``threshold_robustness``: retrain the probe at the chosen layer with labels from gamma* + delta.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .config import ProbeConfig
+from .entropy import binarize
+from .errors import ProbeError
+from .probes import ProbeResult, Split, auroc, masked_auroc, predict_unknown, probe_layers, layer_features, train_probe
+from .progress import NullProgress, Progress
+
+DELTAS = (-0.20, -0.10, -0.05, 0.0, 0.05, 0.10, 0.20)
+
+
+def _row(method: str, y_bise: np.ndarray, wrong: np.ndarray | None, score: np.ndarray, note: str = "") -> dict[str, Any]:
+    return {"method": method, "auroc_bise": auroc(y_bise, score),
+            "auroc_incorrect": None if wrong is None else masked_auroc(wrong, score), "note": note}
+
+
+def baseline_table(
+    hidden: np.ndarray,
+    scores: dict[str, np.ndarray],
+    bise: np.ndarray,
+    incorrect: np.ndarray | None,
+    main: ProbeResult,
+    cfg: ProbeConfig,
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """``scores`` holds per-question arrays se, se_weighted, regular_entropy, mean_loglik (pool order)."""
+    progress = progress or NullProgress()
+    test = main.split.test
+    yb = bise[test]
+    yw = None if incorrect is None else incorrect[test]
+    rows = [_row(f"KA2L probe ({main.kind}, layer {main.best_layer})", yb, yw, main.test_scores)]
+    if main.kind != "logistic":
+        sep = probe_layers(hidden, bise, cfg, split=main.split, kind="logistic", progress=progress)
+        rows.append(_row(f"SE probe (logistic, layer {sep.best_layer})", yb, yw, sep.test_scores))
+    if incorrect is not None:
+        known_rows = incorrect >= 0
+        try:
+            acc = probe_layers(hidden, np.where(known_rows, incorrect, 0), cfg, split=_restrict(main.split, known_rows), kind="logistic",
+                               target="incorrect", progress=progress)
+            rows.append(_row(f"Accuracy probe (logistic, layer {acc.best_layer})", bise[acc.split.test], incorrect[acc.split.test], acc.test_scores))
+        except (ProbeError, ValueError) as exc:
+            rows.append({"method": "Accuracy probe (logistic)", "auroc_bise": math.nan, "auroc_incorrect": math.nan, "note": f"skipped: {exc}"})
+    rows += [
+        _row("Mean log-likelihood (low-T answer)", yb, yw, -scores["mean_loglik"][test]),
+        _row("Regular (naive) entropy", yb, yw, scores["regular_entropy"][test]),
+        _row("Semantic entropy (likelihood-weighted)", yb, yw, scores["se_weighted"][test]),
+        _row("Semantic entropy (discrete)", yb, yw, scores["se"][test], note="circular against BiSE"),
+    ]
+    return rows
+
+
+def _restrict(split: Split, keep: np.ndarray) -> Split:
+    return Split(split.train[keep[split.train]], split.val[keep[split.val]], split.test[keep[split.test]])
+
+
+def threshold_robustness(
+    hidden: np.ndarray,
+    se: np.ndarray,
+    gamma: float,
+    incorrect: np.ndarray | None,
+    split: Split,
+    layer: int,
+    cfg: ProbeConfig,
+    deltas: Sequence[float] = DELTAS,
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """AUROC of the probe retrained at ``layer`` on labels SE >= gamma + delta (same split)."""
+    progress = progress or NullProgress()
+    x = layer_features(hidden, layer)
+    rows = []
+    progress.stage("threshold robustness", total=len(deltas))
+    for d in deltas:
+        tau = gamma + d
+        y = binarize(se, tau)
+        parts = (split.train, split.val, split.test)
+        row: dict[str, Any] = {"delta": d, "threshold": tau, "share_unknown": float(y.mean())}
+        if any(len(np.unique(y[p])) < 2 for p in parts):
+            row.update(auroc_bise=math.nan, auroc_incorrect=math.nan, note="one label only in a split")
+        else:
+            net = train_probe(cfg.kind, x[split.train], y[split.train], x[split.val], y[split.val], cfg)
+            p = predict_unknown(net, x[split.test])
+            row.update(auroc_bise=auroc(y[split.test], p),
+                       auroc_incorrect=None if incorrect is None else masked_auroc(incorrect[split.test], p), note="")
+        rows.append(row)
+        progress.advance(1)
+    return rows

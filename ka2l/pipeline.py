@@ -1,0 +1,265 @@
+"""Stage 1 (knowledge-distribution probing) and triage, orchestrated over the pieces, resumable.
+
+Every stage commits per batch; a re-run with the same pool and config continues where an
+interrupted one stopped (Ctrl-C, kill, crash) and recomputes nothing that was stored:
+
+    hidden   last-prompt-token states, every layer, memory-mapped float16 (n, L+1, hidden)
+    answers  one low-temperature answer + k samples per question, with token log-probs
+    scores   clustering (judge calls counted) and SE / weighted SE / regular entropy / log-lik / correctness
+    labels   dynamic threshold gamma* -> BiSE
+    probes   per-layer probes, best layer on validation AUROC, baseline + robustness tables
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .config import Stage1Config, TriageConfig, config_hash, from_dict, to_dict
+from .entropy import discrete_semantic_entropy, find_threshold, binarize, is_correct, mean_log_likelihood, regular_entropy, weighted_semantic_entropy
+from .errors import Cancelled, ProbeError
+from .llm import LoadedLM, build_prompt, extract_hidden_states, generate_answers, load_model
+from .paths import arrays_dir, probes_dir
+from .progress import NullProgress, Progress
+from .store import queries as Q
+from .store.arrays import create_array, open_array
+from .store.db import connect
+
+log = logging.getLogger(__name__)
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"ka2l": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _start_run(db, pool_id: int, kind: str, cfg: Any, model: str, resume: bool) -> tuple[int, bool]:
+    h = config_hash(cfg)
+    if resume:
+        row = Q.find_resumable_run(db, pool_id, kind, h)
+        if row is not None:
+            Q.update_run(db, row["id"], status="running", error=None)
+            return int(row["id"]), True
+    return Q.create_run(db, pool_id, kind, to_dict(cfg), h, model, versions()), False
+
+
+class _Timer:
+    """Adds a stage's wall time to the run row when the block ends (also on interruption)."""
+
+    def __init__(self, db, run_id: int, stage: str):
+        self.db, self.run_id, self.stage, self.n = db, run_id, stage, 0
+
+    def __enter__(self) -> "_Timer":
+        self.t0 = time.perf_counter()
+        Q.update_run(self.db, self.run_id, stage=self.stage)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.n:
+            Q.add_timing(self.db, self.run_id, self.stage, time.perf_counter() - self.t0, self.n)
+
+
+def _stage_hidden(db, run_id: int, lm: LoadedLM, questions: list[dict], prompts: list[str], batch_size: int, progress: Progress) -> np.ndarray:
+    run = Q.get_run(db, run_id)
+    shape = (len(questions), lm.n_layers + 1, lm.hidden_size)
+    path = arrays_dir() / f"run-{run_id}-hidden.npy"
+    if run["hidden_path"] and path.is_file():
+        arr = open_array(path, mode="r+")
+        if arr.shape != shape:
+            raise ProbeError(f"Stored hidden states {arr.shape} do not match the model/pool {shape}; start a new run (--no-resume).")
+    else:
+        arr = create_array(path, shape, meta={"run_id": run_id, "model": lm.source, "position": "last prompt token", "layer0": "embeddings"})
+        Q.update_run(db, run_id, hidden_path=str(path), n_layers=lm.n_layers, hidden_size=lm.hidden_size)
+    done = Q.hidden_done_ids(db, run_id)
+    todo = [i for i, q in enumerate(questions) if q["id"] not in done]
+    progress.stage("hidden states", total=len(questions), done=len(questions) - len(todo))
+    with _Timer(db, run_id, "hidden") as timer:
+        for start, states in extract_hidden_states(lm, [prompts[i] for i in todo], batch_size):
+            rows = todo[start : start + len(states)]
+            arr[rows] = states
+            arr.flush()
+            Q.mark_hidden_done(db, run_id, [questions[i]["id"] for i in rows])
+            timer.n += len(rows)
+            progress.advance(len(rows))
+    return arr
+
+
+def _stage_answers(db, run_id: int, lm: LoadedLM, questions: list[dict], prompts: list[str], cfg: Stage1Config, progress: Progress) -> None:
+    s = cfg.sampling
+    done = Q.answered_ids(db, run_id)
+    todo = [i for i, q in enumerate(questions) if q["id"] not in done]
+    progress.stage("answers", total=len(questions), done=len(questions) - len(todo))
+    with _Timer(db, run_id, "answers") as timer:
+        for b in range(0, len(todo), s.batch_size):
+            rows = todo[b : b + s.batch_size]
+            batch_prompts = [prompts[i] for i in rows]
+            seed = s.seed * 1_000_003 + rows[0]  # depends on the questions, not on where a resume started
+            low = generate_answers(lm, batch_prompts, s, s.low_temperature, 1, seed)
+            samples = generate_answers(lm, batch_prompts, s, s.temperature, s.k, seed + 1)
+            Q.insert_answers(db, run_id, {questions[i]["id"]: (low[j][0], samples[j]) for j, i in enumerate(rows)})
+            timer.n += len(rows)
+            progress.advance(len(rows), f"e.g. {low[0][0].text[:40]!r}")
+
+
+def score_question(judge, question: dict, answers: dict[str, list[dict]]) -> dict[str, Any]:
+    """Clustering + every per-question uncertainty score for one question's stored answers."""
+    samples = answers["sample"]
+    texts = [a["text"] for a in samples]
+    clustering = judge.cluster(question["question"], texts)
+    lps = [a["seq_logprob"] for a in samples]
+    low = answers["low"][0]
+    golds = question["answers"]
+    return {
+        "question_id": question["id"],
+        "cluster_ids": list(clustering.ids),
+        "n_clusters": clustering.n_clusters,
+        "judge_calls": clustering.judge_calls,
+        "verdicts": [list(v) for v in clustering.verdicts],
+        "se": discrete_semantic_entropy(clustering.ids),
+        "se_weighted": weighted_semantic_entropy(clustering.ids, lps),
+        "regular_entropy": regular_entropy(lps),
+        "mean_loglik": mean_log_likelihood(low["token_logprobs"]),
+        "correct": int(is_correct(low["text"], golds, question["question"])) if golds else None,
+    }
+
+
+def _stage_scores(db, run_id: int, questions: list[dict], cfg: Stage1Config, progress: Progress, batch: int = 32) -> None:
+    from .judges import make_judge
+
+    done = Q.scored_ids(db, run_id)
+    todo = [q for q in questions if q["id"] not in done]
+    progress.stage("semantic entropy", total=len(questions), done=len(questions) - len(todo))
+    if not todo:
+        return
+    judge = make_judge(cfg.judge)
+    with _Timer(db, run_id, "scores") as timer:
+        for b in range(0, len(todo), batch):
+            chunk = todo[b : b + batch]
+            answers = Q.load_answers(db, run_id, [q["id"] for q in chunk])
+            Q.insert_scores(db, run_id, [score_question(judge, q, answers[q["id"]]) for q in chunk])
+            timer.n += len(chunk)
+            progress.advance(len(chunk))
+
+
+def _stage_labels(db, run_id: int, cfg: Stage1Config) -> dict[str, Any]:
+    rows = Q.load_scores(db, run_id)
+    th = find_threshold([r["se"] for r in rows], cfg.threshold.rule, cfg.threshold.n_candidates)
+    labels = binarize([r["se"] for r in rows], th.gamma)
+    Q.set_bise(db, run_id, {r["question_id"]: int(l) for r, l in zip(rows, labels)})
+    threshold = {"rule": th.rule, "gamma": th.gamma, "candidates": list(th.candidates), "criterion": list(th.criterion),
+                 "share_unknown": float(labels.mean())}
+    Q.update_run(db, run_id, threshold=threshold)
+    return threshold
+
+
+def _stage_probes(db, run_id: int, cfg: Stage1Config, hidden: np.ndarray, progress: Progress) -> int:
+    from .baselines import baseline_table, threshold_robustness
+    from .probes import probe_layers, save_probe
+
+    rows = Q.load_scores(db, run_id)
+    run = Q.get_run(db, run_id)
+    bise = np.array([r["bise"] for r in rows], dtype=np.int64)
+    has_gold = any(r["correct"] is not None for r in rows)
+    incorrect = np.array([-1 if r["correct"] is None else 1 - r["correct"] for r in rows], dtype=np.int64) if has_gold else None
+    device = _probe_device(cfg)
+    with _Timer(db, run_id, "probes") as timer:
+        main = probe_layers(hidden, bise, cfg.probe, incorrect=incorrect, device=device, progress=progress)
+        scores = {k: np.array([r[k] for r in rows], dtype=np.float64) for k in ("se", "se_weighted", "regular_entropy", "mean_loglik")}
+        table = baseline_table(hidden, scores, bise, incorrect, main, cfg.probe, progress)
+        robust = threshold_robustness(hidden, scores["se"], run["threshold"]["gamma"], incorrect, main.split, main.best_layer, cfg.probe, progress=progress)
+        folder = probes_dir() / f"run-{run_id}-{cfg.probe.kind}-layer{main.best_layer}"
+        meta = {"target": "bise", "run_id": run_id, "model": run["model"], "threshold": run["threshold"]["gamma"],
+                "threshold_rule": cfg.threshold.rule, "prompt": to_dict(cfg.prompt)}
+        path = save_probe(folder, main.net, main.kind, main.best_layer, cfg.probe, meta)
+        metrics = {"split": main.split.to_dict(), "best_layer": main.best_layer, "baselines": table, "robustness": robust,
+                   "test_auroc": main.best.test_auroc, "test_ci": [main.best.test_ci_low, main.best.test_ci_high],
+                   "val_auroc": main.best.val_auroc, "test_auroc_correct": main.best.test_auroc_correct}
+        layers = [vars(s) for s in main.layers]
+        probe_id = Q.insert_probe(db, run_id, main.kind, "bise", main.best_layer, str(path), to_dict(cfg.probe), metrics, layers)
+        timer.n = len(main.layers)
+    return probe_id
+
+
+def _probe_device(cfg: Stage1Config) -> str:
+    from .device import resolve_device
+
+    return resolve_device(cfg.probe.device)
+
+
+def run_stage1(pool: int | str, cfg: Stage1Config, progress: Progress | None = None, resume: bool = True,
+               lm: LoadedLM | None = None, on_run: Callable[[int], None] | None = None) -> int:
+    """Run (or resume) Stage 1 on a stored pool; returns the run id. Interruptions keep all stored work."""
+    progress = progress or NullProgress()
+    with connect() as db:
+        pool_row = Q.get_pool(db, pool)
+        questions = Q.pool_questions(db, pool_row["id"])
+        run_id, resumed = _start_run(db, pool_row["id"], "stage1", cfg, cfg.model.name_or_path, resume)
+        if on_run:
+            on_run(run_id)
+        log.info("%s run %d on pool %r (%d questions)", "resuming" if resumed else "starting", run_id, pool_row["name"], len(questions))
+        try:
+            hidden = None
+            if len(Q.hidden_done_ids(db, run_id)) < len(questions) or len(Q.answered_ids(db, run_id)) < len(questions):
+                lm = lm or load_model(cfg.model)
+                prompts = [build_prompt(lm.tokenizer, q["question"], cfg.prompt) for q in questions]
+                hidden = _stage_hidden(db, run_id, lm, questions, prompts, cfg.sampling.hidden_batch_size, progress)
+                _stage_answers(db, run_id, lm, questions, prompts, cfg, progress)
+            _stage_scores(db, run_id, questions, cfg, progress)
+            _stage_labels(db, run_id, cfg)
+            if hidden is None:
+                hidden = open_array(Q.get_run(db, run_id)["hidden_path"])
+            _stage_probes(db, run_id, cfg, hidden, progress)
+        except (Cancelled, KeyboardInterrupt):
+            Q.update_run(db, run_id, status="interrupted")
+            raise
+        except Exception as exc:
+            Q.update_run(db, run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            progress.close()
+        Q.update_run(db, run_id, status="done", stage="done")
+    return run_id
+
+
+def run_triage(pool: int | str, cfg: TriageConfig, progress: Progress | None = None, resume: bool = True,
+               lm: LoadedLM | None = None) -> int:
+    """Score a pool with a saved probe from one forward pass per question (no sampling)."""
+    from .probes import load_probe, predict_unknown
+
+    progress = progress or NullProgress()
+    with connect() as db:
+        probe_row = Q.get_probe(db, cfg.probe_id)
+        net, meta = load_probe(probe_row["path"])
+        source = from_dict(Stage1Config, Q.get_run(db, probe_row["run_id"])["config"])
+        pool_row = Q.get_pool(db, pool)
+        questions = Q.pool_questions(db, pool_row["id"])
+        run_id, _ = _start_run(db, pool_row["id"], "triage", cfg, source.model.name_or_path, resume)
+        try:
+            from .device import resolve_device
+
+            lm = lm or load_model(source.model, device=resolve_device(cfg.device))
+            prompts = [build_prompt(lm.tokenizer, q["question"], source.prompt) for q in questions]
+            hidden = _stage_hidden(db, run_id, lm, questions, prompts, cfg.batch_size, progress)
+            layer = int(meta["layer"])
+            with _Timer(db, run_id, "predict") as timer:
+                p = predict_unknown(net, np.asarray(hidden[:, layer], dtype=np.float32))
+                Q.insert_predictions(db, run_id, cfg.probe_id, [
+                    {"question_id": q["id"], "p_unknown": float(pi), "label": int(pi >= 0.5), "layer": layer} for q, pi in zip(questions, p)])
+                timer.n = len(questions)
+        except (Cancelled, KeyboardInterrupt):
+            Q.update_run(db, run_id, status="interrupted")
+            raise
+        except Exception as exc:
+            Q.update_run(db, run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            progress.close()
+        Q.update_run(db, run_id, status="done", stage="done")
+    return run_id

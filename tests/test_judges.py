@@ -1,0 +1,76 @@
+"""Judges: strict vs non-strict equivalence, NLI label mapping from the model config, embeddings."""
+
+from __future__ import annotations
+
+import pytest
+
+from ka2l.config import JudgeConfig
+from ka2l.errors import ConfigError, JudgeError
+from ka2l.judges import CONTRADICTION, ENTAILMENT, NEUTRAL, EmbeddingJudge, LexicalJudge, NLIJudge, equivalent_from_relations, make_judge
+from tiny import save_tiny_nli
+
+
+def test_strict_and_non_strict_equivalence():
+    E, N, C = ENTAILMENT, NEUTRAL, CONTRADICTION
+    assert equivalent_from_relations(E, E, strict=True)
+    assert not equivalent_from_relations(E, N, strict=True)
+    assert equivalent_from_relations(E, N, strict=False)
+    assert not equivalent_from_relations(N, N, strict=False)
+    assert not equivalent_from_relations(E, C, strict=False)
+    assert not equivalent_from_relations(C, C, strict=False)
+
+
+def test_lexical_judge_sees_past_phrasing():
+    q = "What is the capital of France?"
+    c = LexicalJudge().cluster(q, ["Paris", "The capital of France is Paris.", "Lyon", "paris", "It's Lyon, I think"])
+    assert c.ids == (0, 0, 1, 0, 1)
+
+
+@pytest.mark.parametrize("order", [("contradiction", "neutral", "entailment"), ("ENTAILMENT", "NEUTRAL", "CONTRADICTION")])
+def test_nli_label_ids_come_from_the_model_config(tmp_path, order):
+    folder = save_tiny_nli(tmp_path / "nli", label_order=order)
+    judge = NLIJudge(str(folder), device="cpu")
+    assert judge.labels == {"entailment": order.index(next(o for o in order if o.lower() == "entailment")),
+                            "neutral": [o.lower() for o in order].index("neutral"),
+                            "contradiction": [o.lower() for o in order].index("contradiction")}
+    rels = judge.relations(["a b", "c d", "e"], ["b a", "d c", "f"])
+    assert len(rels) == 3 and set(rels) <= {ENTAILMENT, NEUTRAL, CONTRADICTION}
+
+
+def test_nli_judge_maps_argmax_through_the_config(tmp_path, monkeypatch):
+    """Force the model to always predict label id 2 and check the relation follows label2id."""
+    import torch
+
+    folder = save_tiny_nli(tmp_path / "nli", label_order=("entailment", "neutral", "contradiction"))
+    judge = NLIJudge(str(folder), device="cpu", strict=True)
+    with torch.no_grad():
+        judge.model.classifier.weight.zero_()
+        judge.model.classifier.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))
+    assert set(judge.relations(["x"], ["y"])) == {CONTRADICTION}
+    assert judge.cluster("q?", ["a", "b", "c"]).ids == (0, 1, 2)
+    with torch.no_grad():
+        judge.model.classifier.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
+    c = judge.cluster("q?", ["a", "b", "c"])
+    assert c.ids == (0, 0, 0) and c.judge_calls == 2 * 2
+
+
+def test_nli_without_usable_labels_is_refused(tmp_path):
+    folder = save_tiny_nli(tmp_path / "nli", label_order=("LABEL_0", "LABEL_1", "LABEL_2"))
+    with pytest.raises(JudgeError, match="do not name entailment"):
+        NLIJudge(str(folder), device="cpu")
+
+
+def test_embedding_judge_threshold(tiny_nli_dir):
+    judge = EmbeddingJudge(str(tiny_nli_dir), threshold=0.999999, device="cpu")
+    c = judge.cluster("q?", ["Paris", "Lyon premise hypothesis", "Paris"])
+    assert c.ids == (0, 1, 0) and c.judge_calls == 1
+    loose = EmbeddingJudge(str(tiny_nli_dir), threshold=-1.0, device="cpu")
+    assert loose.cluster("q?", ["Paris", "Lyon premise hypothesis"]).ids == (0, 0)
+
+
+def test_judge_config_validation():
+    with pytest.raises(ConfigError, match="needs JudgeConfig.model"):
+        JudgeConfig(kind="nli")
+    with pytest.raises(ConfigError, match="lexical, nli, embedding"):
+        JudgeConfig(kind="bleu")
+    assert isinstance(make_judge(JudgeConfig()), LexicalJudge)
