@@ -80,7 +80,6 @@ def load_model(spec: ModelSpec, device: str | None = None) -> LoadedLM:
         tok.pad_token = tok.eos_token
     model.to(device)
     model.eval()
-    torch.set_grad_enabled(False)
     return LoadedLM(model=model, tokenizer=tok, device=device, spec=spec, source=source)
 
 
@@ -132,7 +131,8 @@ def extract_hidden_states(lm: LoadedLM, prompts: Sequence[str], batch_size: int 
 
     for start in range(0, len(prompts), batch_size):
         enc = _encode(lm, prompts[start : start + batch_size])
-        out = lm.model(**enc, position_ids=_position_ids(enc["attention_mask"]), output_hidden_states=True, use_cache=False)
+        with torch.no_grad():
+            out = lm.model(**enc, position_ids=_position_ids(enc["attention_mask"]), output_hidden_states=True, use_cache=False)
         stacked = torch.stack(out.hidden_states, dim=1)  # (batch, L+1, seq, hidden)
         idx = last_token_index(enc["attention_mask"])  # (batch,)
         rows = stacked[torch.arange(stacked.shape[0]), :, idx]  # (batch, L+1, hidden)
@@ -167,13 +167,8 @@ def _cut_at_stop(tokenizer, ids: Sequence[int], stops: Sequence[str], special: s
     return tokenizer.decode(ids[:kept], skip_special_tokens=True).strip(), kept
 
 
-def generate_answers(lm: LoadedLM, prompts: Sequence[str], cfg: SamplingConfig, temperature: float, n: int, seed: int) -> list[list[Generation]]:
-    """``n`` sampled answers per prompt at ``temperature``; one batched generate call."""
-    import torch
-
-    torch.manual_seed(seed)
-    enc = _encode(lm, prompts)
-    out = lm.model.generate(
+def _generate(lm: LoadedLM, enc: dict, cfg: SamplingConfig, temperature: float, n: int):
+    return lm.model.generate(
         **enc,
         do_sample=True,
         temperature=temperature,
@@ -187,6 +182,16 @@ def generate_answers(lm: LoadedLM, prompts: Sequence[str], cfg: SamplingConfig, 
         output_logits=True,
         return_dict_in_generate=True,
     )
+
+
+def generate_answers(lm: LoadedLM, prompts: Sequence[str], cfg: SamplingConfig, temperature: float, n: int, seed: int) -> list[list[Generation]]:
+    """``n`` sampled answers per prompt at ``temperature``; one batched generate call."""
+    import torch
+
+    torch.manual_seed(seed)
+    enc = _encode(lm, prompts)
+    with torch.no_grad():
+        out = _generate(lm, enc, cfg, temperature, n)
     # Raw (temperature-1) log-probs of the chosen tokens: the model's own likelihood, used by the
     # likelihood-weighted SE and the mean log-likelihood baseline.
     logp = lm.model.compute_transition_scores(out.sequences, out.logits, normalize_logits=True)  # (batch*n, new)

