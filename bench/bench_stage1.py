@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ka2l.config import SamplingConfig, Stage1Config, config_hash  # noqa: E402
+from ka2l.config import SamplingConfig, Stage1Config  # noqa: E402
 from ka2l.judges import LexicalJudge  # noqa: E402
 from ka2l.llm import build_prompt, extract_hidden_states, generate_answers, load_model  # noqa: E402
 from ka2l.pipeline import run_stage1, score_question  # noqa: E402
@@ -31,11 +31,6 @@ from ka2l.report import build_report  # noqa: E402
 from ka2l.sources import load_builtin  # noqa: E402
 from ka2l.store import queries as Q  # noqa: E402
 from ka2l.store.db import connect  # noqa: E402
-
-
-def finished_run(db, pool_id: int, cfg: Stage1Config) -> int | None:
-    rows = [r for r in Q.list_runs(db, pool_id) if r["config_hash"] == config_hash(cfg) and r["status"] == "done"]
-    return rows[-1]["id"] if rows else None
 
 
 def main() -> None:
@@ -54,7 +49,6 @@ def main() -> None:
             Q.insert_pool(db, load_builtin(f"demo:{args.pool}"))
         pool = Q.get_pool(db, args.pool)
         questions = Q.pool_questions(db, pool["id"])[: args.measure]
-        run_id = finished_run(db, pool["id"], cfg)
 
     # -- in-process timings on the same questions ------------------------------------------------
     t0 = time.perf_counter()
@@ -83,8 +77,7 @@ def main() -> None:
     score_s = time.perf_counter() - t0
 
     # -- the full run (for AUROC), then triage timing with its probe -----------------------------
-    if run_id is None:
-        run_id = run_stage1(args.pool, cfg, progress=TqdmProgress())
+    run_id = run_stage1(args.pool, cfg, progress=TqdmProgress())  # returns a finished matching run at once
     with connect() as db:
         rep = build_report(db, run_id)
     net, meta = load_probe(rep["probe"]["path"])

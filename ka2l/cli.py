@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--non-strict", action="store_true", help="non-strict equivalence (no contradiction, not both neutral)")
     p.add_argument("--threshold-rule", choices=THRESHOLD_RULES, help="SE binarisation (default two-means)")
     p.add_argument("--probe-kind", choices=PROBE_KINDS, help="probe kind (default mlp)")
-    p.add_argument("--no-resume", action="store_true", help="start a new run even if an unfinished one matches")
+    p.add_argument("--no-resume", action="store_true", help="start a new run even if one with this pool and config exists (finished or not)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_probe)
 
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", type=int, required=True, help="probe id (see `runs`)")
     p.add_argument("--batch-size", type=int, default=16, help="questions per forward pass")
     p.add_argument("--device", help="auto, cpu, cuda, mps")
-    p.add_argument("--no-resume", action="store_true", help="start a new triage run")
+    p.add_argument("--no-resume", action="store_true", help="start a new triage run even if this pool was triaged with this probe")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_triage)
 

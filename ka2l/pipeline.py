@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -40,14 +41,17 @@ def versions() -> dict[str, str]:
     return {"ka2l": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _start_run(db, pool_id: int, kind: str, cfg: Any, model: str, resume: bool) -> tuple[int, bool]:
+def _start_run(db, pool_id: int, kind: str, cfg: Any, model: str, resume: bool) -> tuple[int, str]:
+    """(run id, 'new' | 'resumed' | 'done'): a matching finished run is reused, an unfinished one resumed."""
     h = config_hash(cfg)
     if resume:
-        row = Q.find_resumable_run(db, pool_id, kind, h)
+        row = Q.find_matching_run(db, pool_id, kind, h)
+        if row is not None and row["status"] == "done":
+            return int(row["id"]), "done"
         if row is not None:
             Q.update_run(db, row["id"], status="running", error=None)
-            return int(row["id"]), True
-    return Q.create_run(db, pool_id, kind, to_dict(cfg), h, model, versions()), False
+            return int(row["id"]), "resumed"
+    return Q.create_run(db, pool_id, kind, to_dict(cfg), h, model, versions()), "new"
 
 
 class _Timer:
@@ -64,6 +68,23 @@ class _Timer:
     def __exit__(self, *exc: Any) -> None:
         if self.n:
             Q.add_timing(self.db, self.run_id, self.stage, time.perf_counter() - self.t0, self.n)
+
+
+@contextmanager
+def _run_status(db, run_id: int, progress: Progress) -> Iterator[None]:
+    """Mark the run done when the block completes, interrupted on cancel / Ctrl-C, failed (with the
+    error) otherwise. A run killed outright stays 'running' and is resumed by the next call."""
+    try:
+        yield
+    except (Cancelled, KeyboardInterrupt):
+        Q.update_run(db, run_id, status="interrupted")
+        raise
+    except Exception as exc:
+        Q.update_run(db, run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        progress.close()
+    Q.update_run(db, run_id, status="done", stage="done")
 
 
 def _stage_hidden(db, run_id: int, lm: LoadedLM, questions: list[dict], prompts: list[str], batch_size: int, progress: Progress) -> np.ndarray:
@@ -200,11 +221,13 @@ def run_stage1(pool: int | str, cfg: Stage1Config, progress: Progress | None = N
     with connect() as db:
         pool_row = Q.get_pool(db, pool)
         questions = Q.pool_questions(db, pool_row["id"])
-        run_id, resumed = _start_run(db, pool_row["id"], "stage1", cfg, cfg.model.name_or_path, resume)
+        run_id, state = _start_run(db, pool_row["id"], "stage1", cfg, cfg.model.name_or_path, resume)
         if on_run:
             on_run(run_id)
-        log.info("%s run %d on pool %r (%d questions)", "resuming" if resumed else "starting", run_id, pool_row["name"], len(questions))
-        try:
+        log.info("run %d on pool %r (%d questions): %s", run_id, pool_row["name"], len(questions), state)
+        if state == "done":
+            return run_id
+        with _run_status(db, run_id, progress):
             hidden = None
             if len(Q.hidden_done_ids(db, run_id)) < len(questions) or len(Q.answered_ids(db, run_id)) < len(questions):
                 lm = lm or load_model(cfg.model)
@@ -216,15 +239,6 @@ def run_stage1(pool: int | str, cfg: Stage1Config, progress: Progress | None = N
             if hidden is None:
                 hidden = open_array(Q.get_run(db, run_id)["hidden_path"])
             _stage_probes(db, run_id, cfg, hidden, progress)
-        except (Cancelled, KeyboardInterrupt):
-            Q.update_run(db, run_id, status="interrupted")
-            raise
-        except Exception as exc:
-            Q.update_run(db, run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
-            raise
-        finally:
-            progress.close()
-        Q.update_run(db, run_id, status="done", stage="done")
     return run_id
 
 
@@ -240,8 +254,10 @@ def run_triage(pool: int | str, cfg: TriageConfig, progress: Progress | None = N
         source = from_dict(Stage1Config, Q.get_run(db, probe_row["run_id"])["config"])
         pool_row = Q.get_pool(db, pool)
         questions = Q.pool_questions(db, pool_row["id"])
-        run_id, _ = _start_run(db, pool_row["id"], "triage", cfg, source.model.name_or_path, resume)
-        try:
+        run_id, state = _start_run(db, pool_row["id"], "triage", cfg, source.model.name_or_path, resume)
+        if state == "done":
+            return run_id
+        with _run_status(db, run_id, progress):
             from .device import resolve_device
 
             lm = lm or load_model(source.model, device=resolve_device(cfg.device))
@@ -253,13 +269,4 @@ def run_triage(pool: int | str, cfg: TriageConfig, progress: Progress | None = N
                 Q.insert_predictions(db, run_id, cfg.probe_id, [
                     {"question_id": q["id"], "p_unknown": float(pi), "label": int(pi >= 0.5), "layer": layer} for q, pi in zip(questions, p)])
                 timer.n = len(questions)
-        except (Cancelled, KeyboardInterrupt):
-            Q.update_run(db, run_id, status="interrupted")
-            raise
-        except Exception as exc:
-            Q.update_run(db, run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
-            raise
-        finally:
-            progress.close()
-        Q.update_run(db, run_id, status="done", stage="done")
     return run_id

@@ -201,3 +201,12 @@ def test_app_shows_a_finished_run_and_an_empty_store(memo_model, capitals):
     assert [m.label for m in at.metric][:2] == ["Known", "Unknown"]
     assert any(s.value == "Layer-wise AUROC" for s in at.subheader)
     assert len(at.dataframe) == 2
+
+
+def test_a_finished_run_is_reused_not_recomputed(memo_model, capitals):
+    import_pool(capitals[:40] + capitals[60:], name="small")
+    cfg = stage1_cfg(memo_model, kind="logistic")
+    first = run_stage1("small", cfg)
+    rec = Recorder()
+    assert run_stage1("small", cfg, progress=rec) == first and rec.stages == {}
+    assert run_stage1("small", cfg, resume=False) != first

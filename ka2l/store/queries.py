@@ -83,8 +83,9 @@ def create_run(db: Db, pool_id: int, kind: str, config: dict[str, Any], config_h
     ).last_pk)
 
 
-def find_resumable_run(db: Db, pool_id: int, kind: str, config_hash: str) -> dict[str, Any] | None:
-    return _one(db, "SELECT * FROM runs WHERE pool_id = ? AND kind = ? AND config_hash = ? AND status != 'done' ORDER BY id DESC LIMIT 1",
+def find_matching_run(db: Db, pool_id: int, kind: str, config_hash: str) -> dict[str, Any] | None:
+    """The latest run of this kind with the same pool and config (finished or not)."""
+    return _one(db, "SELECT * FROM runs WHERE pool_id = ? AND kind = ? AND config_hash = ? ORDER BY id DESC LIMIT 1",
                 [pool_id, kind, config_hash])
 
 
