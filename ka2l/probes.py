@@ -87,9 +87,15 @@ def stratified_split(y: Sequence[int], shares: Sequence[float] = (0.7, 0.2, 0.1)
             f"unknown={counts[1]}. Use a larger or more varied pool, or another threshold rule."
         )
     idx = np.arange(len(y))
-    train, rest = train_test_split(idx, train_size=shares[0], stratify=y, random_state=seed)
-    val_share = shares[1] / (shares[1] + shares[2])
-    val, test = train_test_split(rest, train_size=val_share, stratify=y[rest], random_state=seed)
+    try:
+        train, rest = train_test_split(idx, train_size=shares[0], stratify=y, random_state=seed)
+        val_share = shares[1] / (shares[1] + shares[2])
+        val, test = train_test_split(rest, train_size=val_share, stratify=y[rest], random_state=seed)
+    except ValueError as exc:  # a class too small to appear in every part
+        raise ProbeError(
+            f"Cannot split {len(y)} questions (known={counts[0]}, unknown={counts[1]}) {shares} with both labels in "
+            f"every part: {exc}. Use a larger pool."
+        ) from exc
     return Split(np.sort(train), np.sort(val), np.sort(test))
 
 

@@ -1,4 +1,4 @@
-"""End to end with the real embedded model (SmolLM2-135M-Instruct from PyPI) on 24 demo questions,
+"""End to end with the real embedded model (SmolLM2-135M-Instruct from PyPI) on 32 demo questions,
 through the command line, as a user runs it."""
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 
 def test_stage1_with_smollm2_through_the_cli(embedded_model):
-    out = cli("import", "demo:capitals", "--limit", "24", "--name", "caps24", "--seed", "3")
+    out = cli("import", "demo:capitals", "--limit", "32", "--name", "caps32", "--seed", "3")
     assert out.returncode == 0, out.stderr
-    out = cli("probe", "--pool", "caps24", "--k", "6", "--max-new-tokens", "24", "-q")
+    out = cli("probe", "--pool", "caps32", "--k", "6", "--max-new-tokens", "20", "-q")
     assert out.returncode == 0, out.stderr
     report = out.stdout
     assert "Known / unknown split (two-means" in report
@@ -50,14 +50,14 @@ def test_stage1_with_smollm2_through_the_cli(embedded_model):
         layers = Q.probe_layers(db, probe["id"])
     assert run["status"] == "done" and run["n_layers"] == 30 and run["hidden_size"] == 576
     assert len(layers) == 30
-    assert len(scores) == 24 and all(len(a["sample"]) == 6 for a in answers.values())
+    assert len(scores) == 32 and all(len(a["sample"]) == 6 for a in answers.values())
     texts = [a["low"][0]["text"] for a in answers.values()]
     assert all(t and "\n" not in t for t in texts), "answers are cut at the first line"
     # SmolLM2 knows some capitals and not others: a real mix, and the SE signal agrees with correctness
     correct = [s["correct"] for s in scores]
-    assert 0 < sum(correct) < 24
+    assert 0 < sum(correct) < 32
     se_right = sum(s["se"] for s in scores if s["correct"]) / sum(correct)
-    se_wrong = sum(s["se"] for s in scores if not s["correct"]) / (24 - sum(correct))
+    se_wrong = sum(s["se"] for s in scores if not s["correct"]) / (32 - sum(correct))
     assert se_right < se_wrong
-    out = cli("report", "--pool", "caps24", "--json")
+    out = cli("report", "--pool", "caps32", "--json")
     assert out.returncode == 0 and '"best_layer"' in out.stdout

@@ -35,6 +35,8 @@ def test_split_is_stratified_7_2_1_and_refuses_tiny_classes():
     assert y[s.test].sum() == 3 and y[s.val].sum() == 6
     with pytest.raises(ProbeError, match="known=97, unknown=3"):
         stratified_split(np.array([0] * 97 + [1] * 3))
+    with pytest.raises(ProbeError, match="Cannot split 12 questions"):
+        stratified_split(np.array([0] * 6 + [1] * 6), (0.9, 0.05, 0.05))
 
 
 @pytest.mark.parametrize("kind", ["logistic", "mlp", "llama-mlp"])
