@@ -56,7 +56,8 @@ def test_hidden_states_are_the_last_real_token_whatever_the_padding(tiny_lm):
     assert batched.shape == (3, tiny_lm.n_layers + 1, tiny_lm.hidden_size) and batched.dtype == np.float16
     for i, p in enumerate(prompts):
         ids = tiny_lm.tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        out = tiny_lm.model(input_ids=ids, output_hidden_states=True)
+        with torch.no_grad():
+            out = tiny_lm.model(input_ids=ids, output_hidden_states=True)
         alone = torch.stack(out.hidden_states, 0)[:, 0, -1].numpy()  # (L+1, hidden) at the last real token
         np.testing.assert_allclose(batched[i].astype(np.float32), alone, atol=2e-2, rtol=1e-2)
         # and it is not the state of the padding or of the second-to-last token
