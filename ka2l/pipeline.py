@@ -182,7 +182,7 @@ def _stage_labels(db, run_id: int, cfg: Stage1Config) -> dict[str, Any]:
 
 def _stage_probes(db, run_id: int, cfg: Stage1Config, hidden: np.ndarray, progress: Progress) -> int:
     from .baselines import baseline_table, threshold_robustness
-    from .probes import probe_layers, save_probe
+    from .probes import distance_from_training, layer_features, probe_layers, save_probe
 
     rows = Q.load_scores(db, run_id)
     run = Q.get_run(db, run_id)
@@ -196,8 +196,11 @@ def _stage_probes(db, run_id: int, cfg: Stage1Config, hidden: np.ndarray, progre
         table = baseline_table(hidden, scores, bise, incorrect, main, cfg.probe, progress)
         robust = threshold_robustness(hidden, scores["se"], run["threshold"]["gamma"], incorrect, main.split, main.best_layer, cfg.probe, progress=progress)
         folder = probes_dir() / f"run-{run_id}-{cfg.probe.kind}-layer{main.best_layer}"
+        held_out = np.concatenate([main.split.val, main.split.test])
+        ref = distance_from_training(main.net, layer_features(hidden, main.best_layer, held_out))
         meta = {"target": "bise", "run_id": run_id, "model": run["model"], "threshold": run["threshold"]["gamma"],
-                "threshold_rule": cfg.threshold.rule, "prompt": to_dict(cfg.prompt)}
+                "threshold_rule": cfg.threshold.rule, "prompt": to_dict(cfg.prompt),
+                "heldout_distance_q95": float(np.quantile(ref, 0.95))}
         path = save_probe(folder, main.net, main.kind, main.best_layer, cfg.probe, meta)
         metrics = {"split": main.split.to_dict(), "best_layer": main.best_layer, "baselines": table, "robustness": robust,
                    "test_auroc": main.best.test_auroc, "test_ci": [main.best.test_ci_low, main.best.test_ci_high],
@@ -242,10 +245,23 @@ def run_stage1(pool: int | str, cfg: Stage1Config, progress: Progress | None = N
     return run_id
 
 
+SHIFT_WARNING_SHARE = 0.25
+
+
+def shift_summary(distances: np.ndarray, reference_q95: float | None) -> dict[str, Any]:
+    """Share of a triaged pool further from the probe's training data than 95% of its own held-out
+    questions (about 5% when the pool is like the training pool)."""
+    if reference_q95 is None:
+        return {"available": False}
+    share = float((distances > reference_q95).mean())
+    return {"available": True, "share_beyond_heldout_q95": share, "median_distance": float(np.median(distances)),
+            "heldout_q95": reference_q95, "warning": share > SHIFT_WARNING_SHARE}
+
+
 def run_triage(pool: int | str, cfg: TriageConfig, progress: Progress | None = None, resume: bool = True,
                lm: LoadedLM | None = None) -> int:
     """Score a pool with a saved probe from one forward pass per question (no sampling)."""
-    from .probes import load_probe, predict_unknown
+    from .probes import distance_from_training, load_probe, predict_unknown
 
     progress = progress or NullProgress()
     with connect() as db:
@@ -265,8 +281,10 @@ def run_triage(pool: int | str, cfg: TriageConfig, progress: Progress | None = N
             hidden = _stage_hidden(db, run_id, lm, questions, prompts, cfg.batch_size, progress)
             layer = int(meta["layer"])
             with _Timer(db, run_id, "predict") as timer:
-                p = predict_unknown(net, np.asarray(hidden[:, layer], dtype=np.float32))
+                x = np.asarray(hidden[:, layer], dtype=np.float32)
+                p = predict_unknown(net, x)
                 Q.insert_predictions(db, run_id, cfg.probe_id, [
                     {"question_id": q["id"], "p_unknown": float(pi), "label": int(pi >= 0.5), "layer": layer} for q, pi in zip(questions, p)])
                 timer.n = len(questions)
+            Q.update_run(db, run_id, summary={"shift": shift_summary(distance_from_training(net, x), meta.get("heldout_distance_q95"))})
     return run_id

@@ -217,6 +217,16 @@ def predict_unknown(net, x: np.ndarray) -> np.ndarray:
         return torch.softmax(logits, -1)[:, 1].numpy().astype(np.float64)
 
 
+def distance_from_training(net, x: np.ndarray) -> np.ndarray:
+    """Mean absolute z-score of each row under the probe's own standardisation: about 0.8 for rows
+    like its training data, much larger for questions from elsewhere (domain shift)."""
+    import torch
+
+    with torch.no_grad():
+        z = net[0](torch.as_tensor(np.asarray(x, dtype=np.float32)))  # (n, dim)
+        return z.abs().mean(-1).numpy().astype(np.float64)
+
+
 # -- layer sweep ---------------------------------------------------------------------------------
 
 @dataclass

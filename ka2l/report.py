@@ -16,7 +16,7 @@ def build_report(db, run_id: int) -> dict[str, Any]:
                            "pool": {"id": pool["id"], "name": pool["name"], "n_questions": pool["n_questions"]}}
     if run["kind"] == "triage":
         preds = Q.load_predictions(db, run_id)
-        out["triage"] = {"n": len(preds), "n_unknown": sum(p["label"] for p in preds),
+        out["triage"] = {"n": len(preds), "n_unknown": sum(p["label"] for p in preds), "shift": run["summary"].get("shift", {}),
                          "most_unknown": sorted(preds, key=lambda p: -p["p_unknown"])[:10]}
         return out
     scores = Q.load_scores(db, run_id)
@@ -70,6 +70,13 @@ def format_report(rep: dict[str, Any]) -> str:
     if "triage" in rep:
         tr = rep["triage"]
         lines.append(f"\nTriage: {tr['n_unknown']} of {tr['n']} questions predicted unknown ({tr['n_unknown'] / max(tr['n'], 1):.0%}).")
+        shift = tr.get("shift") or {}
+        if shift.get("available"):
+            lines.append(f"  {shift['share_beyond_heldout_q95']:.0%} of these questions lie further from the probe's training data than "
+                         f"95% of its own held-out questions (about 5% is expected for a similar pool).")
+            if shift["warning"]:
+                lines.append("  WARNING: this pool looks unlike the one the probe was trained on; its P(unknown) values are "
+                             "extrapolations. Run Stage 1 on a sample of this pool to train a probe for it.")
         lines.append("Most unknown:")
         lines += [f"  {p['p_unknown']:.2f}  {p['question']}" for p in tr["most_unknown"]]
         return "\n".join(lines)

@@ -46,6 +46,9 @@ rep = data.report(run_id)
 if "triage" in rep:
     t = rep["triage"]
     st.metric("Predicted unknown", f"{t['n_unknown']} / {t['n']}")
+    if t["shift"].get("warning"):
+        st.warning(f"{t['shift']['share_beyond_heldout_q95']:.0%} of this pool lies further from the probe's training data than 95% of "
+                   "its own held-out questions: these P(unknown) values are extrapolations. Run Stage 1 on a sample of this pool.")
     st.dataframe(pd.DataFrame(t["most_unknown"])[["p_unknown", "question"]], hide_index=True)
     st.stop()
 

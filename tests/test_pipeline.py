@@ -133,6 +133,22 @@ def test_triage_uses_one_forward_pass_and_agrees_with_the_probe(memo_model, capi
     assert len(preds) == 40 and run["timings"]["hidden"]["n"] == 40
     p = np.array([x["p_unknown"] for x in preds])
     assert p[:20].mean() < p[20:].mean(), "memorised questions should look more 'known' to the probe"
+    assert run["summary"]["shift"]["available"] and not run["summary"]["shift"]["warning"], run["summary"]
+
+
+def test_triage_warns_when_the_pool_is_unlike_the_training_pool(memo_model, capitals):
+    import_pool(capitals)
+    run_id = run_stage1("caps", stage1_cfg(memo_model))
+    gibberish = [(f"zq{i} xv{i * 7} kk wrr {i}? " * 3, ["x"]) for i in range(30)]
+    import_pool(capitals, name="odd", rows=gibberish)
+    with connect() as db:
+        probe_id = Q.list_probes(db, run_id)[0]["id"]
+    t_id = run_triage("odd", TriageConfig(probe_id=probe_id, device="cpu"))
+    with connect() as db:
+        shift = Q.get_run(db, t_id)["summary"]["shift"]
+        text = format_report(build_report(db, t_id))
+    assert shift["warning"] and shift["share_beyond_heldout_q95"] > 0.5
+    assert "WARNING: this pool looks unlike" in text
 
 
 def test_cancelled_run_resumes_without_recomputing(memo_model, capitals):

@@ -134,6 +134,10 @@ MIGRATIONS: list[str] = [
         finished_at TEXT
     );
     """,
+    # 2: a per-run JSON summary (e.g. triage's distribution-shift check).
+    """
+    ALTER TABLE runs ADD COLUMN summary TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 
 

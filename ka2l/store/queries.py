@@ -16,7 +16,7 @@ from .db import now
 
 Db = sqlite_utils.Database
 _JSON_COLUMNS = ("answers", "metadata", "report", "config", "threshold", "versions", "timings", "metrics",
-                 "token_logprobs", "cluster_ids", "verdicts", "result")
+                 "token_logprobs", "cluster_ids", "verdicts", "result", "summary")
 
 
 def _decode(row: dict[str, Any] | None) -> dict[str, Any] | None:
