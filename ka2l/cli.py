@@ -6,11 +6,13 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 from .config import EMBEDDED_MODEL, JUDGE_KINDS, PROBE_KINDS, THRESHOLD_RULES, Stage1Config, TriageConfig, from_dict
-from .errors import Ka2lError
+from .errors import ConfigError, Ka2lError
 
 EPILOG = """examples:
   python -m ka2l import demo:capitals                 # a committed demo pool
@@ -78,7 +80,16 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 def stage1_config(args: argparse.Namespace) -> Stage1Config:
     """Config from --config FILE, with any explicit flags on top."""
-    base: dict[str, Any] = json.loads(open(args.config).read()) if args.config else {}
+    base: dict[str, Any] = {}
+    if args.config:
+        try:
+            base = json.loads(open(args.config, encoding="utf-8").read())
+        except OSError as exc:
+            raise ConfigError(f"Cannot read --config {args.config}: {exc.strerror}.") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--config {args.config} is not valid JSON (line {exc.lineno}: {exc.msg}).") from exc
+        if not isinstance(base, dict):
+            raise ConfigError(f"--config {args.config} must hold a JSON object such as {{\"sampling\": {{\"k\": 5}}}}.")
     def put(section: str, key: str, value: Any) -> None:
         if value is not None:
             base.setdefault(section, {})[key] = value
@@ -205,8 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: stored work kept, the run marked interrupted
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     if not args.verbose:  # keep the terminal to ka2l's own progress bars
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

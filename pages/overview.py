@@ -37,6 +37,8 @@ def live_progress() -> None:
 if run["status"] != "done":
     if run["status"] == "running":
         live_progress()
+        st.caption("If the counts stop moving, the process working on this run has ended: run the same "
+                   "`python -m ka2l probe` command again and it continues where it stopped.")
     else:
         st.warning(f"This run is {run['status']}. Run the same `python -m ka2l probe` command again to continue it; nothing stored is lost."
                    + (f"\n\nError: {run['error']}" if run["error"] else ""))

@@ -61,6 +61,14 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "No finished stage1 run" in capsys.readouterr().err
     assert main(["probe", "--pool", "x", "--k", "1"]) == 2
     assert "k must be >= 2" in capsys.readouterr().err
+    assert main(["probe", "--pool", "x", "--config", str(tmp_path / "none.json")]) == 2
+    assert "Cannot read --config" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{sampling: 3}")
+    assert main(["probe", "--pool", "x", "--config", str(tmp_path / "bad.json")]) == 2
+    assert "not valid JSON (line 1" in capsys.readouterr().err
+    (tmp_path / "cfg.json").write_text('{"sampling": {"temprature": 0.5}}')
+    assert main(["probe", "--pool", "x", "--config", str(tmp_path / "cfg.json")]) == 2
+    assert "SamplingConfig has no setting temprature" in capsys.readouterr().err
 
 
 def test_cli_import_and_pools(capsys):

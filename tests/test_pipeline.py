@@ -175,22 +175,38 @@ def test_cancelled_run_resumes_without_recomputing(memo_model, capitals):
     assert other != run_id
 
 
+def start_cli_and_signal(cmd, env, sig, min_stored=6):
+    """Start the CLI, wait until some questions are answered, send ``sig``; returns (stored, returncode)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, stored = time.time() + 120, 0
+    while time.time() < deadline and proc.poll() is None:
+        with connect() as db:
+            stored = len(Q.answered_ids(db, 1)) if Q.list_runs(db) else 0
+        if stored >= min_stored:
+            os.killpg(proc.pid, sig)
+            break
+        time.sleep(0.2)
+    return stored, proc.wait(timeout=30)
+
+
+def test_terminated_cli_run_is_marked_interrupted(memo_model, capitals):
+    import_pool(capitals)
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    cmd = [sys.executable, "-m", "ka2l", "probe", "--pool", "caps", "--model", str(memo_model), "--device", "cpu", "--k", "6",
+           "--max-new-tokens", "8", "--batch-size", "2", "-q"]
+    stored, code = start_cli_and_signal(cmd, env, signal.SIGTERM)
+    assert 6 <= stored < 80 and code == 130
+    with connect() as db:
+        assert Q.get_run(db, 1)["status"] == "interrupted"
+
+
 def test_killed_cli_run_resumes(memo_model, capitals, tmp_path):
     """SIGKILL mid-sampling through the real CLI; the next call continues and finishes."""
     import_pool(capitals)
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     cmd = [sys.executable, "-m", "ka2l", "probe", "--pool", "caps", "--model", str(memo_model), "--device", "cpu", "--k", "6",
            "--max-new-tokens", "8", "--batch-size", "2", "-q"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline, stored = time.time() + 120, 0
-    while time.time() < deadline and proc.poll() is None:
-        with connect() as db:
-            stored = len(Q.answered_ids(db, 1)) if Q.list_runs(db) else 0
-        if stored >= 6:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.2)
-    proc.wait(timeout=30)
+    stored, _ = start_cli_and_signal(cmd, env, signal.SIGKILL)
     assert 6 <= stored < 80, f"the run was not caught mid-sampling (stored {stored})"
     with connect() as db:
         assert Q.get_run(db, 1)["status"] == "running", "a killed run cannot mark itself"
