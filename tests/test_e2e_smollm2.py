@@ -61,3 +61,21 @@ def test_stage1_with_smollm2_through_the_cli(embedded_model):
     assert se_right < se_wrong
     out = cli("report", "--pool", "caps32", "--json")
     assert out.returncode == 0 and '"best_layer"' in out.stdout
+
+
+def test_gguf_file_loads_directly_and_matches_the_converted_copy(embedded_model):
+    """A .gguf path goes through the same loader; the one-time conversion keeps the weights exactly."""
+    import numpy as np
+
+    from ka2l.config import EMBEDDED_MODEL, ModelSpec, PromptConfig
+    from ka2l.embedded import embedded_gguf
+    from ka2l.llm import build_prompt, extract_hidden_states, load_model
+
+    gguf = load_model(ModelSpec(name_or_path=str(embedded_gguf()), device="cpu", dtype="float32"))
+    plain = load_model(ModelSpec(name_or_path=EMBEDDED_MODEL, device="cpu", dtype="float32"))
+    assert gguf.n_layers == plain.n_layers == 30 and gguf.hidden_size == 576
+    prompts = [build_prompt(plain.tokenizer, q, PromptConfig()) for q in ("What is the capital of Peru?", "Who wrote Hamlet?")]
+    assert prompts == [build_prompt(gguf.tokenizer, q, PromptConfig()) for q in ("What is the capital of Peru?", "Who wrote Hamlet?")]
+    a = np.concatenate([s for _, s in extract_hidden_states(gguf, prompts)]).astype(np.float32)
+    b = np.concatenate([s for _, s in extract_hidden_states(plain, prompts)]).astype(np.float32)
+    np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)
