@@ -153,6 +153,30 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_job_run(args: argparse.Namespace) -> int:
+    from .jobs import run_worker
+
+    logging.getLogger("ka2l").setLevel(logging.INFO)
+    return run_worker(args.id)
+
+
+def _cmd_job_cancel(args: argparse.Namespace) -> int:
+    from .jobs import cancel
+
+    cancel(args.id, wait=True)
+    print(f"job {args.id} cancelled")
+    return 0
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from .jobs import list_jobs, refresh
+
+    refresh()
+    for j in list_jobs():
+        print(f"{j['id']:>4}  {j['kind']:<7} {j['status']:<10} {j['stage'] or '':<18} {j['done']}/{j['total'] or '?'}  {j['error'] or j['message'] or ''}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ka2l", description="Find where a language model's knowledge ends (KA2L).",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start a new triage run even if this pool was triaged with this probe")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_triage)
+
+    p = sub.add_parser("jobs", help="list background jobs (started from the app)")
+    p.set_defaults(func=_cmd_jobs)
+    p = sub.add_parser("job", help="background job worker and control")
+    jsub = p.add_subparsers(dest="job_command", required=True, metavar="ACTION")
+    jp = jsub.add_parser("run", help="run a queued job in this process (the app starts this for you)")
+    jp.add_argument("id", type=int, help="job id")
+    jp.set_defaults(func=_cmd_job_run)
+    jp = jsub.add_parser("cancel", help="cancel a job: stored work is kept")
+    jp.add_argument("id", type=int, help="job id")
+    jp.set_defaults(func=_cmd_job_cancel)
 
     p = sub.add_parser("report", help="print a run's split, layer-wise AUROC and evidence tables")
     p.add_argument("--run", type=int, help="run id (default: the latest finished Stage 1 run)")

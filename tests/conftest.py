@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny import save_tiny_llama, save_tiny_nli  # noqa: E402
+from tiny import save_memorising_llama, save_tiny_llama, save_tiny_nli  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -41,3 +41,22 @@ def tiny_lm(tiny_llama_dir):
     from ka2l.llm import load_model
 
     return load_model(ModelSpec(name_or_path=str(tiny_llama_dir), device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def capitals():
+    """The first 80 capitals demo questions with their gold answers."""
+    import csv
+    import json
+
+    from ka2l.paths import PROJECT_ROOT
+
+    rows = list(csv.DictReader(open(PROJECT_ROOT / "data" / "demo" / "capitals.csv", encoding="utf-8")))[:80]
+    return [(r["question"], json.loads(r["answer"])) for r in rows]
+
+
+@pytest.fixture(scope="session")
+def memo_model(tmp_path_factory, capitals) -> Path:
+    """A tiny chat Llama that memorised the first 40 of ``capitals`` (see helpers.N_KNOWN)."""
+    known = [(q, answers[0] + ".") for q, answers in capitals[:40]]
+    return save_memorising_llama(tmp_path_factory.mktemp("memo"), known)

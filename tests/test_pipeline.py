@@ -3,8 +3,6 @@ project's real loader, store and resume logic."""
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import signal
 import subprocess
@@ -15,48 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ka2l.config import JudgeConfig, ModelSpec, ProbeConfig, SamplingConfig, Stage1Config, TriageConfig
+from ka2l.config import TriageConfig
 from ka2l.errors import Cancelled
 from ka2l.paths import PROJECT_ROOT
 from ka2l.pipeline import run_stage1, run_triage
-from ka2l.pool import PoolData, QuestionRow
 from ka2l.progress import NullProgress
 from ka2l.report import build_report, format_report
 from ka2l.store import queries as Q
 from ka2l.store.arrays import open_array
 from ka2l.store.db import connect
-from tiny import save_memorising_llama
-
-N_KNOWN = 40
-
-
-@pytest.fixture(scope="session")
-def capitals():
-    rows = list(csv.DictReader(open(PROJECT_ROOT / "data" / "demo" / "capitals.csv", encoding="utf-8")))[:80]
-    return [(r["question"], json.loads(r["answer"])) for r in rows]
-
-
-@pytest.fixture(scope="session")
-def memo_model(tmp_path_factory, capitals) -> Path:
-    known = [(q, answers[0] + ".") for q, answers in capitals[:N_KNOWN]]
-    return save_memorising_llama(tmp_path_factory.mktemp("memo"), known)
-
-
-def stage1_cfg(model: Path, **probe) -> Stage1Config:
-    return Stage1Config(
-        model=ModelSpec(name_or_path=str(model), device="cpu"),
-        sampling=SamplingConfig(k=6, max_new_tokens=8, batch_size=8, hidden_batch_size=8),
-        probe=ProbeConfig(kind=probe.pop("kind", "mlp"), epochs=probe.pop("epochs", 40), bootstrap=100, **probe),
-    )
-
-
-def import_pool(capitals, name="caps", rows=None) -> int:
-    rows = rows if rows is not None else capitals
-    pool = PoolData(name=name, source="test", n_read=len(rows),
-                    rows=[QuestionRow(ext_id=str(i), question=q, answers=tuple(a)) for i, (q, a) in enumerate(rows)])
-    with connect() as db:
-        return Q.insert_pool(db, pool)
-
+from helpers import N_KNOWN, import_pool, stage1_cfg
 
 class CancelAfter(NullProgress):
     """Cancels once ``n`` items of ``stage`` were reported (after they were stored)."""

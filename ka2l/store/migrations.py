@@ -138,6 +138,25 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE runs ADD COLUMN summary TEXT NOT NULL DEFAULT '{}';
     """,
+    # 3: job progress timing and logs, app settings, the curation set.
+    """
+    ALTER TABLE jobs ADD COLUMN stage_started_at REAL;
+    ALTER TABLE jobs ADD COLUMN stage_start_done INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN updated_at TEXT;
+    ALTER TABLE jobs ADD COLUMN log_path TEXT;
+    CREATE INDEX jobs_status ON jobs (status, id);
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE curation (
+        pool_id INTEGER NOT NULL REFERENCES pools(id) ON DELETE CASCADE,
+        question_id INTEGER NOT NULL REFERENCES questions(id) ON DELETE CASCADE,
+        source TEXT NOT NULL,
+        added_at TEXT NOT NULL,
+        PRIMARY KEY (pool_id, question_id)
+    );
+    """,
 ]
 
 

@@ -1,0 +1,261 @@
+"""Background jobs: long work runs in its own process, the UI polls the ``jobs`` row.
+
+    submit(kind, config) -> job id     row 'queued'; the queue starts it when no job is running
+    python -m ka2l job run ID          the worker: runs the library call with a progress adapter that
+                                       writes stage / done / total / message to the row
+    cancel(id)                         flag + SIGTERM to the worker's process group (SIGKILL after a
+                                       grace period): stored work is kept, the run resumes later
+    refresh()                          a 'running' row whose process is gone becomes 'failed' (never
+                                       'running' forever) and the next queued job starts
+    resume(id)                         submits the same job again; the pipeline continues its run
+
+One job runs at a time (they all need the model). Statuses: queued, starting, running, done,
+failed, cancelled. State lives only in the database and the log files, so a reload, a second
+browser tab or a restarted app sees the same jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import Cancelled, ConfigError, Ka2lError, NotFound
+from .paths import PROJECT_ROOT, data_dir
+from .store.db import connect, now
+
+log = logging.getLogger(__name__)
+
+KINDS = ("stage1", "triage")
+ACTIVE = ("starting", "running")
+CANCEL_GRACE_S = 10.0
+
+
+def _decode(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {**row, "config": json.loads(row["config"]), "result": json.loads(row["result"]) if row["result"] else None}
+
+
+def get(job_id: int) -> dict[str, Any]:
+    with connect() as db:
+        rows = list(db.query("SELECT * FROM jobs WHERE id = ?", [job_id]))
+    if not rows:
+        raise NotFound(f"No job {job_id}.")
+    return _decode(rows[0])
+
+
+def list_jobs(limit: int = 50) -> list[dict[str, Any]]:
+    with connect() as db:
+        return [_decode(r) for r in db.query("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", [limit])]
+
+
+def _update(job_id: int, **fields: Any) -> None:
+    with connect() as db:
+        db["jobs"].update(job_id, {**fields, "updated_at": now()})
+
+
+def submit(kind: str, config: dict[str, Any]) -> int:
+    """Queue a job and start it if nothing else runs. Returns at once."""
+    if kind not in KINDS:
+        raise ConfigError(f"Unknown job kind {kind!r}. Allowed: {', '.join(KINDS)}.")
+    _validate(kind, config)
+    with connect() as db:
+        job_id = int(db["jobs"].insert({"kind": kind, "config": json.dumps(config), "status": "queued", "created_at": now(),
+                                        "updated_at": now(), "message": "waiting for the running job to finish"}).last_pk)
+    refresh()
+    return job_id
+
+
+def _validate(kind: str, config: dict[str, Any]) -> None:
+    """Build the configs now, so a bad setting fails in the page, not later in the worker."""
+    from .config import Stage1Config, TriageConfig, from_dict
+
+    if "pool" not in config:
+        raise ConfigError("A job needs a pool.")
+    from_dict(Stage1Config if kind == "stage1" else TriageConfig, config.get(kind, {}))
+
+
+def _alive(pid: int | None, job_id: int) -> bool:
+    """The worker process for ``job_id`` exists (checked by its command line, so a reused pid does not count)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        parts = cmdline.read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text().split()
+        if len(stat) > 2 and stat[2] == "Z":  # a zombie has finished
+            return False
+        return b"job" in parts and str(job_id).encode() in parts
+    return True
+
+
+def refresh() -> None:
+    """Mark jobs whose worker died as failed, then start the oldest queued job if none is active."""
+    with connect() as db:
+        with db.atomic():
+            for row in db.query("SELECT * FROM jobs WHERE status IN ('starting', 'running')"):
+                started = row["started_at"] or row["created_at"]
+                young = row["status"] == "starting" and time.time() - _ts(started) < 30
+                if not young and not _alive(row["pid"], row["id"]):
+                    status = "cancelled" if row["cancel_requested"] else "failed"
+                    error = None if row["cancel_requested"] else "The worker process ended without finishing (killed or crashed). Resume to continue where it stopped."
+                    db["jobs"].update(row["id"], {"status": status, "error": error, "finished_at": now(), "updated_at": now()})
+            if list(db.query("SELECT id FROM jobs WHERE status IN ('starting', 'running') LIMIT 1")):
+                return
+            nxt = list(db.query("SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1"))
+            if not nxt:
+                return
+            job_id = nxt[0]["id"]
+            db["jobs"].update(job_id, {"status": "starting", "started_at": now(), "updated_at": now(), "message": "starting"})
+    _spawn(job_id)
+
+
+def _ts(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def log_path(job_id: int) -> Path:
+    return data_dir() / "logs" / f"job-{job_id}.log"
+
+
+def _spawn(job_id: int) -> None:
+    path = log_path(job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1", "KA2L_DATA_DIR": str(data_dir())}
+    with path.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ka2l", "job", "run", str(job_id)], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=str(PROJECT_ROOT))
+    _update(job_id, pid=proc.pid, log_path=str(path))
+
+
+def cancel(job_id: int, wait: bool = False) -> None:
+    """Ask a job to stop. Queued jobs are cancelled at once; a running worker gets SIGTERM (it marks
+    its run interrupted and exits), and SIGKILL if it is still there after the grace period."""
+    job = get(job_id)
+    if job["status"] in ("done", "failed", "cancelled"):
+        return
+    _update(job_id, cancel_requested=1)
+    if job["status"] == "queued":
+        _update(job_id, status="cancelled", finished_at=now(), message="cancelled before it started")
+        return
+    if job["pid"]:
+        _signal(job["pid"], signal.SIGTERM)
+        if wait:
+            deadline = time.time() + CANCEL_GRACE_S
+            while time.time() < deadline and _alive(job["pid"], job_id):
+                time.sleep(0.2)
+            if _alive(job["pid"], job_id):
+                _signal(job["pid"], signal.SIGKILL)
+                time.sleep(0.5)
+    refresh()
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def resume(job_id: int) -> int:
+    """Submit a failed or cancelled job again; its run continues where it stopped."""
+    job = get(job_id)
+    if job["status"] not in ("failed", "cancelled"):
+        raise Ka2lError(f"Job {job_id} is {job['status']}; only failed or cancelled jobs can be resumed.")
+    return submit(job["kind"], job["config"])
+
+
+def tail(job_id: int, lines: int = 20) -> str:
+    path = log_path(job_id)
+    if not path.is_file():
+        return ""
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - 16384))
+        return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+
+
+def rate_and_eta(job: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Items per second in the current stage and seconds left, when they can be estimated."""
+    if job["status"] != "running" or not job["stage_started_at"] or not job["total"]:
+        return None, None
+    elapsed = time.time() - job["stage_started_at"]
+    done = job["done"] - job["stage_start_done"]
+    if elapsed <= 0 or done <= 0:
+        return None, None
+    rate = done / elapsed
+    return rate, max(0.0, (job["total"] - job["done"]) / rate)
+
+
+class JobProgress:
+    """Progress adapter for a worker: writes to the job row (at most every 0.5 s) and honours cancel."""
+
+    def __init__(self, job_id: int, clock: Callable[[], float] = time.time):
+        self.job_id, self.clock = job_id, clock
+        self.done, self.total, self._last = 0, None, 0.0
+
+    def _check_cancel(self) -> None:
+        if get(self.job_id)["cancel_requested"]:
+            raise Cancelled(f"job {self.job_id} cancelled")
+
+    def stage(self, name: str, total: int | None = None, done: int = 0) -> None:
+        self.done, self.total = done, total
+        _update(self.job_id, stage=name, done=done, total=total, stage_started_at=self.clock(), stage_start_done=done, message=None)
+        log.info("stage %s: %s/%s", name, done, total)
+        self._check_cancel()
+
+    def advance(self, n: int = 1, message: str | None = None) -> None:
+        self.done += n
+        t = self.clock()
+        if t - self._last >= 0.5 or (self.total and self.done >= self.total):
+            self._last = t
+            _update(self.job_id, done=self.done, message=message)
+            self._check_cancel()
+
+    def close(self) -> None:
+        pass
+
+
+def run_worker(job_id: int) -> int:
+    """Body of ``python -m ka2l job run ID``. Exit code 0 done, 1 failed, 130 cancelled."""
+    from .config import Stage1Config, TriageConfig, from_dict
+    from .pipeline import run_stage1, run_triage
+
+    job = get(job_id)
+    _update(job_id, status="running", pid=os.getpid(), started_at=job["started_at"] or now())
+    progress = JobProgress(job_id)
+    cfg = job["config"]
+    try:
+        if job["kind"] == "stage1":
+            run_id = run_stage1(cfg["pool"], from_dict(Stage1Config, cfg.get("stage1", {})), progress=progress)
+        else:
+            run_id = run_triage(cfg["pool"], from_dict(TriageConfig, cfg.get("triage", {})), progress=progress)
+    except (Cancelled, KeyboardInterrupt):
+        _update(job_id, status="cancelled", finished_at=now(), message="cancelled; stored work is kept and resumes")
+        code = 130
+    except Ka2lError as exc:
+        _update(job_id, status="failed", finished_at=now(), error=str(exc))
+        code = 1
+    except Exception as exc:  # a bug: keep the traceback in the log, the short form in the row
+        log.exception("job %d failed", job_id)
+        _update(job_id, status="failed", finished_at=now(), error=f"{type(exc).__name__}: {exc} (see the log)")
+        code = 1
+    else:
+        _update(job_id, status="done", finished_at=now(), result=json.dumps({"run_id": run_id}), message="done")
+        code = 0
+    refresh()  # start the next queued job
+    return code

@@ -1,0 +1,28 @@
+"""Shared helpers for tests that run Stage 1 on the memorising tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ka2l.config import ModelSpec, ProbeConfig, SamplingConfig, Stage1Config
+from ka2l.pool import PoolData, QuestionRow
+from ka2l.store import queries as Q
+from ka2l.store.db import connect
+
+N_KNOWN = 40  # the first N_KNOWN capitals questions are memorised by the ``memo_model`` fixture
+
+
+def stage1_cfg(model: Path, **probe) -> Stage1Config:
+    return Stage1Config(
+        model=ModelSpec(name_or_path=str(model), device="cpu"),
+        sampling=SamplingConfig(k=6, max_new_tokens=8, batch_size=8, hidden_batch_size=8),
+        probe=ProbeConfig(kind=probe.pop("kind", "mlp"), epochs=probe.pop("epochs", 40), bootstrap=100, **probe),
+    )
+
+
+def import_pool(capitals, name="caps", rows=None) -> int:
+    rows = rows if rows is not None else capitals
+    pool = PoolData(name=name, source="test", n_read=len(rows),
+                    rows=[QuestionRow(ext_id=str(i), question=q, answers=tuple(a)) for i, (q, a) in enumerate(rows)])
+    with connect() as db:
+        return Q.insert_pool(db, pool)

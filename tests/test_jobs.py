@@ -1,0 +1,130 @@
+"""Background jobs: real worker processes, queue, cancel, dead-worker detection and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ka2l import jobs
+from ka2l.config import to_dict
+from ka2l.errors import ConfigError
+from ka2l.paths import PROJECT_ROOT
+from ka2l.store import queries as Q
+from ka2l.store.db import connect
+from helpers import import_pool, stage1_cfg
+
+
+def wait_for(pred, timeout=180.0, every=0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        jobs.refresh()
+        if pred():
+            return True
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def job_config(memo_model, batch_size=8):
+    cfg = to_dict(stage1_cfg(memo_model, kind="logistic"))
+    cfg["sampling"]["batch_size"] = batch_size
+    return {"pool": "caps", "stage1": cfg}
+
+
+def answered(run_pool="caps"):
+    with connect() as db:
+        runs = Q.list_runs(db)
+        return len(Q.answered_ids(db, runs[0]["id"])) if runs else 0
+
+
+def test_job_runs_in_its_own_process_and_records_progress(memo_model, capitals):
+    import_pool(capitals)
+    job_id = jobs.submit("stage1", job_config(memo_model))
+    job = jobs.get(job_id)
+    assert job["status"] in ("starting", "running") and job["pid"] != os.getpid()
+    wait_for(lambda: jobs.get(job_id)["status"] == "done")
+    job = jobs.get(job_id)
+    assert job["result"]["run_id"] >= 1 and job["stage"] == "threshold robustness" and job["done"] == job["total"]
+    with connect() as db:
+        assert Q.get_run(db, job["result"]["run_id"])["status"] == "done"
+    assert "stage answers" in jobs.tail(job_id, 200)
+    # a second client (another process) sees the same state
+    out = subprocess.run([sys.executable, "-m", "ka2l", "jobs"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert f"{job_id}  stage1  done" in out.stdout
+
+
+def test_cancel_really_ends_the_process_and_the_run_resumes(memo_model, capitals):
+    import_pool(capitals)
+    job_id = jobs.submit("stage1", job_config(memo_model, batch_size=2))
+    wait_for(lambda: answered() >= 4)
+    pid = jobs.get(job_id)["pid"]
+    jobs.cancel(job_id, wait=True)
+    job = jobs.get(job_id)
+    assert job["status"] == "cancelled"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0) if not _zombie(pid) else (_ for _ in ()).throw(ProcessLookupError())
+    with connect() as db:
+        run = Q.list_runs(db)[0]
+        assert run["status"] == "interrupted"
+        kept = len(Q.answered_ids(db, run["id"]))
+    again = jobs.resume(job_id)
+    wait_for(lambda: jobs.get(again)["status"] == "done")
+    with connect() as db:
+        runs = Q.list_runs(db)
+        assert len(runs) == 1 and runs[0]["status"] == "done"
+        assert runs[0]["timings"]["answers"]["n"] >= 80 - kept
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_worker_is_detected_as_failed_and_resumes(memo_model, capitals):
+    import_pool(capitals)
+    job_id = jobs.submit("stage1", job_config(memo_model, batch_size=2))
+    wait_for(lambda: answered() >= 4)
+    os.killpg(jobs.get(job_id)["pid"], signal.SIGKILL)
+    wait_for(lambda: jobs.get(job_id)["status"] == "failed", timeout=30)
+    assert "ended without finishing" in jobs.get(job_id)["error"]
+    again = jobs.resume(job_id)
+    wait_for(lambda: jobs.get(again)["status"] == "done")
+    with connect() as db:
+        assert [r["status"] for r in Q.list_runs(db)] == ["done"]
+
+
+def test_jobs_queue_one_at_a_time(memo_model, capitals):
+    import_pool(capitals)
+    first = jobs.submit("stage1", job_config(memo_model))
+    cfg = job_config(memo_model)
+    cfg["stage1"]["sampling"]["k"] = 4
+    second = jobs.submit("stage1", cfg)
+    assert jobs.get(second)["status"] == "queued"
+    third = jobs.submit("stage1", cfg)
+    jobs.cancel(third)
+    assert jobs.get(third)["status"] == "cancelled"
+    wait_for(lambda: jobs.get(second)["status"] == "done", timeout=300)
+    assert jobs.get(first)["status"] == "done"
+    assert jobs.get(first)["finished_at"] <= jobs.get(second)["started_at"]
+
+
+def test_bad_job_config_fails_in_the_caller():
+    with pytest.raises(ConfigError, match="Unknown job kind"):
+        jobs.submit("dance", {})
+    with pytest.raises(ConfigError, match="k must be >= 2"):
+        jobs.submit("stage1", {"pool": "x", "stage1": {"sampling": {"k": 1}}})
+    assert jobs.list_jobs() == []
+
+
+def test_rate_and_eta():
+    job = {"status": "running", "stage_started_at": time.time() - 10, "total": 100, "done": 30, "stage_start_done": 10}
+    rate, eta = jobs.rate_and_eta(job)
+    assert rate == pytest.approx(2.0, rel=0.05) and eta == pytest.approx(35, rel=0.05)
+    assert jobs.rate_and_eta({**job, "status": "done"}) == (None, None)
