@@ -2,13 +2,22 @@
 
 import streamlit as st
 
-from ka2l.config import EMBEDDED_MODEL
-from ka2l.paths import data_dir
+from ka2l.ui.state import sidebar
 
 st.set_page_config(page_title="ka2l: knowledge boundaries", page_icon=":material/psychology:", layout="wide")
 
-page = st.navigation([st.Page("pages/overview.py", title="Runs", icon=":material/monitoring:", default=True)])
-with st.sidebar:
-    st.caption(f"Data folder: `{data_dir()}`")
-    st.caption(f"Default model: `{EMBEDDED_MODEL}`")
+page = st.navigation({
+    "Data": [st.Page("pages/pool.py", title="Pool", icon=":material/upload_file:", default=True)],
+    "Stage 1": [
+        st.Page("pages/probe.py", title="Probe", icon=":material/play_circle:"),
+        st.Page("pages/scores.py", title="Scores", icon=":material/table:"),
+        st.Page("pages/map.py", title="Map", icon=":material/scatter_plot:"),
+        st.Page("pages/probes.py", title="Probes", icon=":material/monitoring:"),
+    ],
+    "System": [
+        st.Page("pages/jobs.py", title="Jobs", icon=":material/work_history:"),
+        st.Page("pages/settings.py", title="Settings", icon=":material/settings:"),
+    ],
+})
+sidebar()
 page.run()

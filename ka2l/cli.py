@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("jobs", help="list background jobs (started from the app)")
     p.set_defaults(func=_cmd_jobs)
     p = sub.add_parser("job", help="background job worker and control")
-    jsub = p.add_subparsers(dest="job_command", required=True, metavar="ACTION")
+    jsub = p.add_subparsers(dest="job_command", required=True, metavar="ACTION", help="run or cancel")
     jp = jsub.add_parser("run", help="run a queued job in this process (the app starts this for you)")
     jp.add_argument("id", type=int, help="job id")
     jp.set_defaults(func=_cmd_job_run)

@@ -1,0 +1,43 @@
+"""Map: PCA / UMAP of a layer's hidden states, coloured by uncertainty; lasso a region into the curation set."""
+
+import streamlit as st
+
+from ka2l.errors import Ka2lError
+from ka2l.ui import actions, data
+from ka2l.ui.charts import map_figure
+from ka2l.ui.state import active_pool, select_run
+
+st.title("Knowledge-boundary map")
+pool = active_pool()
+run = select_run(pool) if pool else None
+if run is None:
+    st.info("No finished Stage 1 run for the active pool yet: launch one on the Probe page.")
+    st.stop()
+
+frame = data.scores(run["id"])
+probes = actions.probes_of_run(run["id"])
+best = probes[-1]["layer"] if probes else run["n_layers"]
+c = st.columns(4)
+layer = c[0].number_input("Layer", min_value=1, max_value=int(run["n_layers"]), value=int(best), help="The probe's chosen layer by default.")
+method = c[1].selectbox("Projection", ["pca", "umap"], help="UMAP takes longer the first time; both are cached per run and layer.")
+colours = [col for col in ("se", "bise", "p_unknown", "correct", "se_weighted") if col in frame and not frame[col].isna().all()]
+colour = c[2].selectbox("Colour by", colours)
+contour = c[3].checkbox("Known / unknown density", value=True)
+
+try:
+    with st.spinner(f"Projecting layer {layer} with {method.upper()} (once per run and layer)..."):
+        coords = actions.maps.run_projection(run["id"], int(layer), method)
+except Ka2lError as exc:
+    st.error(str(exc))
+    st.stop()
+frame = frame.assign(x=coords[:, 0], y=coords[:, 1])
+event = st.plotly_chart(map_figure(frame, colour, contour), use_container_width=True, on_select="rerun",
+                        selection_mode=("box", "lasso"), key="map")
+points = event.selection.points if event and event.selection else []
+ids = sorted({int(p["customdata"][0]) for p in points if p.get("customdata")})
+st.caption(f"{len(ids)} question(s) selected with the box or lasso tool.")
+if ids:
+    st.dataframe(frame[frame["question_id"].isin(ids)][["question", "se", "bise"]], hide_index=True, use_container_width=True)
+if st.button(f"Add {len(ids)} selected to the curation set", disabled=not ids):
+    added = actions.curation.add(pool["id"], ids, source=f"map/run {run['id']}/layer {layer}/{method}")
+    st.success(f"Added {added} new question(s).")

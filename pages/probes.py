@@ -1,0 +1,38 @@
+"""Probes: layer-wise AUROC, the threshold criterion, baselines and threshold robustness."""
+
+import pandas as pd
+import streamlit as st
+
+from ka2l.ui import data
+from ka2l.ui.charts import layer_auroc_figure, threshold_figure
+from ka2l.ui.state import active_pool, select_run
+
+st.title("Probe evidence")
+pool = active_pool()
+run = select_run(pool) if pool else None
+if run is None:
+    st.info("No finished Stage 1 run for the active pool yet: launch one on the Probe page.")
+    st.stop()
+
+rep = data.report(run["id"])
+split = rep.get("split", {})
+cols = st.columns(4)
+cols[0].metric("Known", split.get("n_known", "–"))
+cols[1].metric("Unknown", split.get("n_unknown", "–"), help=f"SE ≥ γ* = {split.get('gamma', float('nan')):.3f} nats ({split.get('rule')})")
+if "accuracy" in split:
+    cols[2].metric("Accuracy (known / unknown)", f"{split['accuracy_known']:.0%} / {split['accuracy_unknown']:.0%}")
+p = rep.get("probe")
+if p is None:
+    st.warning("This run has no probe (too few questions of one label?).")
+    st.stop()
+cols[3].metric(f"Probe test AUROC (layer {p['best_layer']})", f"{p['test_auroc']:.3f}",
+               help=f"95% bootstrap interval {p['test_ci'][0]:.3f} – {p['test_ci'][1]:.3f}; layer chosen on validation AUROC")
+st.subheader("Layer-wise AUROC")
+st.plotly_chart(layer_auroc_figure(p), use_container_width=True)
+st.subheader("Threshold criterion")
+st.plotly_chart(threshold_figure(data.run_threshold(run["id"])), use_container_width=True)
+left, right = st.columns(2)
+left.subheader("Baselines (test split)")
+left.dataframe(pd.DataFrame(p["baselines"]), hide_index=True)
+right.subheader("Threshold robustness")
+right.dataframe(pd.DataFrame(p["robustness"]), hide_index=True)

@@ -1,0 +1,67 @@
+"""Scores: every question of a Stage 1 run; filters; drill-down; selection into the curation set; downloads."""
+
+import streamlit as st
+
+from ka2l.errors import Ka2lError
+from ka2l.ui import actions, data
+from ka2l.ui.state import active_pool, select_run
+
+st.title("Scores")
+pool = active_pool()
+run = select_run(pool) if pool else None
+if run is None:
+    st.info("No finished Stage 1 run for the active pool yet: launch one on the Probe page.")
+    st.stop()
+
+try:
+    frame = data.scores(run["id"])
+except Ka2lError as exc:
+    st.error(str(exc))
+    st.stop()
+
+c = st.columns(4)
+label = c[0].selectbox("Label", ["all", "unknown (BiSE = 1)", "known (BiSE = 0)"])
+correct = c[1].selectbox("Correctness", ["all", "correct", "incorrect"], disabled=frame["correct"].isna().all())
+se_min, se_max = float(frame["se"].min()), float(frame["se"].max())
+se_range = c[2].slider("SE range (nats)", se_min, max(se_max, se_min + 1e-6), (se_min, max(se_max, se_min + 1e-6)))
+text = c[3].text_input("Question contains")
+view = frame
+if label != "all":
+    view = view[view["bise"] == (1 if label.startswith("unknown") else 0)]
+if correct != "all":
+    view = view[view["correct"] == (1 if correct == "correct" else 0)]
+view = view[(view["se"] >= se_range[0] - 1e-9) & (view["se"] <= se_range[1] + 1e-9)]
+if text:
+    view = view[view["question"].str.contains(text, case=False, regex=False)]
+
+st.caption(f"{len(view)} of {len(frame)} questions. Click column headers to sort; select rows for the drill-down and the curation set.")
+event = st.dataframe(view, hide_index=True, use_container_width=True, on_select="rerun", selection_mode="multi-row", key="scores-table",
+                     column_config={"question_id": None, "se": st.column_config.NumberColumn("SE", format="%.3f"),
+                                    "se_weighted": st.column_config.NumberColumn("SE (weighted)", format="%.3f"),
+                                    "p_unknown": st.column_config.ProgressColumn("P(unknown)", min_value=0.0, max_value=1.0, format="%.2f")})
+chosen = view.iloc[event.selection.rows] if event and event.selection.rows else view.iloc[0:0]
+
+left, right = st.columns([1, 1])
+if left.button(f"Add {len(chosen)} selected to the curation set", disabled=chosen.empty):
+    added = actions.curation.add(pool["id"], chosen["question_id"].tolist(), source=f"scores/run {run['id']}")
+    st.success(f"Added {added} new question(s); the curation set has {len(actions.curation.members(pool['id']))}.")
+right.download_button("Download CSV", actions.export.to_safe_csv(view), file_name=f"run-{run['id']}-scores.csv", mime="text/csv")
+right.download_button("Download JSONL", actions.export.to_jsonl(view), file_name=f"run-{run['id']}-scores.jsonl", mime="application/jsonl")
+
+if not view.empty:
+    options = view["question_id"].tolist()
+    first = int(chosen.iloc[0]["question_id"]) if not chosen.empty else options[0]
+    qid = st.selectbox("Drill down into", options, index=options.index(first), key=f"drill-{first}",
+                       format_func=lambda i: view.loc[view["question_id"] == i, "question"].iloc[0])
+    d = data.detail(run["id"], int(qid))
+    st.subheader(d["question"])
+    st.write(f"Low-temperature answer: **{d['low']}**" + (f" · gold: {' | '.join(d['gold'])}" if d["gold"] else ""))
+    st.caption(f"Probe layer: {d['layer']} · judge: {d['judge']} · {d['judge_calls']} judge calls")
+    for cl in d["clusters"]:
+        with st.container(border=True):
+            st.markdown(f"**Cluster {cl['cluster']}** · {cl['size']} answer(s)")
+            for a in cl["answers"]:
+                st.write(f"- {a}")
+    if d["verdicts"]:
+        with st.expander("Judge verdicts"):
+            st.dataframe(d["verdicts"], hide_index=True)

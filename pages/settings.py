@@ -1,0 +1,25 @@
+"""Settings: the default model, device and judge used by new runs (stored in the database)."""
+
+import streamlit as st
+
+from ka2l.config import JUDGE_KINDS
+from ka2l.errors import Ka2lError
+from ka2l.ui import actions
+
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+
+st.title("Settings")
+s = actions.settings.load()
+with st.form("settings"):
+    model = st.text_input("Model (hub id, local folder, .gguf file, or the embedded default)", value=s["model"])
+    device = st.selectbox("Device", DEVICES, index=DEVICES.index(s["device"].split(":")[0]))
+    judge = st.selectbox("Judge", JUDGE_KINDS, index=JUDGE_KINDS.index(s["judge"]))
+    judge_model = st.text_input("Judge model (for nli / embedding)", value=s["judge_model"] or "")
+    if st.form_submit_button("Save", type="primary"):
+        try:
+            actions.settings.save({"model": model, "device": device, "judge": judge, "judge_model": judge_model or None})
+            st.success("Saved.")
+        except Ka2lError as exc:
+            st.error(str(exc))
+st.caption("The data folder is set with the KA2L_DATA_DIR environment variable before starting the app. "
+           "Label Studio credentials go in .streamlit/secrets.toml (see secrets.example.toml); they are never shown or logged.")

@@ -1,0 +1,131 @@
+"""Every page through Streamlit's AppTest, over a real store with a finished Stage 1 run and a triage
+run made by the memorising tiny model."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from ka2l import jobs
+from ka2l.config import TriageConfig
+from ka2l.paths import PROJECT_ROOT
+from ka2l.pipeline import run_stage1, run_triage
+from ka2l.store import queries as Q
+from ka2l.store.db import connect
+from helpers import import_pool, stage1_cfg
+
+APP = str(PROJECT_ROOT / "app.py")
+
+
+@pytest.fixture(scope="module")
+def app_data(tmp_path_factory, memo_model, capitals):
+    folder = tmp_path_factory.mktemp("appdata")
+    old = os.environ.get("KA2L_DATA_DIR")
+    os.environ["KA2L_DATA_DIR"] = str(folder)
+    try:
+        import_pool(capitals)
+        run_id = run_stage1("caps", stage1_cfg(memo_model))
+        with connect() as db:
+            probe_id = Q.list_probes(db, run_id)[0]["id"]
+        run_triage("caps", TriageConfig(probe_id=probe_id, device="cpu"))
+    finally:
+        os.environ["KA2L_DATA_DIR"] = old or ""
+    return folder
+
+
+@pytest.fixture
+def app(app_data, monkeypatch):
+    monkeypatch.setenv("KA2L_DATA_DIR", str(app_data))
+
+    def open_page(page: str) -> AppTest:
+        at = AppTest.from_file(APP, default_timeout=90)
+        at.run()
+        at.switch_page(f"pages/{page}.py")
+        at.run()
+        assert not at.exception, at.exception
+        return at
+
+    return open_page
+
+
+def test_empty_store_guides_the_user(tmp_path, monkeypatch):
+    monkeypatch.setenv("KA2L_DATA_DIR", str(tmp_path / "empty"))
+    for page in ("scores", "map", "probes", "probe"):
+        at = AppTest.from_file(APP, default_timeout=60).run()
+        at.switch_page(f"pages/{page}.py").run()
+        assert not at.exception
+        assert any("Pool page" in i.value or "Probe page" in i.value for i in at.info), page
+
+
+def test_pool_page_imports_a_demo_pool(tmp_path, monkeypatch):
+    monkeypatch.setenv("KA2L_DATA_DIR", str(tmp_path / "d"))
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.radio[0].set_value("Demo pool").run()
+    at.selectbox[0].set_value("elements").run()
+    assert at.metric[0].value == "206"
+    at.text_input[0].set_value("my-elements")
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("Imported pool 'my-elements'" in s.value for s in at.success)
+    at.button[0].click().run()  # a second import with the same name is refused, nothing lost
+    assert any("already exists" in e.value for e in at.error)
+
+
+def test_scores_page_filters_drills_down_and_downloads(app):
+    at = app("scores")
+    table = at.dataframe[0].value
+    assert len(table) == 80 and {"se", "bise", "p_unknown", "correct", "gold", "triage_label"} <= set(table.columns)
+    label = next(s for s in at.selectbox if s.label == "Label")
+    label.set_value("unknown (BiSE = 1)").run()
+    unknown = at.dataframe[0].value
+    assert 0 < len(unknown) < 80 and set(unknown["bise"]) == {1}
+    drill = next(s for s in at.selectbox if s.label == "Drill down into")
+    assert at.subheader[0].value in set(unknown["question"])
+    assert any(m.value.startswith("**Cluster") for m in at.markdown)
+    assert drill.value in set(unknown["question_id"])
+
+
+def test_map_page_builds_pca_and_umap_once(app, app_data):
+    at = app("map")
+    assert len(at.get("plotly_chart")) == 1
+    assert list((app_data / "arrays").glob("run-1-layer*-pca.npy"))
+    next(s for s in at.selectbox if s.label == "Projection").set_value("umap").run()
+    assert not at.exception
+    assert list((app_data / "arrays").glob("run-1-layer*-umap.npy"))
+
+
+def test_probes_page_shows_the_evidence(app):
+    at = app("probes")
+    assert [m.label for m in at.metric][:2] == ["Known", "Unknown"]
+    assert [s.value for s in at.subheader][:2] == ["Layer-wise AUROC", "Threshold criterion"]
+    assert len(at.get("plotly_chart")) == 2 and len(at.dataframe) == 2
+
+
+def test_settings_refuse_bad_values_and_keep_the_stored_ones(app):
+    at = app("settings")
+    next(s for s in at.selectbox if s.label == "Judge").set_value("nli")
+    at.button[0].click().run()
+    assert any("needs JudgeConfig.model" in e.value for e in at.error)
+    at = app("settings")
+    assert next(s for s in at.selectbox if s.label == "Judge").value == "lexical"
+
+
+def test_probe_page_launches_a_job_that_finishes(app, memo_model):
+    at = app("probe")
+    next(t for t in at.text_input if t.label.startswith("Model")).set_value(str(memo_model))
+    next(n for n in at.number_input if n.label == "Samples k").set_value(4)
+    next(n for n in at.number_input if n.label == "Max new tokens").set_value(6)
+    next(b for b in at.button if b.label == "Launch Stage 1").click().run()
+    assert not at.exception
+    assert any("submitted" in s.value for s in at.success)
+    job = jobs.list_jobs()[0]
+    deadline = time.time() + 180
+    while time.time() < deadline and jobs.get(job["id"])["status"] not in ("done", "failed"):
+        jobs.refresh()
+        time.sleep(0.5)
+    assert jobs.get(job["id"])["status"] == "done", jobs.get(job["id"])
+    at = app("jobs")
+    assert any(f"Job {job['id']}" in m.value for m in at.markdown)
