@@ -1,0 +1,114 @@
+"""The app in a real browser: Streamlit on 127.0.0.1, Playwright driving Debian's Chromium.
+Upload a CSV, run Stage 1 on a tiny model from the Probe page, reload mid-run, see scores and map.
+Screenshots land in test-artifacts/. CI installs Chromium and sets KA2L_REQUIRE_BROWSER=1, so there
+this test cannot silently skip."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ka2l import settings
+from ka2l.paths import PROJECT_ROOT
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = PROJECT_ROOT / "test-artifacts"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+
+def _requirements_or_skip():
+    missing = []
+    if not Path(CHROMIUM).exists():
+        missing.append("Debian's chromium (apt-get install chromium)")
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        missing.append("the playwright Python package")
+    if missing:
+        if os.environ.get("KA2L_REQUIRE_BROWSER") == "1":
+            pytest.fail("browser test required but missing: " + ", ".join(missing))
+        pytest.skip("needs " + ", ".join(missing))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path, memo_model):
+    _requirements_or_skip()
+    settings.save({"model": str(memo_model), "device": "cpu"})
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(PROJECT_ROOT / "app.py"), "--server.port", str(port),
+                             "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+                            env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "_stcore/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=20)
+
+
+def test_upload_run_stage1_and_explore(server, tmp_path, capitals):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    pool_csv = tmp_path / "capitals-80.csv"
+    with pool_csv.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["question", "answer"])
+        w.writerows((q, "|".join(a)) for q, a in capitals)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(server)
+        page.get_by_text("Question pool").wait_for()
+        page.locator("input[type=file]").set_input_files(str(pool_csv))
+        page.get_by_role("button", name="Import pool").click()
+        page.get_by_text("Imported pool 'capitals-80'").wait_for()
+        page.screenshot(path=str(ARTIFACTS / "1-pool.png"), full_page=True)
+
+        page.get_by_role("link", name="Probe", exact=True).click()
+        page.get_by_text("Stage 1: knowledge-distribution probing").wait_for()
+        page.get_by_label("Samples k").fill("4")
+        page.get_by_label("Max new tokens").fill("6")
+        page.get_by_role("button", name="Launch Stage 1").click()
+        page.get_by_text("submitted").wait_for()
+        page.reload()  # a reload mid-run loses nothing: the job panel reads the database
+        page.get_by_text("Job 1 · stage1").wait_for()
+        page.screenshot(path=str(ARTIFACTS / "2-job-running.png"), full_page=True)
+        page.get_by_text("Done: run 1.").wait_for(timeout=240_000)
+        page.screenshot(path=str(ARTIFACTS / "3-job-done.png"), full_page=True)
+
+        page.get_by_role("link", name="Scores", exact=True).click()
+        page.get_by_text("Drill down into").wait_for()
+        expect(page.get_by_text("of 80 questions")).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "4-scores.png"), full_page=True)
+
+        page.get_by_role("link", name="Map", exact=True).click()
+        page.locator(".js-plotly-plot").first.wait_for()
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(ARTIFACTS / "5-map.png"), full_page=True)
+        browser.close()
+    assert all((ARTIFACTS / f).stat().st_size > 10_000 for f in ("1-pool.png", "4-scores.png", "5-map.png"))
