@@ -31,13 +31,13 @@ except Ka2lError as exc:
     st.error(str(exc))
     st.stop()
 frame = frame.assign(x=coords[:, 0], y=coords[:, 1])
-event = st.plotly_chart(map_figure(frame, colour, contour), use_container_width=True, on_select="rerun",
+event = st.plotly_chart(map_figure(frame, colour, contour), width="stretch", on_select="rerun",
                         selection_mode=("box", "lasso"), key="map")
 points = event.selection.points if event and event.selection else []
 ids = sorted({int(p["customdata"][0]) for p in points if p.get("customdata")})
 st.caption(f"{len(ids)} question(s) selected with the box or lasso tool.")
 if ids:
-    st.dataframe(frame[frame["question_id"].isin(ids)][["question", "se", "bise"]], hide_index=True, use_container_width=True)
+    st.dataframe(frame[frame["question_id"].isin(ids)][["question", "se", "bise"]], hide_index=True, width="stretch")
 if st.button(f"Add {len(ids)} selected to the curation set", disabled=not ids):
     added = actions.curation.add(pool["id"], ids, source=f"map/run {run['id']}/layer {layer}/{method}")
     st.success(f"Added {added} new question(s).")

@@ -25,7 +25,7 @@ try:
 except PoolError as exc:
     st.error(str(exc).split("\n")[0])
     if exc.problems:
-        st.dataframe(pd.DataFrame({"problem": exc.problems}), hide_index=True, use_container_width=True)
+        st.dataframe(pd.DataFrame({"problem": exc.problems}), hide_index=True, width="stretch")
 
 if pool is not None:
     rep = pool.report()
@@ -37,7 +37,7 @@ if pool is not None:
         with st.expander(f"{len(rep['skipped'])} rows left out"):
             st.dataframe(pd.DataFrame({"problem": rep["skipped"]}), hide_index=True)
     st.dataframe(pd.DataFrame([{"id": r.ext_id, "question": r.question, "answers": " | ".join(r.answers)} for r in pool.rows[:200]]),
-                 hide_index=True, use_container_width=True)
+                 hide_index=True, width="stretch")
     with st.form("store"):
         name = st.text_input("Pool name", value=pool.name)
         if st.form_submit_button("Import pool", type="primary"):

@@ -28,9 +28,9 @@ if p is None:
 cols[3].metric(f"Probe test AUROC (layer {p['best_layer']})", f"{p['test_auroc']:.3f}",
                help=f"95% bootstrap interval {p['test_ci'][0]:.3f} – {p['test_ci'][1]:.3f}; layer chosen on validation AUROC")
 st.subheader("Layer-wise AUROC")
-st.plotly_chart(layer_auroc_figure(p), use_container_width=True)
+st.plotly_chart(layer_auroc_figure(p), width="stretch")
 st.subheader("Threshold criterion")
-st.plotly_chart(threshold_figure(data.run_threshold(run["id"])), use_container_width=True)
+st.plotly_chart(threshold_figure(data.run_threshold(run["id"])), width="stretch")
 left, right = st.columns(2)
 left.subheader("Baselines (test split)")
 left.dataframe(pd.DataFrame(p["baselines"]), hide_index=True)

@@ -35,7 +35,7 @@ if text:
     view = view[view["question"].str.contains(text, case=False, regex=False)]
 
 st.caption(f"{len(view)} of {len(frame)} questions. Click column headers to sort; select rows for the drill-down and the curation set.")
-event = st.dataframe(view, hide_index=True, use_container_width=True, on_select="rerun", selection_mode="multi-row", key="scores-table",
+event = st.dataframe(view, hide_index=True, width="stretch", on_select="rerun", selection_mode="multi-row", key="scores-table",
                      column_config={"question_id": None, "se": st.column_config.NumberColumn("SE", format="%.3f"),
                                     "se_weighted": st.column_config.NumberColumn("SE (weighted)", format="%.3f"),
                                     "p_unknown": st.column_config.ProgressColumn("P(unknown)", min_value=0.0, max_value=1.0, format="%.2f")})
@@ -45,14 +45,16 @@ left, right = st.columns([1, 1])
 if left.button(f"Add {len(chosen)} selected to the curation set", disabled=chosen.empty):
     added = actions.curation.add(pool["id"], chosen["question_id"].tolist(), source=f"scores/run {run['id']}")
     st.success(f"Added {added} new question(s); the curation set has {len(actions.curation.members(pool['id']))}.")
-right.download_button("Download CSV", actions.export.to_safe_csv(view), file_name=f"run-{run['id']}-scores.csv", mime="text/csv")
-right.download_button("Download JSONL", actions.export.to_jsonl(view), file_name=f"run-{run['id']}-scores.jsonl", mime="application/jsonl")
+# Files are built only when a download is clicked, not on every rerun.
+right.download_button("Download CSV", lambda: actions.export.to_safe_csv(view), file_name=f"run-{run['id']}-scores.csv", mime="text/csv")
+right.download_button("Download JSONL", lambda: actions.export.to_jsonl(view), file_name=f"run-{run['id']}-scores.jsonl",
+                      mime="application/jsonl")
 
 if not view.empty:
-    options = view["question_id"].tolist()
+    text_of = dict(zip(view["question_id"].tolist(), view["question"].tolist()))
+    options = list(text_of)
     first = int(chosen.iloc[0]["question_id"]) if not chosen.empty else options[0]
-    qid = st.selectbox("Drill down into", options, index=options.index(first), key=f"drill-{first}",
-                       format_func=lambda i: view.loc[view["question_id"] == i, "question"].iloc[0])
+    qid = st.selectbox("Drill down into", options, index=options.index(first), key=f"drill-{first}", format_func=text_of.get)
     d = data.detail(run["id"], int(qid))
     st.subheader(d["question"])
     st.write(f"Low-temperature answer: **{d['low']}**" + (f" · gold: {' | '.join(d['gold'])}" if d["gold"] else ""))
