@@ -24,7 +24,7 @@ demo: setup
 	$(PY) -m ka2l import demo:capitals --if-missing
 	$(PY) -m ka2l probe --pool capitals
 
-## app: the Streamlit app; starts the demo Stage 1 run in the background if it has not finished
+## app: the Streamlit app; queues Stage 1 on the capitals demo pool as a background job the first time
 app: setup
 	$(PY) -m ka2l import demo:capitals --if-missing
 	PY=$(PY) bash scripts/run_app.sh
@@ -33,9 +33,10 @@ app: setup
 test: setup
 	$(PY) -m pytest -q
 
-## bench: Stage 1 speed and cost figures on the capitals pool -> bench/results/stage1.json
+## bench: Stage 1 speed and cost on the capitals pool, app page times on 10k questions -> bench/results/
 bench: setup
 	$(PY) bench/bench_stage1.py
+	$(PY) bench/bench_app.py
 
 clean-data:
-	rm -rf data/ka2l.db data/ka2l.db-* data/arrays data/probes data/logs
+	rm -rf data/ka2l.db data/ka2l.db-* data/arrays data/probes data/logs test-artifacts

@@ -118,9 +118,26 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from .store.db import connect
 
     cfg = stage1_config(args)
+    if args.background:
+        return _submit_background(args.pool, cfg)
     run_id = run_stage1(args.pool, cfg, progress=TqdmProgress(disable=args.quiet), resume=not args.no_resume)
     with connect() as db:
         print(format_report(build_report(db, run_id)))
+    return 0
+
+
+def _submit_background(pool: str, cfg: Stage1Config) -> int:
+    """Queue Stage 1 as a job (the app's Jobs page shows it), unless the same one is already queued or running."""
+    from . import jobs
+    from .config import to_dict
+
+    config = {"pool": pool, "stage1": to_dict(cfg)}
+    jobs.refresh()
+    same = [j for j in jobs.list_jobs() if j["status"] in ("queued", "starting", "running") and j["config"] == config]
+    if same:
+        print(f"Stage 1 on {pool!r} is already job {same[0]['id']} ({same[0]['status']})")
+        return 0
+    print(f"submitted job {jobs.submit('stage1', config)}: follow it on the app's Jobs page or with `python -m ka2l jobs`")
     return 0
 
 
@@ -220,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold-rule", choices=THRESHOLD_RULES, help="SE binarisation (default two-means)")
     p.add_argument("--probe-kind", choices=PROBE_KINDS, help="probe kind (default mlp)")
     p.add_argument("--no-resume", action="store_true", help="start a new run even if one with this pool and config exists (finished or not)")
+    p.add_argument("--background", action="store_true", help="queue the run as a background job (as the app does) and return at once")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_probe)
 

@@ -21,5 +21,16 @@ with st.form("settings"):
             st.success("Saved.")
         except Ka2lError as exc:
             st.error(str(exc))
-st.caption("The data folder is set with the KA2L_DATA_DIR environment variable before starting the app. "
-           "Label Studio credentials go in .streamlit/secrets.toml (see secrets.example.toml); they are never shown or logged.")
+st.subheader("Data folder")
+current = actions.data_dir()
+with st.form("data-folder"):
+    folder = st.text_input("Folder for the database, hidden states, probes and logs", value=str(current),
+                           disabled=actions.data_dir_from_env(), help="KA2L_DATA_DIR, when set, takes precedence.")
+    if st.form_submit_button("Use this folder", disabled=actions.data_dir_from_env()):
+        try:
+            st.success(f"Now using {actions.set_data_dir(folder)}. Pools and runs in the old folder stay there.")
+        except Ka2lError as exc:
+            st.error(str(exc))
+if actions.data_dir_from_env():
+    st.caption("Set by the KA2L_DATA_DIR environment variable.")
+st.caption("Label Studio credentials go in .streamlit/secrets.toml (see secrets.example.toml); they are never shown or logged.")

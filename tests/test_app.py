@@ -129,3 +129,24 @@ def test_probe_page_launches_a_job_that_finishes(app, memo_model):
     assert jobs.get(job["id"])["status"] == "done", jobs.get(job["id"])
     at = app("jobs")
     assert any(f"Job {job['id']}" in m.value for m in at.markdown)
+
+
+def test_data_folder_setting_is_remembered_outside_the_data_folder(tmp_path, monkeypatch):
+    from ka2l.errors import ConfigError
+    from ka2l.paths import data_dir, set_data_dir
+
+    monkeypatch.delenv("KA2L_DATA_DIR")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    set_data_dir(tmp_path / "first")  # never the checkout's own data/ folder
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.switch_page("pages/settings.py").run()
+    assert next(t for t in at.text_input if t.label.startswith("Folder")).value == str((tmp_path / "first").resolve())
+    field = next(t for t in at.text_input if t.label.startswith("Folder for the database"))
+    field.set_value(str(tmp_path / "elsewhere"))
+    next(b for b in at.button if b.label == "Use this folder").click().run()
+    assert not at.exception
+    assert data_dir() == (tmp_path / "elsewhere").resolve()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="Cannot use"):
+        set_data_dir(tmp_path / "file" / "sub")
+    assert data_dir() == (tmp_path / "elsewhere").resolve(), "a refused folder leaves the setting as it was"

@@ -136,3 +136,31 @@ def test_importing_ka2l_has_no_side_effects(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", "importing ka2l must not load torch/transformers/streamlit"
     assert not (tmp_path / "d").exists(), "importing ka2l must not touch the data folder"
+
+
+PAGE_ALLOWED = {"ka2l.ui", "ka2l.config", "ka2l.errors", "ka2l.store.queries", "ka2l.jobs"}
+
+
+def ka2l_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "ka2l":
+            found |= {node.module} if node.module != "ka2l" else {f"ka2l.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "ka2l"}
+    return found
+
+
+def test_pages_reach_the_backend_only_through_allowed_modules():
+    for path in [PROJECT_ROOT / "app.py", *sorted((PROJECT_ROOT / "pages").glob("*.py"))]:
+        bad = {m for m in ka2l_imports(path) if not any(m == a or m.startswith(a + ".") for a in PAGE_ALLOWED)}
+        assert not bad, f"{path.name} imports {bad}; go through ka2l.ui instead"
+        assert "import sqlite" not in path.read_text() and "SELECT " not in path.read_text(), f"{path.name} holds SQL"
+
+
+def test_every_page_is_routed_and_tested():
+    routed = set(__import__("re").findall(r'st\.Page\("pages/(\w+)\.py"', (PROJECT_ROOT / "app.py").read_text()))
+    assert routed == {p.stem for p in (PROJECT_ROOT / "pages").glob("*.py")}
+    tests = (PROJECT_ROOT / "tests" / "test_app.py").read_text()
+    for page in routed - {"pool"}:
+        assert f'"{page}"' in tests or f"pages/{page}.py" in tests, f"page {page} has no AppTest"

@@ -128,3 +128,19 @@ def test_rate_and_eta():
     rate, eta = jobs.rate_and_eta(job)
     assert rate == pytest.approx(2.0, rel=0.05) and eta == pytest.approx(35, rel=0.05)
     assert jobs.rate_and_eta({**job, "status": "done"}) == (None, None)
+
+
+def test_cli_background_submits_once(memo_model, capitals, tmp_path):
+    import json as _json
+
+    import_pool(capitals)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(_json.dumps(job_config(memo_model)["stage1"]))
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    cmd = [sys.executable, "-m", "ka2l", "probe", "--pool", "caps", "--config", str(cfg), "--background"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert "submitted job 1" in first.stdout, first.stderr
+    assert "already job 1" in second.stdout, second.stderr
+    wait_for(lambda: jobs.get(1)["status"] == "done")
+    assert len(jobs.list_jobs()) == 1

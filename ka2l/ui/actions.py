@@ -46,5 +46,23 @@ def all_probes() -> list[dict]:
         return [p for r in Q.list_runs(db) for p in Q.list_probes(db, r["id"])]
 
 
+def data_dir():
+    from ..paths import data_dir as current
+
+    return current()
+
+
+def data_dir_from_env() -> bool:
+    import os
+
+    return bool(os.environ.get("KA2L_DATA_DIR"))
+
+
+def set_data_dir(folder: str):
+    from ..paths import set_data_dir as remember
+
+    return remember(folder)
+
+
 # Backend modules the pages use, reached through ka2l.ui (pages import only ui, config, errors, jobs).
 from .. import curation, export, maps, settings  # noqa: E402,F401
