@@ -5,14 +5,10 @@ import streamlit as st
 
 from ka2l.ui import data
 from ka2l.ui.charts import layer_auroc_figure, threshold_figure
-from ka2l.ui.state import active_pool, select_run
+from ka2l.ui.state import require_run
 
 st.title("Probe evidence")
-pool = active_pool()
-run = select_run(pool) if pool else None
-if run is None:
-    st.info("No finished Stage 1 run for the active pool yet: launch one on the Probe page.")
-    st.stop()
+pool, run = require_run()
 
 rep = data.report(run["id"])
 split = rep.get("split", {})

@@ -4,14 +4,10 @@ import streamlit as st
 
 from ka2l.errors import Ka2lError
 from ka2l.ui import actions, data
-from ka2l.ui.state import active_pool, select_run
+from ka2l.ui.state import require_run
 
 st.title("Scores")
-pool = active_pool()
-run = select_run(pool) if pool else None
-if run is None:
-    st.info("No finished Stage 1 run for the active pool yet: launch one on the Probe page.")
-    st.stop()
+pool, run = require_run()
 
 try:
     frame = data.scores(run["id"])

@@ -186,21 +186,6 @@ def test_killed_cli_run_resumes(memo_model, capitals, tmp_path):
         assert runs[0]["timings"]["answers"]["n"] >= 80 - kept
 
 
-def test_app_shows_a_finished_run_and_an_empty_store(memo_model, capitals):
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=60).run()
-    assert not at.exception
-    assert any("No runs yet" in i.value for i in at.info)
-    import_pool(capitals)
-    run_stage1("caps", stage1_cfg(memo_model, kind="logistic"))
-    at = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=60).run()
-    assert not at.exception
-    assert [m.label for m in at.metric][:2] == ["Known", "Unknown"]
-    assert any(s.value == "Layer-wise AUROC" for s in at.subheader)
-    assert len(at.dataframe) == 2
-
-
 def test_a_finished_run_is_reused_not_recomputed(memo_model, capitals):
     import_pool(capitals[:40] + capitals[60:], name="small")
     cfg = stage1_cfg(memo_model, kind="logistic")

@@ -49,3 +49,13 @@ def select_run(pool: dict[str, Any], kind: str = "stage1") -> dict[str, Any] | N
     run_id = st.selectbox("Stage 1 run", ids, key=RUN_KEY,
                           format_func=lambda i: next(f"Run {r['id']} · {r['model']} · {r['created_at']}" for r in runs if r["id"] == i))
     return next(r for r in runs if r["id"] == run_id)
+
+
+def require_run(kind: str = "stage1") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(active pool, chosen finished run), or a hint and a stop when there is none yet."""
+    pool = active_pool()
+    run = select_run(pool, kind) if pool else None
+    if run is None:
+        st.info("No finished Stage 1 run for the active pool yet: launch one on the Probe page.")
+        st.stop()
+    return pool, run
