@@ -57,7 +57,8 @@ def main() -> None:
     prompts = [build_prompt(lm.tokenizer, q["question"], cfg.prompt) for q in questions]
     n = len(prompts)
     t0 = time.perf_counter()
-    hidden = [s for _, s in extract_hidden_states(lm, prompts, cfg.sampling.hidden_batch_size)]
+    for _ in extract_hidden_states(lm, prompts, cfg.sampling.hidden_batch_size):
+        pass
     hidden_s = time.perf_counter() - t0
     s = cfg.sampling
     t0 = time.perf_counter()

@@ -54,7 +54,6 @@ def _resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
 
 def load_model(spec: ModelSpec, device: str | None = None) -> LoadedLM:
     """Load a causal LM and its tokenizer for ``spec``; errors say what was tried."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, gguf = _resolve_source(spec)

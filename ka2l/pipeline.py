@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -218,15 +218,13 @@ def _probe_device(cfg: Stage1Config) -> str:
 
 
 def run_stage1(pool: int | str, cfg: Stage1Config, progress: Progress | None = None, resume: bool = True,
-               lm: LoadedLM | None = None, on_run: Callable[[int], None] | None = None) -> int:
+               lm: LoadedLM | None = None) -> int:
     """Run (or resume) Stage 1 on a stored pool; returns the run id. Interruptions keep all stored work."""
     progress = progress or NullProgress()
     with connect() as db:
         pool_row = Q.get_pool(db, pool)
         questions = Q.pool_questions(db, pool_row["id"])
         run_id, state = _start_run(db, pool_row["id"], "stage1", cfg, cfg.model.name_or_path, resume)
-        if on_run:
-            on_run(run_id)
         log.info("run %d on pool %r (%d questions): %s", run_id, pool_row["name"], len(questions), state)
         if state == "done":
             return run_id

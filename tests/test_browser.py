@@ -31,7 +31,7 @@ def _requirements_or_skip():
     if not Path(CHROMIUM).exists():
         missing.append("Debian's chromium (apt-get install chromium)")
     try:
-        import playwright  # noqa: F401
+        import playwright.sync_api  # noqa: F401
     except ImportError:
         missing.append("the playwright Python package")
     if missing:

@@ -4,7 +4,6 @@ help, no import-time side effects."""
 from __future__ import annotations
 
 import ast
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path

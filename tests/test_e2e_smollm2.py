@@ -4,7 +4,6 @@ through the command line, as a user runs it."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 

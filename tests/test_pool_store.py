@@ -3,7 +3,6 @@ Store: migrations from empty, WAL, refusal of foreign files."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 
 import pandas as pd

@@ -23,8 +23,12 @@ def test_auroc_orientation_and_bootstrap():
     assert auroc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
     assert auroc([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 0.0
     assert np.isnan(auroc([1, 1], [0.3, 0.4]))
-    lo, hi = bootstrap_auroc([0, 1] * 50, np.r_[np.zeros(50), np.ones(50)][np.argsort(np.tile([0, 1], 50), kind="stable")], n=200)
-    assert lo <= hi
+    y = np.array([0, 1] * 50)
+    assert bootstrap_auroc(y, y.astype(float), n=200) == (1.0, 1.0)  # perfectly separated in every resample
+    rng = np.random.default_rng(0)
+    noisy = y + rng.normal(0, 1.0, 100)
+    lo, hi = bootstrap_auroc(y, noisy, n=500)
+    assert lo < auroc(y, noisy) < hi and hi - lo > 0.1
 
 
 def test_split_is_stratified_7_2_1_and_refuses_tiny_classes():

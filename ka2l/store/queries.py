@@ -231,10 +231,3 @@ def load_predictions(db: Db, run_id: int) -> list[dict[str, Any]]:
         SELECT q.idx, q.ext_id, q.question, p.p_unknown, p.label, p.layer, p.probe_id
         FROM predictions p JOIN questions q ON q.id = p.question_id WHERE p.run_id = ? ORDER BY q.idx""", [run_id])
 
-
-def run_progress(db: Db, run_id: int) -> dict[str, int]:
-    """How many questions each stage has stored, for progress display of a running (or interrupted) run."""
-    run = get_run(db, run_id)
-    total = db.execute("SELECT n_questions FROM pools WHERE id = ?", [run["pool_id"]]).fetchone()[0]
-    return {"total": total, "hidden": len(hidden_done_ids(db, run_id)), "answers": len(answered_ids(db, run_id)),
-            "scores": len(scored_ids(db, run_id))}

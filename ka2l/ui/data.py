@@ -24,11 +24,6 @@ def report(run_id: int) -> dict[str, Any]:
         return build_report(db, run_id)
 
 
-def progress(run_id: int) -> dict[str, int]:
-    with connect() as db:
-        return Q.run_progress(db, run_id)
-
-
 def scores(run_id: int):
     from ..tables import scores_frame
 
@@ -39,11 +34,6 @@ def detail(run_id: int, question_id: int) -> dict[str, Any]:
     from ..tables import question_detail
 
     return question_detail(run_id, question_id)
-
-
-def pool_questions(pool_id: int) -> list[dict[str, Any]]:
-    with connect() as db:
-        return Q.pool_questions(db, pool_id)
 
 
 def run_threshold(run_id: int) -> dict[str, Any]:
