@@ -133,7 +133,7 @@ def _submit_background(pool: str, cfg: Stage1Config) -> int:
 
     config = {"pool": pool, "stage1": to_dict(cfg)}
     jobs.refresh()
-    same = [j for j in jobs.list_jobs() if j["status"] in ("queued", "starting", "running") and j["config"] == config]
+    same = [j for j in jobs.list_jobs() if j["status"] in jobs.PENDING and j["config"] == config]
     if same:
         print(f"Stage 1 on {pool!r} is already job {same[0]['id']} ({same[0]['status']})")
         return 0

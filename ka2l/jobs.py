@@ -34,7 +34,8 @@ from .store.db import connect, now
 log = logging.getLogger(__name__)
 
 KINDS = ("stage1", "triage")
-ACTIVE = ("starting", "running")
+ACTIVE = ("starting", "running")  # a worker process exists (or is being started)
+PENDING = ("queued",) + ACTIVE
 CANCEL_GRACE_S = 10.0
 
 
@@ -105,14 +106,14 @@ def refresh() -> None:
     """Mark jobs whose worker died as failed, then start the oldest queued job if none is active."""
     with connect() as db:
         with db.atomic():
-            for row in db.query("SELECT * FROM jobs WHERE status IN ('starting', 'running')"):
+            for row in db.query("SELECT * FROM jobs WHERE status IN (?, ?)", ACTIVE):
                 started = row["started_at"] or row["created_at"]
                 young = row["status"] == "starting" and time.time() - _ts(started) < 30
                 if not young and not _alive(row["pid"], row["id"]):
                     status = "cancelled" if row["cancel_requested"] else "failed"
                     error = None if row["cancel_requested"] else "The worker process ended without finishing (killed or crashed). Resume to continue where it stopped."
                     db["jobs"].update(row["id"], {"status": status, "error": error, "finished_at": now(), "updated_at": now()})
-            if list(db.query("SELECT id FROM jobs WHERE status IN ('starting', 'running') LIMIT 1")):
+            if list(db.query("SELECT id FROM jobs WHERE status IN (?, ?) LIMIT 1", ACTIVE)):
                 return
             nxt = list(db.query("SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1"))
             if not nxt:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -41,8 +40,8 @@ def scores_frame(run_id: int):
         for part in ("train", "val", "test"):
             frame.loc[frame["idx"].isin(split[part]), "split"] = part
     if triage:
-        by_q = {p["question"]: p for p in triage}
-        frame["triage_label"] = frame["question"].map(lambda q: by_q.get(q, {}).get("label"))
+        label_of = {p["question_id"]: p["label"] for p in triage}
+        frame["triage_label"] = frame["question_id"].map(label_of)
     cols = ["question_id", "ext_id", "question", "se", "se_weighted", "bise", "p_unknown", "triage_label", "correct", "gold",
             "regular_entropy", "mean_loglik", "n_clusters", "split"]
     return frame[[c for c in cols if c in frame.columns]]
@@ -58,17 +57,17 @@ def question_detail(run_id: int, question_id: int) -> dict[str, Any]:
     with connect() as db:
         run = Q.get_run(db, run_id)
         answers = Q.load_answers(db, run_id, [question_id]).get(question_id, {"low": [], "sample": []})
-        cl = next(iter(db.query("SELECT * FROM clusters WHERE run_id = ? AND question_id = ?", [run_id, question_id])), None)
-        q = next(iter(db.query("SELECT question, answers FROM questions WHERE id = ?", [question_id])))
+        cl = Q.get_clustering(db, run_id, question_id)
+        q = Q.get_question(db, question_id)
         probes = Q.list_probes(db, run_id)
     samples = [a["text"] for a in answers["sample"]]
-    ids = json.loads(cl["cluster_ids"]) if cl else [0] * len(samples)
+    ids = cl["cluster_ids"] if cl else [0] * len(samples)
     clusters: dict[int, list[str]] = {}
     for text, c in zip(samples, ids):
         clusters.setdefault(c, []).append(text)
-    verdicts = json.loads(cl["verdicts"]) if cl else []
+    verdicts = cl["verdicts"] if cl else []
     return {
-        "question": q["question"], "gold": json.loads(q["answers"]),
+        "question": q["question"], "gold": q["answers"],
         "low": answers["low"][0]["text"] if answers["low"] else None,
         "clusters": [{"cluster": c, "size": len(t), "answers": t} for c, t in sorted(clusters.items(), key=lambda kv: -len(kv[1]))],
         "verdicts": [{"answer": samples[i], "representative": samples[j], "equivalent": bool(e)} for i, j, e in verdicts],

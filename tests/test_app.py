@@ -78,6 +78,7 @@ def test_scores_page_filters_drills_down_and_downloads(app):
     at = app("scores")
     table = at.dataframe[0].value
     assert len(table) == 80 and {"se", "bise", "p_unknown", "correct", "gold", "triage_label"} <= set(table.columns)
+    assert set(table["triage_label"]) <= {0, 1} and table["triage_label"].notna().all(), "every question has its triage label"
     label = next(s for s in at.selectbox if s.label == "Label")
     label.set_value("unknown (BiSE = 1)").run()
     unknown = at.dataframe[0].value

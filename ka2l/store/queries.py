@@ -1,4 +1,5 @@
-"""Every read and write of the database. Multi-row writes run inside ``db.atomic()``.
+"""Reads and writes of pools, runs and their results. (``ka2l.jobs``, ``ka2l.curation`` and
+``ka2l.settings`` each own one small table.) Multi-row writes run inside ``db.atomic()``.
 
 Rows come back as plain dicts with JSON columns decoded.
 """
@@ -165,6 +166,17 @@ def load_answers(db: Db, run_id: int, question_ids: Iterable[int] | None = None)
     return out
 
 
+def get_question(db: Db, question_id: int) -> dict[str, Any]:
+    row = _one(db, "SELECT * FROM questions WHERE id = ?", [question_id])
+    if row is None:
+        raise NotFound(f"No question {question_id}.")
+    return row
+
+
+def get_clustering(db: Db, run_id: int, question_id: int) -> dict[str, Any] | None:
+    return _one(db, "SELECT * FROM clusters WHERE run_id = ? AND question_id = ?", [run_id, question_id])
+
+
 def scored_ids(db: Db, run_id: int) -> set[int]:
     return _ids(db, "scores", run_id)
 
@@ -228,6 +240,6 @@ def insert_predictions(db: Db, run_id: int, probe_id: int, rows: Sequence[dict[s
 
 def load_predictions(db: Db, run_id: int) -> list[dict[str, Any]]:
     return _rows(db, """
-        SELECT q.idx, q.ext_id, q.question, p.p_unknown, p.label, p.layer, p.probe_id
+        SELECT q.idx, q.id AS question_id, q.ext_id, q.question, p.p_unknown, p.label, p.layer, p.probe_id
         FROM predictions p JOIN questions q ON q.id = p.question_id WHERE p.run_id = ? ORDER BY q.idx""", [run_id])
 

@@ -19,7 +19,7 @@ def render_job(job: dict, key: str) -> None:
     label = f"Job {job['id']} · {job['kind']} · pool {job['config'].get('pool')} · **{job['status']}**"
     with st.container(border=True):
         st.markdown(label)
-        if job["status"] in ("starting", "running"):
+        if job["status"] in jobs.ACTIVE:
             total = job["total"] or 0
             rate, eta = jobs.rate_and_eta(job)
             frac = min(job["done"] / total, 1.0) if total else 0.0
