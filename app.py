@@ -7,16 +7,16 @@ from ka2l.ui.state import sidebar
 st.set_page_config(page_title="ka2l: knowledge boundaries", page_icon=":material/psychology:", layout="wide")
 
 page = st.navigation({
-    "Data": [st.Page("pages/pool.py", title="Pool", icon=":material/upload_file:", default=True)],
+    "Data": [st.Page("app_pages/pool.py", title="Pool", icon=":material/upload_file:", default=True)],
     "Stage 1": [
-        st.Page("pages/probe.py", title="Probe", icon=":material/play_circle:"),
-        st.Page("pages/scores.py", title="Scores", icon=":material/table:"),
-        st.Page("pages/map.py", title="Map", icon=":material/scatter_plot:"),
-        st.Page("pages/probes.py", title="Probes", icon=":material/monitoring:"),
+        st.Page("app_pages/probe.py", title="Probe", icon=":material/play_circle:"),
+        st.Page("app_pages/scores.py", title="Scores", icon=":material/table:"),
+        st.Page("app_pages/map.py", title="Map", icon=":material/scatter_plot:"),
+        st.Page("app_pages/probes.py", title="Probes", icon=":material/monitoring:"),
     ],
     "System": [
-        st.Page("pages/jobs.py", title="Jobs", icon=":material/work_history:"),
-        st.Page("pages/settings.py", title="Settings", icon=":material/settings:"),
+        st.Page("app_pages/jobs.py", title="Jobs", icon=":material/work_history:"),
+        st.Page("app_pages/settings.py", title="Settings", icon=":material/settings:"),
     ],
 })
 sidebar()

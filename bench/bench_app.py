@@ -68,7 +68,7 @@ def time_page(page: str, extra=None) -> tuple[float, float]:
 
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
     at.run()
-    at.switch_page(f"pages/{page}.py")
+    at.switch_page(f"app_pages/{page}.py")
     t0 = time.perf_counter()
     at.run()
     first = time.perf_counter() - t0

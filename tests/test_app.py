@@ -43,7 +43,7 @@ def app(app_data, monkeypatch):
     def open_page(page: str) -> AppTest:
         at = AppTest.from_file(APP, default_timeout=90)
         at.run()
-        at.switch_page(f"pages/{page}.py")
+        at.switch_page(f"app_pages/{page}.py")
         at.run()
         assert not at.exception, at.exception
         return at
@@ -55,7 +55,7 @@ def test_empty_store_guides_the_user(tmp_path, monkeypatch):
     monkeypatch.setenv("KA2L_DATA_DIR", str(tmp_path / "empty"))
     for page in ("scores", "map", "probes", "probe"):
         at = AppTest.from_file(APP, default_timeout=60).run()
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"app_pages/{page}.py").run()
         assert not at.exception
         assert any("Pool page" in i.value or "Probe page" in i.value for i in at.info), page
 
@@ -140,7 +140,7 @@ def test_data_folder_setting_is_remembered_outside_the_data_folder(tmp_path, mon
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     set_data_dir(tmp_path / "first")  # never the checkout's own data/ folder
     at = AppTest.from_file(APP, default_timeout=60).run()
-    at.switch_page("pages/settings.py").run()
+    at.switch_page("app_pages/settings.py").run()
     assert next(t for t in at.text_input if t.label.startswith("Folder")).value == str((tmp_path / "first").resolve())
     field = next(t for t in at.text_input if t.label.startswith("Folder for the database"))
     field.set_value(str(tmp_path / "elsewhere"))

@@ -82,6 +82,14 @@ def test_upload_run_stage1_and_explore(server, tmp_path, capitals):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)
+        # The first request to a fresh server is a page's own URL (a bookmark, or a tab left open while
+        # the app restarted): it must still get the app's navigation and sidebar, not a bare page.
+        page.goto(server + "jobs")
+        page.get_by_role("heading", name="Jobs").wait_for()
+        page.wait_for_timeout(1500)
+        expect(page.get_by_text("Active pool")).to_have_count(0)  # no pool yet: the sidebar says so instead
+        expect(page.get_by_text("No pool yet: add one on the Pool page.")).to_be_visible()
+        expect(page.get_by_text("Stage 1", exact=True)).to_be_visible()  # a section of the app's navigation
         page.goto(server)
         page.get_by_text("Question pool").wait_for()
         page.locator("input[type=file]").set_input_files(str(pool_csv))
