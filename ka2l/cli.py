@@ -20,6 +20,9 @@ EPILOG = """examples:
   python -m ka2l probe --pool capitals                # Stage 1 on the embedded SmolLM2 (resumable)
   python -m ka2l report --pool capitals               # split, layer-wise AUROC, baselines
   python -m ka2l triage --pool new-questions --probe 1
+  python -m ka2l decoder-train --probe 1 --minutes 10  # Stage 2: hidden-state -> question decoder
+  python -m ka2l generate --decoder 1 --noise 0.1      # new candidate questions from the unknowns
+  python -m ka2l approved --pool capitals --out approved.jsonl
 """
 
 
@@ -266,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", help="latest finished Stage 1 run of this pool")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_report)
+
+    from .cli_augment import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -179,6 +179,94 @@ class TriageConfig:
         _positive("TriageConfig.batch_size", self.batch_size)
 
 
+POOLINGS = ("mean", "last")
+T5_SCRATCH = "t5-scratch"
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """A hidden-state -> question decoder (Stage 2): what it reads, its backbone and its training."""
+
+    probe_id: int = _f(0, "Saved probe whose Stage 1 run supplies the language model, the layer and the pool questions.")
+    layer: int = _f(-1, "Layer whose states are decoded; -1 means the probe's layer.")
+    pooling: str = _f("mean", "Input vector: mean (mean-pooled question-token states, the authors' code) or last (last prompt token, the paper's text).")
+    backbone: str = _f(EMBEDDED_MODEL, f"Text generator: a causal LM (fed a soft prefix) or a seq2seq model such as t5-base (fed encoder outputs), "
+                                       f"as a hub id or folder; or {T5_SCRATCH!r}, a small T5 built from config with the probed model's tokenizer.")
+    n_pseudo: int = _f(16, "Pseudo-token embeddings the projection makes from one vector (paper: m = 16).")
+    train_backbone: bool = _f(True, "Train the backbone end to end with the projection (paper); off trains the projection only.")
+    extra_pools: tuple[str, ...] = _f((), "Names of stored pools used as extra training questions (a one-column question corpus).")
+    heldout_share: float = _f(0.1, "Share of the pool's questions held out from training to measure reconstruction.")
+    epochs: int = _f(10, "Passes over the training questions (paper: 40 on ~250k questions).")
+    max_minutes: float = _f(0.0, "Stop training after this many minutes of training time (0 = no limit); counted across resumes.")
+    lr: float = _f(2e-4, "AdamW learning rate (paper: 2e-4).")
+    batch_size: int = _f(8, "Questions per training step.")
+    max_length: int = _f(48, "Longest question in tokens; longer training questions are cut.")
+    eval_size: int = _f(64, "Held-out (and training) questions decoded for the BLEU / ROUGE-L report.")
+    checkpoint_minutes: float = _f(5.0, "Save a resumable checkpoint at least this often (and when cancelled).")
+    seed: int = _f(0, "Seed for the split, initialisation and data order.")
+    device: str = _f("auto", "Device for the probed model and the decoder.")
+
+    def __post_init__(self) -> None:
+        _one_of("DecoderConfig.pooling", self.pooling, POOLINGS)
+        if not self.backbone.strip():
+            raise ConfigError(f"DecoderConfig.backbone is empty. Give a hub id, a folder, {EMBEDDED_MODEL!r} or {T5_SCRATCH!r}.")
+        _positive("DecoderConfig.n_pseudo", self.n_pseudo)
+        _positive("DecoderConfig.epochs", self.epochs)
+        _positive("DecoderConfig.max_minutes", self.max_minutes, allow_zero=True)
+        _positive("DecoderConfig.lr", self.lr)
+        _positive("DecoderConfig.batch_size", self.batch_size)
+        _positive("DecoderConfig.max_length", self.max_length)
+        _positive("DecoderConfig.eval_size", self.eval_size, allow_zero=True)
+        _positive("DecoderConfig.checkpoint_minutes", self.checkpoint_minutes)
+        if not 0 <= self.heldout_share < 0.9:
+            raise ConfigError(f"DecoderConfig.heldout_share must be in [0, 0.9), got {self.heldout_share}.")
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    max_chars: int = _f(300, "Candidates longer than this many characters are dropped.")
+    min_words: int = _f(3, "Candidates with fewer words are dropped.")
+    require_question: bool = _f(True, "Drop candidates that are not questions (no '?' and no question word at the start).")
+    similarity: float = _f(0.97, "Cosine similarity (of centred decoder input vectors) at or above which a candidate duplicates "
+                                 "an existing question or an earlier candidate.")
+
+    def __post_init__(self) -> None:
+        _positive("FilterConfig.max_chars", self.max_chars)
+        _positive("FilterConfig.min_words", self.min_words, allow_zero=True)
+        if not -1 <= self.similarity <= 1:
+            raise ConfigError(f"FilterConfig.similarity is a cosine similarity in [-1, 1], got {self.similarity}.")
+
+
+GENERATE_SOURCES = ("unknown", "curation")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Decoding new questions from perturbed hidden vectors of unknown questions."""
+
+    decoder_id: int = _f(0, "Id of the trained decoder.")
+    source: str = _f("unknown", "Which questions to augment: unknown (BiSE = 1 in the decoder's Stage 1 run) or curation (the pool's curation set).")
+    per_question: int = _f(4, "Candidates generated per source question.")
+    noise: float = _f(0.1, "Gaussian noise added to each vector, as a share of the vector's norm (0 = none).")
+    temperature: float = _f(0.8, "Sampling temperature (0 = greedy).")
+    top_p: float = _f(0.95, "Nucleus sampling mass.")
+    max_new_tokens: int = _f(48, "Longest candidate in tokens.")
+    batch_size: int = _f(16, "Vectors decoded per generate call.")
+    seed: int = _f(0, "Seed for noise and sampling.")
+    filters: FilterConfig = _nested(FilterConfig, "Candidate filters.")
+    device: str = _f("auto", "Device for decoding and re-probing.")
+
+    def __post_init__(self) -> None:
+        _one_of("GenerateConfig.source", self.source, GENERATE_SOURCES)
+        _positive("GenerateConfig.per_question", self.per_question)
+        _positive("GenerateConfig.noise", self.noise, allow_zero=True)
+        _positive("GenerateConfig.temperature", self.temperature, allow_zero=True)
+        _positive("GenerateConfig.max_new_tokens", self.max_new_tokens)
+        _positive("GenerateConfig.batch_size", self.batch_size)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"GenerateConfig.top_p must be in (0, 1], got {self.top_p}.")
+
+
 # -- JSON round trip ---------------------------------------------------------------------------
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -227,4 +315,5 @@ def field_help(cls: type) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
-ALL_CONFIGS = (ModelSpec, PromptConfig, SamplingConfig, JudgeConfig, ThresholdConfig, ProbeConfig, Stage1Config, TriageConfig)
+ALL_CONFIGS = (ModelSpec, PromptConfig, SamplingConfig, JudgeConfig, ThresholdConfig, ProbeConfig, Stage1Config, TriageConfig,
+               DecoderConfig, FilterConfig, GenerateConfig)

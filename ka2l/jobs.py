@@ -33,7 +33,7 @@ from .store.db import connect, now
 
 log = logging.getLogger(__name__)
 
-KINDS = ("stage1", "triage")
+KINDS = ("stage1", "triage", "decoder", "generate")
 ACTIVE = ("starting", "running")  # a worker process exists (or is being started)
 PENDING = ("queued",) + ACTIVE
 CANCEL_GRACE_S = 10.0
@@ -75,13 +75,19 @@ def submit(kind: str, config: dict[str, Any]) -> int:
     return job_id
 
 
+def _config_class(kind: str):
+    from .config import DecoderConfig, GenerateConfig, Stage1Config, TriageConfig
+
+    return {"stage1": Stage1Config, "triage": TriageConfig, "decoder": DecoderConfig, "generate": GenerateConfig}[kind]
+
+
 def _validate(kind: str, config: dict[str, Any]) -> None:
     """Build the configs now, so a bad setting fails in the page, not later in the worker."""
-    from .config import Stage1Config, TriageConfig, from_dict
+    from .config import from_dict
 
-    if "pool" not in config:
+    if kind in ("stage1", "triage") and "pool" not in config:
         raise ConfigError("A job needs a pool.")
-    from_dict(Stage1Config if kind == "stage1" else TriageConfig, config.get(kind, {}))
+    from_dict(_config_class(kind), config.get(kind, {}))
 
 
 def _alive(pid: int | None, job_id: int) -> bool:
@@ -231,20 +237,42 @@ class JobProgress:
         pass
 
 
+def _run(kind: str, cfg: dict[str, Any], progress: JobProgress) -> dict[str, Any]:
+    """Run one job's library call; returns what the job row records as its result."""
+    from .config import from_dict
+
+    config = from_dict(_config_class(kind), cfg.get(kind, {}))
+    if kind == "stage1":
+        from .pipeline import run_stage1
+
+        return {"run_id": run_stage1(cfg["pool"], config, progress=progress)}
+    if kind == "triage":
+        from .pipeline import run_triage
+
+        return {"run_id": run_triage(cfg["pool"], config, progress=progress)}
+    if kind == "decoder":
+        from .decoder_train import train_decoder
+
+        return {"decoder_id": train_decoder(config, progress=progress)}
+    from .candidates import generate_candidates
+
+    return {"generation_id": generate_candidates(config, progress=progress)}
+
+
+def describe_result(result: dict[str, Any] | None) -> str:
+    """'run 3', 'decoder 2', 'generation 5' for a finished job's result."""
+    if not result:
+        return ""
+    return ", ".join(f"{k.removesuffix('_id')} {v}" for k, v in result.items())
+
+
 def run_worker(job_id: int) -> int:
     """Body of ``python -m ka2l job run ID``. Exit code 0 done, 1 failed, 130 cancelled."""
-    from .config import Stage1Config, TriageConfig, from_dict
-    from .pipeline import run_stage1, run_triage
-
     job = get(job_id)
     _update(job_id, status="running", pid=os.getpid(), started_at=job["started_at"] or now())
     progress = JobProgress(job_id)
-    cfg = job["config"]
     try:
-        if job["kind"] == "stage1":
-            run_id = run_stage1(cfg["pool"], from_dict(Stage1Config, cfg.get("stage1", {})), progress=progress)
-        else:
-            run_id = run_triage(cfg["pool"], from_dict(TriageConfig, cfg.get("triage", {})), progress=progress)
+        result = _run(job["kind"], job["config"], progress)
     except (Cancelled, KeyboardInterrupt):
         _update(job_id, status="cancelled", finished_at=now(), message="cancelled; stored work is kept and resumes")
         code = 130
@@ -256,7 +284,7 @@ def run_worker(job_id: int) -> int:
         _update(job_id, status="failed", finished_at=now(), error=f"{type(exc).__name__}: {exc} (see the log)")
         code = 1
     else:
-        _update(job_id, status="done", finished_at=now(), result=json.dumps({"run_id": run_id}), message="done")
+        _update(job_id, status="done", finished_at=now(), result=json.dumps(result), message="done")
         code = 0
     refresh()  # start the next queued job
     return code

@@ -36,7 +36,7 @@ class LoadedLM:
         return int(self.model.config.hidden_size)
 
 
-def _resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
+def resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
     """(name_or_path, gguf_file) to hand to from_pretrained."""
     if spec.name_or_path == EMBEDDED_MODEL:
         from .embedded import ensure_embedded_model
@@ -56,7 +56,7 @@ def load_model(spec: ModelSpec, device: str | None = None) -> LoadedLM:
     """Load a causal LM and its tokenizer for ``spec``; errors say what was tried."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, gguf = _resolve_source(spec)
+    source, gguf = resolve_source(spec)
     device = device or resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     kw = {"revision": spec.revision} if spec.revision else {}
@@ -136,6 +136,53 @@ def extract_hidden_states(lm: LoadedLM, prompts: Sequence[str], batch_size: int 
         idx = last_token_index(enc["attention_mask"])  # (batch,)
         rows = stacked[torch.arange(stacked.shape[0]), :, idx]  # (batch, L+1, hidden)
         yield start, rows.float().cpu().numpy().astype(np.float16)
+
+
+def _question_mask(lm: LoadedLM, prompts: Sequence[str], questions: Sequence[str], enc: dict):
+    """(batch, seq) mask of the tokens that spell each question inside its prompt (by character
+    offsets); rows where the question cannot be located fall back to every real token."""
+    import torch
+
+    bos = lm.tokenizer.bos_token
+    special = not (bos and all(p.startswith(bos) for p in prompts))
+    try:
+        offsets = lm.tokenizer(list(prompts), return_offsets_mapping=True, padding=True, add_special_tokens=special,
+                               return_tensors="pt")["offset_mapping"].to(lm.device)  # (batch, seq, 2)
+    except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
+        return enc["attention_mask"].bool()
+    mask = torch.zeros_like(enc["attention_mask"], dtype=torch.bool)
+    for row, (prompt, question) in enumerate(zip(prompts, questions)):
+        start = prompt.rfind(question)
+        if start < 0:
+            mask[row] = enc["attention_mask"][row].bool()
+            continue
+        lo, hi = offsets[row, :, 0], offsets[row, :, 1]
+        mask[row] = (lo < start + len(question)) & (hi > start) & enc["attention_mask"][row].bool()
+        if not mask[row].any():
+            mask[row] = enc["attention_mask"][row].bool()
+    return mask
+
+
+def question_states(lm: LoadedLM, prompts: Sequence[str], questions: Sequence[str], layers: Sequence[int],
+                    batch_size: int = 16) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield (start, mean, last) per batch, float32 (batch, len(layers), hidden), at each of ``layers``
+    (0 = embeddings): the mean of the question's own token states inside its prompt, and the state of
+    the last prompt token (the one the probes read)."""
+    import torch
+
+    for layer in layers:
+        if not 0 <= layer <= lm.n_layers:
+            raise ModelLoadError(f"Layer {layer} does not exist: the model has layers 0..{lm.n_layers}.")
+    for start in range(0, len(prompts), batch_size):
+        chunk, qs = prompts[start : start + batch_size], questions[start : start + batch_size]
+        enc = _encode(lm, chunk)
+        with torch.no_grad():
+            out = lm.model(**enc, position_ids=_position_ids(enc["attention_mask"]), output_hidden_states=True, use_cache=False)
+        states = torch.stack([out.hidden_states[l] for l in layers], dim=1).float()  # (batch, n_layers, seq, hidden)
+        qmask = _question_mask(lm, chunk, qs, enc)[:, None, :, None].float()
+        mean = (states * qmask).sum(2) / qmask.sum(2).clamp(min=1)
+        last = states[torch.arange(states.shape[0]), :, last_token_index(enc["attention_mask"])]
+        yield start, mean.cpu().numpy(), last.cpu().numpy()
 
 
 # -- sampling ------------------------------------------------------------------------------------

@@ -60,5 +60,9 @@ def probes_dir() -> Path:
     return data_dir() / "probes"
 
 
+def decoders_dir() -> Path:
+    return data_dir() / "decoders"
+
+
 def demo_dir() -> Path:
     return PROJECT_ROOT / "data" / "demo"

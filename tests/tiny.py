@@ -100,3 +100,17 @@ def save_memorising_llama(folder: Path, known: list[tuple[str, str]], steps: int
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def save_tiny_t5(folder: Path, seed: int = 0) -> Path:
+    """A two-layer T5 built from config over the tiny tokenizer (the offline stand-in for t5-base)."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = make_tokenizer(chat=False)
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, pad_token_id=tok.pad_token_id,
+                   eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+    T5ForConditionalGeneration(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -157,6 +157,87 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (pool_id, question_id)
     );
     """,
+    # 4: Stage 2: decoders, their loss curves, generation batches, candidates and review decisions.
+    """
+    CREATE TABLE decoders (
+        id INTEGER PRIMARY KEY,
+        probe_id INTEGER NOT NULL REFERENCES probes(id) ON DELETE CASCADE,
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        pool_id INTEGER NOT NULL REFERENCES pools(id) ON DELETE CASCADE,
+        layer INTEGER NOT NULL,
+        pooling TEXT NOT NULL,
+        backbone TEXT NOT NULL,
+        config TEXT NOT NULL,
+        config_hash TEXT NOT NULL,
+        status TEXT NOT NULL,
+        step INTEGER NOT NULL DEFAULT 0,
+        total_steps INTEGER,
+        train_seconds REAL NOT NULL DEFAULT 0,
+        n_train INTEGER,
+        n_heldout INTEGER,
+        path TEXT,
+        metrics TEXT NOT NULL DEFAULT '{}',
+        versions TEXT NOT NULL DEFAULT '{}',
+        error TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE decoder_losses (
+        decoder_id INTEGER NOT NULL REFERENCES decoders(id) ON DELETE CASCADE,
+        step INTEGER NOT NULL,
+        epoch INTEGER NOT NULL,
+        loss REAL NOT NULL,
+        PRIMARY KEY (decoder_id, step)
+    );
+    CREATE TABLE generations (
+        id INTEGER PRIMARY KEY,
+        decoder_id INTEGER NOT NULL REFERENCES decoders(id) ON DELETE CASCADE,
+        pool_id INTEGER NOT NULL REFERENCES pools(id) ON DELETE CASCADE,
+        config TEXT NOT NULL,
+        config_hash TEXT NOT NULL,
+        status TEXT NOT NULL,
+        summary TEXT NOT NULL DEFAULT '{}',
+        seconds REAL NOT NULL DEFAULT 0,
+        error TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE candidates (
+        id INTEGER PRIMARY KEY,
+        generation_id INTEGER NOT NULL REFERENCES generations(id) ON DELETE CASCADE,
+        pool_id INTEGER NOT NULL REFERENCES pools(id) ON DELETE CASCADE,
+        source_question_id INTEGER NOT NULL REFERENCES questions(id) ON DELETE CASCADE,
+        sample INTEGER NOT NULL,
+        noise REAL NOT NULL,
+        raw_text TEXT NOT NULL,
+        text TEXT NOT NULL,
+        status TEXT NOT NULL,
+        drop_reason TEXT,
+        p_unknown REAL,
+        flagged_known INTEGER,
+        nearest_question_id INTEGER REFERENCES questions(id) ON DELETE SET NULL,
+        nearest_similarity REAL,
+        vector BLOB,
+        decision TEXT NOT NULL DEFAULT 'pending',
+        edited_text TEXT,
+        decided_at TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX candidates_queue ON candidates (pool_id, status, decision, id);
+    CREATE INDEX candidates_generation ON candidates (generation_id, source_question_id);
+    CREATE TABLE review_log (
+        id INTEGER PRIMARY KEY,
+        action_id INTEGER NOT NULL,
+        pool_id INTEGER NOT NULL,
+        candidate_id INTEGER NOT NULL REFERENCES candidates(id) ON DELETE CASCADE,
+        before_decision TEXT NOT NULL,
+        before_text TEXT,
+        after_decision TEXT NOT NULL,
+        after_text TEXT,
+        at TEXT NOT NULL
+    );
+    CREATE INDEX review_log_action ON review_log (pool_id, action_id);
+    """,
 ]
 
 

@@ -16,7 +16,8 @@ def _fmt_eta(seconds: float | None) -> str:
 
 
 def render_job(job: dict, key: str) -> None:
-    label = f"Job {job['id']} · {job['kind']} · pool {job['config'].get('pool')} · **{job['status']}**"
+    pool = job["config"].get("pool")
+    label = f"Job {job['id']} · {job['kind']}{f' · pool {pool}' if pool else ''} · **{job['status']}**"
     with st.container(border=True):
         st.markdown(label)
         if job["status"] in jobs.ACTIVE:
@@ -38,7 +39,7 @@ def render_job(job: dict, key: str) -> None:
         elif job["status"] == "failed":
             st.error(job["error"] or "failed")
         elif job["status"] == "done" and job["result"]:
-            st.success(f"Done: run {job['result']['run_id']}.")
+            st.success(f"Done: {jobs.describe_result(job['result'])}.")
         if job["status"] in ("failed", "cancelled"):
             if st.button("Resume", key=f"{key}-resume-{job['id']}", help="Continues the same run where it stopped."):
                 jobs.resume(job["id"])

@@ -1,0 +1,226 @@
+"""New questions from perturbed hidden vectors (Stage 2 generation) and the filters every candidate
+passes before a curator sees it (beyond the paper):
+
+    screen     normalise; drop empty, non-question, too short and over-long outputs
+    exact      drop copies of a pool question or of another candidate (case and punctuation ignored)
+    similar    drop near-copies: cosine similarity of centred decoder-space vectors at or above a threshold
+    re-probe   the saved probe scores each kept candidate from one forward pass: P(unknown) is stored
+               and candidates it calls known are flagged
+
+Every candidate is stored, dropped ones with their reason, so the funnel can be inspected. Work is
+committed per batch of source questions; a re-run of the same batch continues where it stopped.
+
+>>> normalise('  "Question:  what is the  capital of Peru?  It is Lima."')
+'What is the capital of Peru?'
+>>> screen('the capital of Peru', FilterConfig())
+('The capital of Peru', 'not a question')
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from .config import FilterConfig, GenerateConfig, ModelSpec, PromptConfig, config_hash, from_dict, to_dict
+from .errors import Cancelled, ConfigError
+from .progress import NullProgress, Progress
+from .store import queries as Q
+from .store import stage2 as S
+from .store.db import connect
+
+log = logging.getLogger(__name__)
+
+QUESTION_WORDS = {"what", "who", "whom", "whose", "which", "where", "when", "why", "how", "name", "identify"}
+_LABEL = re.compile(r"^(question|q)\s*[:.)-]\s*", re.IGNORECASE)
+_QUOTES = "\"'`“”‘’*"
+
+
+def normalise(text: str) -> str:
+    """Collapse whitespace, drop a 'Question:' label and wrapping quotes, keep text up to the first
+    '?', capitalise the first letter."""
+    t = " ".join(text.split()).strip(_QUOTES + " ")
+    t = _LABEL.sub("", t).strip(_QUOTES + " ")
+    if "?" in t:
+        t = t[: t.index("?") + 1]
+    t = re.sub(r"\s+\?$", "?", t)
+    return t[:1].upper() + t[1:]
+
+
+def is_question(text: str) -> bool:
+    words = re.findall(r"[a-z]+", text.casefold())
+    return text.endswith("?") or (bool(words) and words[0] in QUESTION_WORDS)
+
+
+def screen(raw: str, cfg: FilterConfig) -> tuple[str, str | None]:
+    """(normalised text, reason to drop it or None)."""
+    t = normalise(raw)
+    if not t:
+        return t, "empty"
+    if len(t) > cfg.max_chars:
+        return t, f"over {cfg.max_chars} characters"
+    if len(t.split()) < cfg.min_words:
+        return t, f"under {cfg.min_words} words"
+    if cfg.require_question and not is_question(t):
+        return t, "not a question"
+    return t, None
+
+
+def dedupe_key(text: str) -> str:
+    """'What is the capital of Peru?' and 'what is the capital of peru' share a key."""
+    return " ".join(re.sub(r"[^\w]+", " ", text.casefold()).split())
+
+
+class Similarity:
+    """Cosine similarity after removing the pool's mean vector (raw LLM states all point one way)."""
+
+    def __init__(self, pool_vectors: np.ndarray):
+        self.centre = pool_vectors.mean(0)
+        self.pool = self.unit(pool_vectors)
+
+    def unit(self, x: np.ndarray) -> np.ndarray:
+        x = np.atleast_2d(np.asarray(x, dtype=np.float32)) - self.centre
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+
+    def nearest_pool(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(index, similarity) of the nearest pool vector for each row of ``x``."""
+        sims = self.unit(x) @ self.pool.T
+        idx = sims.argmax(1)
+        return idx, sims[np.arange(len(idx)), idx]
+
+
+def source_questions(db, decoder: dict[str, Any], source: str) -> list[int]:
+    if source == "unknown":
+        return [r["question_id"] for r in Q.load_scores(db, decoder["run_id"]) if r["bise"] == 1]
+    rows = db.query("SELECT question_id FROM curation WHERE pool_id = ? ORDER BY added_at, question_id", [decoder["pool_id"]])
+    return [r["question_id"] for r in rows]
+
+
+class CandidateFilter:
+    """Screens, deduplicates and re-probes decoded texts; remembers what it kept across batches."""
+
+    def __init__(self, cfg: FilterConfig, pool_q: list[dict], pool_vectors: np.ndarray, lm, prompt: PromptConfig,
+                 layer: int, probe_layer: int, pooling: str, probe_net, kept_texts: list[str], kept_vectors: np.ndarray | None):
+        self.cfg, self.pool_q, self.lm, self.prompt, self.pooling, self.net = cfg, pool_q, lm, prompt, pooling, probe_net
+        self.layers = [layer, probe_layer]
+        self.sim = Similarity(pool_vectors)
+        self.pool_keys = {dedupe_key(q["question"]) for q in pool_q}
+        self.cand_keys = {dedupe_key(t) for t in kept_texts}
+        self.cand_unit = self.sim.unit(kept_vectors) if kept_vectors is not None else np.zeros((0, pool_vectors.shape[1]), np.float32)
+
+    def __call__(self, sources: list[int], texts: list[str], per_question: int, noise: float) -> list[dict[str, Any]]:
+        """One row per text (sources[j // per_question] made texts[j]); kept or dropped with a reason."""
+        from .decoder_train import encode_questions
+        from .probes import predict_unknown
+
+        rows, fresh = [], []
+        for j, raw in enumerate(texts):
+            text, reason = screen(raw, self.cfg)
+            if reason is None and dedupe_key(text) in self.pool_keys:
+                reason = "same as a pool question"
+            row = {"source_question_id": sources[j // per_question], "sample": j % per_question, "noise": noise, "raw_text": raw,
+                   "text": text, "status": "dropped", "drop_reason": reason}
+            rows.append(row)
+            if reason is None:
+                fresh.append(row)
+        if not fresh:
+            return rows
+        mean, last = encode_questions(self.lm, [r["text"] for r in fresh], self.prompt, self.layers)
+        dvec = (mean if self.pooling == "mean" else last)[:, 0]
+        p_unknown = predict_unknown(self.net, last[:, 1])
+        nearest, near_sim = self.sim.nearest_pool(dvec)
+        for r, v, p, n, s in zip(fresh, dvec, p_unknown, nearest, near_sim):
+            u = self.sim.unit(v)
+            r.update(p_unknown=float(p), flagged_known=int(p < 0.5), nearest_question_id=self.pool_q[int(n)]["id"],
+                     nearest_similarity=float(s), vector=v)
+            key = dedupe_key(r["text"])
+            if key in self.cand_keys:
+                r["drop_reason"] = "same as another candidate"
+            elif s >= self.cfg.similarity:
+                r["drop_reason"] = f"near-copy of a pool question (similarity {s:.3f})"
+            elif len(self.cand_unit) and float((self.cand_unit @ u.T).max()) >= self.cfg.similarity:
+                r["drop_reason"] = "near-copy of another candidate"
+            else:
+                r["status"], r["drop_reason"] = "kept", None
+                self.cand_keys.add(key)
+                self.cand_unit = np.concatenate([self.cand_unit, u])
+        return rows
+
+
+def generate_candidates(cfg: GenerateConfig, progress: Progress | None = None, resume: bool = True, lm=None) -> int:
+    """Decode ``cfg.per_question`` candidates per source question, filter and re-probe them; returns
+    the generation batch id."""
+    from .decoding import load_decoder, perturb
+    from .device import resolve_device
+    from .llm import load_model
+    from .paths import decoders_dir
+    from .probes import load_probe
+
+    progress = progress or NullProgress()
+    with connect() as db:
+        drow = S.get_decoder(db, cfg.decoder_id)
+        if drow["status"] != "done":
+            raise ConfigError(f"Decoder {drow['id']} is {drow['status']}; finish training it (resume its job) before generating.")
+        sources = source_questions(db, drow, cfg.source)
+        if not sources:
+            where = "the run has no unknown (BiSE = 1) questions" if cfg.source == "unknown" else "the pool's curation set is empty"
+            raise ConfigError(f"Nothing to augment: {where}. Choose another source or add questions to the curation set.")
+        pool_q = Q.pool_questions(db, drow["pool_id"])
+        probe_row = Q.get_probe(db, drow["probe_id"])
+        gen_id, state = S.start_generation(db, drow["id"], drow["pool_id"], to_dict(cfg), config_hash(cfg), resume)
+        if state == "done":
+            return gen_id
+        done = S.generated_sources(db, gen_id)
+        kept_texts, kept_vecs = S.kept_vectors(db, drow["pool_id"])
+    device = resolve_device(cfg.device)
+    try:
+        decoder, meta = load_decoder(drow["path"], device)
+        net, probe_meta = load_probe(probe_row["path"])
+        vectors = np.load(decoders_dir() / f"decoder-{drow['id']}" / "vectors.npy")[: len(pool_q)]  # pool questions come first
+        row_of = {q["id"]: i for i, q in enumerate(pool_q)}
+        lm = lm or load_model(from_dict(ModelSpec, meta["model"]), device=device)
+        keep = CandidateFilter(cfg.filters, pool_q, vectors, lm, from_dict(PromptConfig, meta["prompt"]), meta["layer"],
+                               int(probe_meta["layer"]), meta["pooling"], net, kept_texts, kept_vecs)
+        todo = [q for q in sources if q not in done]
+        progress.stage("generating candidates", total=len(sources), done=len(sources) - len(todo))
+        per_call = max(1, cfg.batch_size // cfg.per_question)
+        for b in range(0, len(todo), per_call):
+            chunk = todo[b : b + per_call]
+            vecs = np.concatenate([perturb(np.repeat(vectors[row_of[q]][None], cfg.per_question, 0), cfg.noise,
+                                           np.random.default_rng([cfg.seed, q])) for q in chunk])
+            t0 = time.perf_counter()
+            texts = decoder.generate(vecs, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed=cfg.seed * 1_000_003 + chunk[0])
+            rows = keep(chunk, texts, cfg.per_question, cfg.noise)
+            with connect() as db:
+                S.insert_candidates(db, [{**r, "generation_id": gen_id, "pool_id": drow["pool_id"]} for r in rows])
+                S.add_generation_seconds(db, gen_id, time.perf_counter() - t0)
+            kept = sum(r["status"] == "kept" for r in rows)
+            progress.advance(len(chunk), f"{kept} of {len(rows)} candidates kept in the last batch")
+    except (Cancelled, KeyboardInterrupt):
+        with connect() as db:
+            S.update_generation(db, gen_id, status="interrupted")
+        raise
+    except Exception as exc:
+        with connect() as db:
+            S.update_generation(db, gen_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        progress.close()
+    with connect() as db:
+        S.update_generation(db, gen_id, status="done", summary=generation_summary(db, gen_id))
+    return gen_id
+
+
+def generation_summary(db, gen_id: int) -> dict[str, Any]:
+    """The filter funnel of one batch: generated, kept, why the rest were dropped, the probe's verdict, speed."""
+    rows = list(db.query("SELECT status, drop_reason, flagged_known FROM candidates WHERE generation_id = ?", [gen_id]))
+    seconds = S.get_generation(db, gen_id)["seconds"] or 0.0
+    kept = [r for r in rows if r["status"] == "kept"]
+    reasons = Counter(re.sub(r" \(similarity .*\)$", "", r["drop_reason"]) for r in rows if r["status"] == "dropped")
+    return {"generated": len(rows), "kept": len(kept), "survival_share": len(kept) / len(rows) if rows else 0.0,
+            "unknown_share_of_kept": sum(1 - r["flagged_known"] for r in kept) / len(kept) if kept else 0.0,
+            "dropped": dict(reasons), "seconds": seconds, "candidates_per_s": len(rows) / seconds if seconds else None}
