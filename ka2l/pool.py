@@ -89,6 +89,27 @@ def read_pool(
     return validate_records(records, name=name or path.stem, source=str(path), skip_invalid=skip_invalid)
 
 
+def read_corpus(path: Path | str, name: str | None = None, encoding: str | None = None, max_mb: float = DEFAULT_MAX_MB) -> PoolData:
+    """An extra question corpus (decoder training data): a .txt file with one question per line, or
+    any pool file with a 'question' column or a single column of any name. Blank lines are skipped;
+    a corpus keeps its valid rows and reports the rest."""
+    path = Path(path)
+    if path.suffix.lower() == ".txt" and path.is_file():
+        lines = [line.strip() for line in _read_text(path, encoding).splitlines()]
+        records = [{"question": line} for line in lines if line]
+        if not records:
+            raise PoolError(f"{path.name} has no questions. Put one question per line.")
+        return validate_records(records, name=name or path.stem, source=str(path), skip_invalid=True)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None or not path.is_file():
+        return read_pool(path, name=name, skip_invalid=True, encoding=encoding, max_mb=max_mb)  # its errors name the problem
+    records = _read_records(path, fmt, encoding)
+    columns = list(records[0]) if records else []
+    if len(columns) == 1 and str(columns[0]).strip().lower() != "question":
+        records = [{"question": r[columns[0]]} for r in records]
+    return validate_records(records, name=name or path.stem, source=str(path), skip_invalid=True)
+
+
 def _read_text(path: Path, encoding: str | None) -> str:
     raw = path.read_bytes()
     head = raw[:8192]

@@ -138,13 +138,15 @@ def test_backend_never_imports_streamlit():
 
 def test_light_modules_do_not_import_torch_at_import_time():
     light = ["config.py", "errors.py", "progress.py", "paths.py", "entropy.py", "pool.py", "report.py", "store/db.py",
-             "store/queries.py", "store/migrations.py", "store/arrays.py"]
+             "store/queries.py", "store/migrations.py", "store/arrays.py", "store/stage2.py", "review.py", "candidates.py",
+             "decoder_train.py", "metrics.py", "cli_augment.py"]
     for rel in light:
         assert not module_level_imports(PROJECT_ROOT / "ka2l" / rel) & {"torch", "transformers", "peft"}, rel
 
 
 def test_importing_ka2l_has_no_side_effects(tmp_path):
-    code = ("import sys, ka2l, ka2l.cli, ka2l.pipeline, ka2l.probes, ka2l.llm, ka2l.judges, ka2l.report; "
+    code = ("import sys, ka2l, ka2l.cli, ka2l.pipeline, ka2l.probes, ka2l.llm, ka2l.judges, ka2l.report, ka2l.candidates, "
+            "ka2l.decoder_train, ka2l.review, ka2l.cli_augment, ka2l.metrics; "
             "heavy = [m for m in ('torch', 'transformers', 'streamlit') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={"PYTHONPATH": str(PROJECT_ROOT), "KA2L_DATA_DIR": str(tmp_path / "d"), "PATH": "/usr/bin:/bin"})

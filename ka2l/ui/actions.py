@@ -65,4 +65,18 @@ def set_data_dir(folder: str):
 
 
 # Backend modules the pages use, reached through ka2l.ui (pages import only ui, config, errors, jobs).
-from .. import curation, export, maps, settings  # noqa: E402,F401
+from .. import curation, export, maps, review, settings  # noqa: E402,F401
+
+
+def read_corpus(filename: str, content: bytes) -> PoolData:
+    """An extra question corpus: a .txt file (one question per line) or a pool file with a 'question'
+    column or a single column of any name."""
+    from ..pool import read_corpus as read
+
+    suffix = Path(filename).suffix
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"upload{suffix}"
+        path.write_bytes(content)
+        corpus = read(path, name=f"corpus-{Path(filename).stem}")
+    corpus.source = filename
+    return corpus

@@ -39,3 +39,31 @@ def detail(run_id: int, question_id: int) -> dict[str, Any]:
 def run_threshold(run_id: int) -> dict[str, Any]:
     with connect() as db:
         return Q.get_run(db, run_id)["threshold"]
+
+
+# -- Stage 2 -------------------------------------------------------------------------------------
+
+def decoders(pool_id: int) -> list[dict[str, Any]]:
+    from ..store import stage2 as S
+
+    with connect() as db:
+        return S.list_decoders(db, pool_id)
+
+
+def decoder_losses(decoder_id: int) -> list[dict[str, Any]]:
+    from ..store import stage2 as S
+
+    with connect() as db:
+        return S.losses(db, decoder_id)
+
+
+def generations(pool_id: int) -> list[dict[str, Any]]:
+    from ..store import stage2 as S
+
+    with connect() as db:
+        return S.list_generations(db, pool_id)
+
+
+def unknown_count(run_id: int) -> int:
+    with connect() as db:
+        return sum(r["bise"] == 1 for r in Q.load_scores(db, run_id))

@@ -1,0 +1,139 @@
+"""Augment (Stage 2): train a hidden-state decoder, decode new questions from the unknowns, review them."""
+
+import pandas as pd
+import streamlit as st
+
+from ka2l import jobs
+from ka2l.config import EMBEDDED_MODEL, GENERATE_SOURCES, POOLINGS, T5_SCRATCH
+from ka2l.errors import Ka2lError
+from ka2l.ui import actions, data
+from ka2l.ui.jobs_panel import job_panel
+from ka2l.ui.review_card import review_queue
+from ka2l.ui.state import require_run
+
+st.title("Augment: decode new unknown questions")
+pool, run = require_run()
+section = st.segmented_control("Step", ["1 · Decoder", "2 · Generate", "3 · Review", "4 · Approved set"], default="1 · Decoder",
+                               key="augment-section", label_visibility="collapsed") or "1 · Decoder"
+decoders = data.decoders(pool["id"])
+done = [d for d in decoders if d["status"] == "done"]
+
+
+def _label(d: dict) -> str:
+    held = d["metrics"].get("after", {}).get("heldout", {})
+    score = f" · held-out BLEU {held['bleu']:.1f}" if held.get("n") else ""
+    return f"Decoder {d['id']} · {d['backbone'].split('/')[-1]} · layer {d['layer']} ({d['pooling']}) · {d['status']}{score}"
+
+
+def _submit(kind: str, cfg: dict) -> None:
+    try:
+        job_id = jobs.submit(kind, {"pool": pool["name"], kind: cfg})
+        st.success(f"Job {job_id} submitted; it keeps running if you reload or close the tab.")
+    except Ka2lError as exc:
+        st.error(str(exc))
+
+
+if section.startswith("1"):
+    probes = actions.probes_of_run(run["id"])
+    s = actions.settings.load()
+    with st.expander("Train a new decoder", expanded=not decoders):
+        others = [p["name"] for p in data.pools() if p["id"] != pool["id"]]
+        up = st.file_uploader("Add an extra question corpus (.txt one per line, or a one-column CSV / JSONL)", type=["txt", "csv", "tsv", "jsonl", "json", "parquet"])
+        if up is not None and st.button("Store corpus"):
+            try:
+                corpus = actions.read_corpus(up.name, up.getvalue())
+                actions.store_pool(corpus, corpus.name)
+                st.success(f"Stored {len(corpus.rows)} questions as pool {corpus.name!r}; pick it below." +
+                           (f" {len(corpus.skipped)} rows skipped." if corpus.skipped else ""))
+                st.rerun()
+            except Ka2lError as exc:
+                st.error(str(exc))
+        with st.form("train-decoder"):
+            c = st.columns(3)
+            probe_id = c[0].selectbox("Probe (gives the layer)", [p["id"] for p in probes],
+                                      format_func=lambda i: next(f"Probe {p['id']} · {p['kind']} · layer {p['layer']}" for p in probes if p["id"] == i))
+            backbone = c[1].text_input("Backbone", value=EMBEDDED_MODEL, help=f"A causal LM (soft prefix) or seq2seq model such as t5-base "
+                                       f"(hub id or folder), or {T5_SCRATCH!r} for a small T5 built from config.")
+            pooling = c[2].selectbox("Input vector", POOLINGS, format_func={"mean": "mean-pooled question states", "last": "last prompt token"}.get)
+            c = st.columns(4)
+            epochs = c[0].number_input("Epochs", 1, 200, 10)
+            minutes = c[1].number_input("Time budget (min, 0 = none)", 0.0, 1440.0, 10.0)
+            lr = c[2].number_input("Learning rate", 1e-6, 1e-1, 2e-4, format="%.0e")
+            batch = c[3].number_input("Batch size", 1, 256, 8)
+            extra = st.multiselect("Extra training questions (stored pools)", others)
+            full = st.checkbox("Train the backbone end to end (paper); off trains the projection only", value=True)
+            if st.form_submit_button("Train decoder", type="primary"):
+                _submit("decoder", {"probe_id": int(probe_id), "backbone": backbone.strip(), "pooling": pooling, "epochs": int(epochs),
+                                    "max_minutes": float(minutes), "lr": float(lr), "batch_size": int(batch), "extra_pools": extra,
+                                    "train_backbone": full, "device": s["device"]})
+    job_panel(kinds=("decoder",), key="decoder")
+    if decoders:
+        chosen = st.selectbox("Decoder", [d["id"] for d in reversed(decoders)], format_func=lambda i: _label(next(d for d in decoders if d["id"] == i)))
+        d = next(d for d in decoders if d["id"] == chosen)
+        losses = data.decoder_losses(d["id"])
+        if losses:
+            st.line_chart(pd.DataFrame(losses).set_index("step")["loss"], height=220)
+        m = d["metrics"]
+        rows = [{"when": w, "questions": sp, "n": r["n"], "BLEU": r["bleu"], "ROUGE-L": r["rouge_l"], "exact %": r["exact"]}
+                for w in ("before", "after") for sp in ("heldout", "train") if (r := m.get(w, {}).get(sp)) and r.get("n")]
+        if rows:
+            st.caption("Reconstruction of questions from their own vectors (greedy): held-out questions were never trained on.")
+            st.dataframe(pd.DataFrame(rows), hide_index=True)
+        if m.get("after", {}).get("heldout", {}).get("examples"):
+            with st.expander("Held-out examples"):
+                st.dataframe(pd.DataFrame(m["after"]["heldout"]["examples"]), hide_index=True)
+        if d["error"]:
+            st.error(d["error"])
+
+elif section.startswith("2"):
+    if not done:
+        st.info("No trained decoder for this pool yet: train one in step 1.")
+    else:
+        n_unknown, n_curated = data.unknown_count(run["id"]), len(actions.curation.members(pool["id"]))
+        gens = data.generations(pool["id"])
+        with st.form("generate"):
+            c = st.columns(3)
+            decoder_id = c[0].selectbox("Decoder", [d["id"] for d in reversed(done)], format_func=lambda i: _label(next(d for d in done if d["id"] == i)))
+            source = c[1].radio("Augment", GENERATE_SOURCES, format_func={"unknown": f"unknown questions of run {run['id']} ({n_unknown})",
+                                                                          "curation": f"the curation set ({n_curated})"}.get)
+            per_q = c[2].number_input("Candidates per question", 1, 32, 4)
+            c = st.columns(4)
+            noise = c[0].number_input("Noise (share of vector norm)", 0.0, 2.0, 0.1, step=0.05)
+            temperature = c[1].number_input("Temperature (0 = greedy)", 0.0, 2.0, 0.8, step=0.1)
+            similarity = c[2].number_input("Near-duplicate similarity", 0.5, 1.0, 0.97, step=0.01)
+            seed = c[3].number_input("Seed (new seed = new batch)", 0, 10**6, len(gens))
+            if st.form_submit_button("Generate candidates", type="primary"):
+                _submit("generate", {"decoder_id": int(decoder_id), "source": source, "per_question": int(per_q), "noise": float(noise),
+                                     "temperature": float(temperature), "seed": int(seed), "filters": {"similarity": float(similarity)},
+                                     "device": actions.settings.load()["device"]})
+        job_panel(kinds=("generate",), key="generate")
+        if gens:
+            st.subheader("Batches")
+            st.dataframe(pd.DataFrame([{"batch": g["id"], "decoder": g["decoder_id"], "status": g["status"], "source": g["config"]["source"],
+                                        "noise": g["config"]["noise"], "generated": g["summary"].get("generated"), "kept": g["summary"].get("kept"),
+                                        "survival": g["summary"].get("survival_share"), "re-probed unknown": g["summary"].get("unknown_share_of_kept"),
+                                        "candidates/s": g["summary"].get("candidates_per_s"),
+                                        "dropped": ", ".join(f"{k}: {v}" for k, v in g["summary"].get("dropped", {}).items())} for g in reversed(gens)]),
+                         hide_index=True, column_config={"survival": st.column_config.NumberColumn(format="percent"),
+                                                         "re-probed unknown": st.column_config.NumberColumn(format="percent"),
+                                                         "candidates/s": st.column_config.NumberColumn(format="%.1f")})
+
+elif section.startswith("3"):
+    review_queue(pool["id"])
+
+else:
+    rows = actions.review.approved_set(pool["id"])
+    frame = pd.DataFrame(rows, columns=["kind", "question", "question_id", "candidate_id", "source_question", "decoded_text", "edited",
+                                        "p_unknown", "added_from"])
+    n_orig, n_dec = int((frame["kind"] == "original").sum()), int((frame["kind"] == "decoded").sum())
+    c = st.columns(3)
+    c[0].metric("Original (curation set)", n_orig)
+    c[1].metric("Approved decoded", n_dec)
+    c[2].metric("Approved set", len(frame))
+    if frame.empty:
+        st.info("Nothing approved yet: add unknown questions to the curation set (Scores or Map) and approve candidates in step 3.")
+    else:
+        st.dataframe(frame, hide_index=True, column_config={"question_id": None, "candidate_id": None})
+        c = st.columns(2)
+        c[0].download_button("Download JSONL", lambda: actions.export.to_jsonl(frame), file_name=f"{pool['name']}-approved.jsonl", mime="application/jsonl")
+        c[1].download_button("Download CSV", lambda: actions.export.to_safe_csv(frame), file_name=f"{pool['name']}-approved.csv", mime="text/csv")

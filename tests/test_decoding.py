@@ -1,0 +1,315 @@
+"""Stage 2 backend: the hidden-state decoder on tiny backends of both kinds (loaded through ka2l's
+loader), resumable training, generation with noise, the candidate filters and the review log."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ka2l import review
+from ka2l.candidates import CandidateFilter, dedupe_key, generate_candidates, is_question, normalise, screen
+from ka2l.config import DecoderConfig, FilterConfig, GenerateConfig, PromptConfig, config_hash
+from ka2l.decoder_train import encode_questions, train_decoder
+from ka2l.decoding import HiddenStateDecoder, load_backbone, load_decoder, perturb, save_decoder
+from ka2l.errors import Cancelled, ConfigError
+from ka2l.metrics import bleu
+from ka2l.pipeline import run_stage1
+from ka2l.probes import load_probe
+from ka2l.store import queries as Q
+from ka2l.store import stage2 as S
+from ka2l.store.db import connect
+from helpers import import_pool, stage1_cfg
+from tiny import save_tiny_t5
+
+# -- the decoder itself ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_t5_dir(tmp_path_factory):
+    return save_tiny_t5(tmp_path_factory.mktemp("tiny-t5"))
+
+
+@pytest.fixture(scope="module")
+def vectors(tiny_lm, capitals):
+    texts = [q for q, _ in capitals[:40]]
+    mean, _ = encode_questions(tiny_lm, texts, PromptConfig(), [tiny_lm.n_layers])
+    return texts, mean[:, 0]
+
+
+def _train(decoder, texts, vecs, steps=150, lr=3e-3):
+    opt = torch.optim.AdamW(decoder.parameters(), lr=lr)
+    losses = []
+    decoder.train()
+    for step in range(steps):
+        rows = np.random.default_rng(step).choice(len(texts), 8, replace=False)
+        loss = decoder.loss(torch.as_tensor(vecs[rows]), [texts[i] for i in rows])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return decoder.eval(), losses
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+def test_decoder_learns_to_reconstruct_questions(kind, tiny_llama_dir, tiny_t5_dir, vectors, tmp_path):
+    texts, vecs = vectors
+    backbone, tok, found = load_backbone(str(tiny_llama_dir if kind == "causal" else tiny_t5_dir))
+    assert found == kind
+    torch.manual_seed(0)
+    decoder = HiddenStateDecoder(backbone, tok, kind, vecs.shape[1], n_pseudo=16)
+    decoder.fit_standardisation(vecs)
+    before = bleu(decoder.generate(vecs[:16]), texts[:16])
+    decoder, losses = _train(decoder, texts, vecs)
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), losses[::15]
+    after = bleu(decoder.generate(vecs[:16]), texts[:16])
+    assert after > before + 20, (before, after)
+
+    clean = decoder.generate(vecs[:8])
+    assert decoder.generate(vecs[:8]) == clean, "greedy decoding of the same vectors is deterministic"
+    noisy = decoder.generate(perturb(vecs[:8], 0.5, np.random.default_rng(0)))
+    assert noisy != clean, "noise on the vectors changes what is decoded"
+    sampled = decoder.generate(vecs[:8], temperature=1.0, seed=1)
+    assert sampled != clean or decoder.generate(vecs[:8], temperature=1.0, seed=2) != clean
+
+    save_decoder(decoder, tmp_path / "dec", {"layer": 2})
+    again, meta = load_decoder(tmp_path / "dec")
+    assert meta["kind"] == kind and meta["layer"] == 2
+    assert again.generate(vecs[:8]) == clean, "a saved decoder decodes the same after loading"
+
+
+def test_perturb_scales_noise_to_the_vector_norm():
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((200, 64)).astype(np.float32) * 10
+    noisy = perturb(v, 0.2, np.random.default_rng(1))
+    ratio = np.linalg.norm(noisy - v, axis=1) / np.linalg.norm(v, axis=1)
+    assert abs(ratio.mean() - 0.2) < 0.02
+    assert np.array_equal(perturb(v, 0.0, rng), v)
+
+
+# -- filters -------------------------------------------------------------------------------------
+
+
+def test_normalise_screen_and_keys():
+    assert normalise("  question: what is   the capital of Chad ?  N'Djamena") == "What is the capital of Chad?"
+    assert is_question("Name the capital of Chad") and not is_question("The capital of Chad.")
+    cfg = FilterConfig(max_chars=60, min_words=3)
+    assert screen("", cfg)[1] == "empty"
+    assert screen("Chad?", cfg)[1] == "under 3 words"
+    assert screen("What " + "very " * 20 + "long?", cfg)[1] == "over 60 characters"
+    assert screen("The capital of Chad is here.", cfg)[1] == "not a question"
+    assert screen("The capital of Chad is here.", FilterConfig(require_question=False))[1] is None
+    assert dedupe_key("What is the capital of Chad?") == dedupe_key("what is the CAPITAL of chad")
+
+
+# -- training, generation and review on a stored Stage 1 run ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stage2(tmp_path_factory, memo_model, capitals):
+    """A stored pool with a Stage 1 run (memorising tiny model) and a decoder trained on it."""
+    folder = tmp_path_factory.mktemp("stage2")
+    old = os.environ.get("KA2L_DATA_DIR")
+    os.environ["KA2L_DATA_DIR"] = str(folder)
+    try:
+        pool_id = import_pool(capitals)
+        run_id = run_stage1("caps", stage1_cfg(memo_model))
+        with connect() as db:
+            probe = Q.list_probes(db, run_id)[0]
+        cfg = DecoderConfig(probe_id=probe["id"], backbone=str(memo_model), epochs=15, lr=3e-3, eval_size=16, device="cpu")
+        decoder_id = train_decoder(cfg)
+    finally:
+        os.environ["KA2L_DATA_DIR"] = old or ""
+    return {"folder": folder, "pool_id": pool_id, "run_id": run_id, "probe": probe, "decoder_id": decoder_id, "cfg": cfg}
+
+
+@pytest.fixture
+def store(stage2, monkeypatch):
+    monkeypatch.setenv("KA2L_DATA_DIR", str(stage2["folder"]))
+    return stage2
+
+
+def test_trained_decoder_is_stored_with_its_evidence(store):
+    with connect() as db:
+        d = S.get_decoder(db, store["decoder_id"])
+        losses = S.losses(db, d["id"])
+    assert d["status"] == "done" and d["step"] == d["total_steps"] == len(losses)
+    assert d["layer"] == store["probe"]["layer"] and d["pooling"] == "mean"
+    m = d["metrics"]
+    assert m["n_heldout"] == 8 and m["n_train"] == 72
+    assert m["after"]["train"]["bleu"] > m["before"]["train"]["bleu"] + 20, "reconstruction of training questions improves"
+    assert m["after"]["heldout"]["n"] == 8 and 0 <= m["after"]["heldout"]["rouge_l"] <= 100
+    meta = load_decoder(d["path"])[1]
+    assert meta["config"]["backbone"] == store["cfg"].backbone and meta["layer"] == d["layer"] and "transformers" in meta["versions"]
+    assert train_decoder(store["cfg"]) == d["id"], "the same config reuses the finished decoder"
+
+
+class StopAt:
+    """Progress that cancels once training reaches a step (as the job's cancel flag does)."""
+
+    def __init__(self, step: int | None):
+        self.step, self.done, self.stages = step, 0, []
+
+    def stage(self, name, total=None, done=0):
+        self.stages.append((name, total, done))
+        self.done = done
+
+    def advance(self, n=1, message=None):
+        self.done += n
+        if self.stages[-1][0] == "training" and self.step is not None and self.done >= self.step:
+            raise Cancelled("stop")
+
+    def close(self):
+        pass
+
+
+def test_cancelled_training_resumes_from_its_checkpoint(store):
+    cfg = DecoderConfig(probe_id=store["probe"]["id"], backbone=store["cfg"].backbone, epochs=3, lr=3e-3, eval_size=4, seed=5, device="cpu")
+    with pytest.raises(Cancelled):
+        train_decoder(cfg, progress=StopAt(12))
+    with connect() as db:
+        d = S.find_decoder(db, config_hash(cfg))
+        assert d["status"] == "interrupted" and d["step"] == 12
+    folder = store["folder"] / "decoders" / f"decoder-{d['id']}" / "checkpoint"
+    assert (folder / "optimizer.pt").is_file() and (folder / "state.json").is_file()
+    again = StopAt(None)
+    assert train_decoder(cfg, progress=again) == d["id"]
+    assert ("training", 27, 12) in again.stages, "training continued at step 12 of 27"
+    assert not any(name == "question vectors" for name, *_ in again.stages), "cached vectors were reused"
+    with connect() as db:
+        d = S.get_decoder(db, d["id"])
+        assert d["status"] == "done" and [r["step"] for r in S.losses(db, d["id"])] == list(range(1, 28))
+    assert not folder.exists(), "the checkpoint is removed once the decoder is saved"
+
+
+def test_extra_corpus_adds_training_questions_only(store, capitals):
+    from ka2l.pool import PoolData, QuestionRow
+
+    held = [q for q, _ in capitals[:80]]
+    extra = PoolData(name="corpus", source="t", n_read=3, rows=[QuestionRow("0", "Which river flows through Cairo?"),
+                                                               QuestionRow("1", "Who painted the Mona Lisa?"), QuestionRow("2", held[3])])
+    with connect() as db:
+        Q.insert_pool(db, extra)
+    cfg = DecoderConfig(probe_id=store["probe"]["id"], backbone=store["cfg"].backbone, epochs=1, eval_size=0, extra_pools=("corpus",), device="cpu")
+    with connect() as db:
+        d = S.get_decoder(db, train_decoder(cfg))
+    assert d["n_train"] == 72 + 2, "two new questions; the pool copy is not added twice"
+    with pytest.raises(Exception, match="missing-corpus"):
+        train_decoder(DecoderConfig(probe_id=store["probe"]["id"], extra_pools=("missing-corpus",)))
+
+
+def test_generation_filters_and_reprobes_every_candidate(store):
+    gen_id = generate_candidates(
+        GenerateConfig(decoder_id=store["decoder_id"], per_question=3, noise=0.2, device="cpu"))
+    with connect() as db:
+        g = S.get_generation(db, gen_id)
+        rows = S.candidates(db, store["pool_id"], status=None)
+        pool_keys = {dedupe_key(q["question"]) for q in Q.pool_questions(db, store["pool_id"])}
+        unknown = [r["question_id"] for r in Q.load_scores(db, store["run_id"]) if r["bise"] == 1]
+    s = g["summary"]
+    assert s["generated"] == 3 * len(unknown) == len(rows)
+    assert {r["source_question_id"] for r in rows} == set(unknown)
+    kept = [r for r in rows if r["status"] == "kept"]
+    assert 0 < len(kept) == s["kept"] < len(rows)
+    assert all(0 <= r["p_unknown"] <= 1 and r["flagged_known"] == int(r["p_unknown"] < 0.5) for r in kept)
+    assert all(r["nearest_question"] and -1 <= r["nearest_similarity"] <= 1 for r in kept)
+    assert not {dedupe_key(r["text"]) for r in kept} & pool_keys, "no kept candidate copies a pool question"
+    assert len({dedupe_key(r["text"]) for r in kept}) == len(kept), "no two kept candidates are the same question"
+    assert all(r["drop_reason"] for r in rows if r["status"] == "dropped")
+    assert s["unknown_share_of_kept"] == pytest.approx(np.mean([1 - r["flagged_known"] for r in kept]))
+    with pytest.raises(ConfigError, match="curation set is empty"):
+        generate_candidates(GenerateConfig(decoder_id=store["decoder_id"], source="curation"))
+
+
+def test_candidate_filter_drops_copies_and_non_questions(store, tiny_lm):
+    with connect() as db:
+        pool_q = Q.pool_questions(db, store["pool_id"])
+        d = S.get_decoder(db, store["decoder_id"])
+    from ka2l.config import ModelSpec
+    from ka2l.llm import load_model
+
+    _, meta = load_decoder(d["path"])
+    lm = load_model(ModelSpec(**meta["model"]))
+    net, pmeta = load_probe(store["probe"]["path"])
+    vectors = np.load(store["folder"] / "decoders" / f"decoder-{d['id']}" / "vectors.npy")[: len(pool_q)]
+    keep = CandidateFilter(FilterConfig(), pool_q, vectors, lm, PromptConfig(), d["layer"], pmeta["layer"], "mean", net, [], None)
+    first = pool_q[0]["question"]  # "What is the capital of X?"
+    variant = first.replace("capital of", "capital city of")
+    texts = [first.upper(), variant, variant.lower().rstrip("?"), "Lagos.", "", "The answer is Paris and nothing else"]
+    rows = keep([pool_q[0]["id"], pool_q[1]["id"]], texts, 3, 0.1)
+    assert [r["drop_reason"] for r in rows] == ["same as a pool question", None, "same as another candidate", "under 3 words", "empty",
+                                                "not a question"]
+    # the nearest pool question and its similarity: centred cosine of mean-pooled states at the decoder's layer
+    mean, _ = encode_questions(lm, [variant], PromptConfig(), [d["layer"]])
+    centred, pool_c = mean[0, 0] - vectors.mean(0), vectors - vectors.mean(0)
+    sims = pool_c @ centred / (np.linalg.norm(pool_c, axis=1) * np.linalg.norm(centred))
+    assert rows[1]["status"] == "kept" and rows[1]["nearest_question_id"] == pool_q[int(sims.argmax())]["id"]
+    assert rows[1]["nearest_similarity"] == pytest.approx(sims.max(), abs=1e-5)
+    assert 0 <= rows[1]["p_unknown"] <= 1
+    assert [r["source_question_id"] for r in rows] == [pool_q[0]["id"]] * 3 + [pool_q[1]["id"]] * 3
+    strict = CandidateFilter(FilterConfig(similarity=0.0), pool_q, vectors, lm, PromptConfig(), d["layer"], pmeta["layer"], "mean", net, [], None)
+    assert strict([pool_q[0]["id"]], [variant], 1, 0.1)[0]["drop_reason"].startswith("near-copy of a pool question")
+
+
+# -- review -----------------------------------------------------------------------------------------
+
+
+def _candidate(candidate_id: int) -> dict:
+    with connect() as db:  # a fresh connection each time: decisions are on disk at once
+        return S.get_candidates(db, [candidate_id])[0]
+
+
+def test_review_decisions_persist_edits_keep_the_original_and_undo(store):
+    from ka2l import curation
+
+    pool = store["pool_id"]
+    queue = review.queue(pool)
+    assert len(queue) >= 4
+    a, b, c, d = (q["id"] for q in queue[:4])
+    assert review.decide(pool, [a], "approved") == 1
+    assert review.decide(pool, [b], "approved", edited_text="  What is the capital   of Atlantis? ") == 1
+    assert review.decide(pool, [c], "rejected") == 1
+    with connect() as db:  # a fresh connection: the decisions are on disk
+        rows = {r["id"]: r for r in S.get_candidates(db, [a, b, c])}
+    assert rows[a]["decision"] == "approved" and rows[a]["edited_text"] is None
+    assert rows[b]["edited_text"] == "What is the capital of Atlantis?" and rows[b]["text"] == queue[1]["text"], "the decoder's text is kept"
+    assert rows[c]["decision"] == "rejected"
+    assert review.counts(pool)["approved"] == 2
+
+    assert [r["candidate_id"] for r in review.undo(pool)] == [c]
+    assert _candidate(c)["decision"] == "pending"
+    review.decide(pool, [c, d], "rejected")  # a bulk decision is one undoable action
+    assert len(review.last_action(pool)) == 2
+    review.undo(pool)
+    assert {_candidate(c)["decision"], _candidate(d)["decision"]} == {"pending"}
+    review.undo(pool)  # now the edit is undone
+    assert _candidate(b)["decision"] == "pending" and _candidate(b)["edited_text"] is None
+    review.decide(pool, [b], "approved", edited_text="What is the capital of Atlantis?")
+
+    with pytest.raises(ConfigError, match="empty"):
+        review.decide(pool, [b], "approved", edited_text="   ")
+    with pytest.raises(ConfigError, match="not one of"):
+        review.decide(pool, [b], "maybe")
+    assert _candidate(b)["edited_text"] == "What is the capital of Atlantis?", "a refused edit changes nothing"
+
+    with connect() as db:
+        unknown_q = [r["question_id"] for r in Q.load_scores(db, store["run_id"]) if r["bise"] == 1][:3]
+    curation.add(pool, unknown_q, source="test")
+    approved = review.approved_set(pool)
+    assert [r["kind"] for r in approved] == ["original"] * 3 + ["decoded"] * 2
+    assert {r["question"] for r in approved if r["kind"] == "decoded"} == {queue[0]["text"], "What is the capital of Atlantis?"}
+    assert next(r for r in approved if r["candidate_id"] == b)["decoded_text"] == queue[1]["text"]
+
+
+def test_cli_lists_decoders_and_exports_the_approved_set(store, tmp_path, capsys):
+    from ka2l.cli import main
+
+    assert main(["decoders", "--pool", "caps"]) == 0
+    assert f"decoder {store['decoder_id']}" in capsys.readouterr().out
+    assert main(["approved", "--pool", "caps", "--out", str(tmp_path / "a.jsonl")]) == 0
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    assert main(["approved", "--pool", "caps", "--out", str(tmp_path / "a.txt")]) == 2
+    assert "must end in .jsonl or .csv" in capsys.readouterr().err
+    assert all('"kind"' in line for line in lines)
