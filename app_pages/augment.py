@@ -52,8 +52,9 @@ if section.startswith("1"):
             c = st.columns(3)
             probe_id = c[0].selectbox("Probe (gives the layer)", [p["id"] for p in probes],
                                       format_func=lambda i: next(f"Probe {p['id']} · {p['kind']} · layer {p['layer']}" for p in probes if p["id"] == i))
-            backbone = c[1].text_input("Backbone", value=EMBEDDED_MODEL, help=f"A causal LM (soft prefix) or seq2seq model such as t5-base "
-                                       f"(hub id or folder), or {T5_SCRATCH!r} for a small T5 built from config.")
+            backbone = c[1].text_input("Backbone", value=run["model"] or EMBEDDED_MODEL,
+                                       help=f"Default: the probed model itself, fed a soft prefix. Or another causal LM, a seq2seq model "
+                                            f"such as t5-base (hub id or folder), or {T5_SCRATCH!r} for a small T5 built from config.")
             pooling = c[2].selectbox("Input vector", POOLINGS, format_func={"mean": "mean-pooled question states", "last": "last prompt token"}.get)
             c = st.columns(4)
             epochs = c[0].number_input("Epochs", 1, 200, 10)
@@ -89,7 +90,7 @@ elif section.startswith("2"):
     if not done:
         st.info("No trained decoder for this pool yet: train one in step 1.")
     else:
-        n_unknown, n_curated = data.unknown_count(run["id"]), len(actions.curation.members(pool["id"]))
+        n_unknown, n_curated = len(data.unknown_ids(run["id"])), len(actions.curation.members(pool["id"]))
         gens = data.generations(pool["id"])
         with st.form("generate"):
             c = st.columns(3)
@@ -130,6 +131,12 @@ else:
     c[0].metric("Original (curation set)", n_orig)
     c[1].metric("Approved decoded", n_dec)
     c[2].metric("Approved set", len(frame))
+    unknown_ids = data.unknown_ids(run["id"])
+    missing = sorted(set(unknown_ids) - {m["question_id"] for m in actions.curation.members(pool["id"])})
+    if missing and st.button(f"Add the {len(missing)} unknown questions of run {run['id']} not yet in the curation set",
+                             help="Or pick them one by one on the Scores and Map pages."):
+        actions.curation.add(pool["id"], missing, source=f"augment/run {run['id']}")
+        st.rerun()
     if frame.empty:
         st.info("Nothing approved yet: add unknown questions to the curation set (Scores or Map) and approve candidates in step 3.")
     else:

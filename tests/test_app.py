@@ -10,7 +10,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from ka2l import jobs
-from ka2l.config import TriageConfig
+from ka2l.candidates import generate_candidates
+from ka2l.config import DecoderConfig, GenerateConfig, TriageConfig
+from ka2l.decoder_train import train_decoder
 from ka2l.paths import PROJECT_ROOT
 from ka2l.pipeline import run_stage1, run_triage
 from ka2l.store import queries as Q
@@ -31,6 +33,8 @@ def app_data(tmp_path_factory, memo_model, capitals):
         with connect() as db:
             probe_id = Q.list_probes(db, run_id)[0]["id"]
         run_triage("caps", TriageConfig(probe_id=probe_id, device="cpu"))
+        decoder_id = train_decoder(DecoderConfig(probe_id=probe_id, backbone=str(memo_model), epochs=10, lr=3e-3, eval_size=8, device="cpu"))
+        generate_candidates(GenerateConfig(decoder_id=decoder_id, per_question=2, noise=0.2, device="cpu"))
     finally:
         os.environ["KA2L_DATA_DIR"] = old or ""
     return folder
@@ -53,7 +57,7 @@ def app(app_data, monkeypatch):
 
 def test_empty_store_guides_the_user(tmp_path, monkeypatch):
     monkeypatch.setenv("KA2L_DATA_DIR", str(tmp_path / "empty"))
-    for page in ("scores", "map", "probes", "probe"):
+    for page in ("scores", "map", "probes", "probe", "augment"):
         at = AppTest.from_file(APP, default_timeout=60).run()
         at.switch_page(f"app_pages/{page}.py").run()
         assert not at.exception
@@ -151,3 +155,60 @@ def test_data_folder_setting_is_remembered_outside_the_data_folder(tmp_path, mon
     with pytest.raises(ConfigError, match="Cannot use"):
         set_data_dir(tmp_path / "file" / "sub")
     assert data_dir() == (tmp_path / "elsewhere").resolve(), "a refused folder leaves the setting as it was"
+
+
+def _section(at: AppTest, name: str) -> AppTest:
+    at.get("button_group")[0].set_value(name).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_augment_page_shows_the_decoder_and_its_evidence(app):
+    at = app("augment")
+    assert any(s.label == "Decoder" and s.value == 1 for s in at.selectbox)
+    tables = [t.value for t in at.dataframe]
+    recon = next(t for t in tables if "BLEU" in t.columns)
+    assert set(recon["when"]) == {"before", "after"} and set(recon["questions"]) == {"heldout", "train"}
+    assert len(at.get("vega_lite_chart")) == 1, "the loss curve"
+
+
+def test_augment_page_generates_a_new_batch_as_a_job(app):
+    at = _section(app("augment"), "2 · Generate")
+    batches = next(t.value for t in at.dataframe)
+    assert list(batches["batch"]) == [1] and batches["kept"].iloc[0] > 0
+    assert next(n for n in at.number_input if n.label.startswith("Seed")).value == 1, "the next batch gets a new seed"
+    next(b for b in at.button if b.label == "Generate candidates").click().run()
+    assert any("submitted" in s.value for s in at.success), [e.value for e in at.error]
+    job = jobs.list_jobs()[0]
+    assert job["kind"] == "generate"
+    deadline = time.time() + 180
+    while time.time() < deadline and jobs.get(job["id"])["status"] not in ("done", "failed"):
+        jobs.refresh()
+        time.sleep(0.5)
+    assert jobs.get(job["id"])["status"] == "done", jobs.get(job["id"])
+    at = _section(app("augment"), "2 · Generate")
+    assert list(next(t.value for t in at.dataframe)["batch"]) == [2, 1]
+
+
+def test_augment_review_queue_approve_edit_reject_undo_and_export(app):
+    at = _section(app("augment"), "3 · Review")
+    pending = int(next(m for m in at.metric if m.label == "Pending").value)
+    first = next(t for t in at.text_input if t.label.startswith("Candidate"))
+    original = first.value
+    next(b for b in at.button if b.label == "Approve").click().run()
+    assert int(next(m for m in at.metric if m.label == "Approved").value) == 1
+    assert next(t for t in at.text_input if t.label.startswith("Candidate")).value != original, "the next candidate is shown"
+
+    at = _section(app("augment"), "3 · Review")  # a reload: the decision is stored, not in the session
+    assert int(next(m for m in at.metric if m.label == "Pending").value) == pending - 1
+    next(t for t in at.text_input if t.label.startswith("Candidate")).set_value("What is the capital of Atlantis?").run()
+    next(b for b in at.button if b.label == "Approve edited").click().run()
+    next(b for b in at.button if b.label == "Reject").click().run()
+    assert [int(next(m for m in at.metric if m.label == k).value) for k in ("Approved", "Rejected")] == [2, 1]
+    next(b for b in at.button if b.label.startswith("Undo last (rejected")).click().run()
+    assert [int(next(m for m in at.metric if m.label == k).value) for k in ("Approved", "Rejected")] == [2, 0]
+
+    at = _section(at, "4 · Approved set")
+    frame = at.dataframe[0].value
+    assert list(frame["kind"]) == ["decoded", "decoded"] and "What is the capital of Atlantis?" in set(frame["question"])
+    assert [d.label for d in at.get("download_button")] == ["Download JSONL", "Download CSV"]

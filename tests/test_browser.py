@@ -1,11 +1,14 @@
 """The app in a real browser: Streamlit on 127.0.0.1, Playwright driving Debian's Chromium.
-Upload a CSV, run Stage 1 on a tiny model from the Probe page, reload mid-run, see scores and map.
+Upload a CSV, run Stage 1 on a tiny model from the Probe page, reload mid-run, see scores and map;
+then Stage 2: train a decoder, generate candidates, review them with keyboard shortcuts, download
+the approved set.
 Screenshots land in test-artifacts/. CI installs Chromium and sets KA2L_REQUIRE_BROWSER=1, so there
 this test cannot silently skip."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import socket
@@ -118,5 +121,70 @@ def test_upload_run_stage1_and_explore(server, tmp_path, capitals):
         page.locator(".js-plotly-plot").first.wait_for()
         page.wait_for_timeout(1500)
         page.screenshot(path=str(ARTIFACTS / "5-map.png"), full_page=True)
+        approved = _augment_and_review(page, tmp_path)
         browser.close()
-    assert all((ARTIFACTS / f).stat().st_size > 10_000 for f in ("1-pool.png", "4-scores.png", "5-map.png"))
+    assert all((ARTIFACTS / f).stat().st_size > 10_000 for f in ("1-pool.png", "4-scores.png", "5-map.png", "7-review.png"))
+    kinds = [json.loads(line)["kind"] for line in approved.read_text().splitlines()]
+    assert kinds.count("decoded") == 2 and kinds.count("original") > 0, kinds
+
+
+def _metric(page, label: str) -> str:
+    return page.get_by_test_id("stMetric").filter(has_text=label).get_by_test_id("stMetricValue").inner_text()
+
+
+def _augment_and_review(page, tmp_path: Path) -> Path:
+    """Stage 2 in the browser: train a decoder and generate candidates as jobs, review them with the
+    keyboard (typing in the edit box must not trigger shortcuts), download the approved set."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("link", name="Augment", exact=True).click()
+    page.get_by_role("button", name="Train decoder").wait_for()
+    page.get_by_label("Learning rate").fill("3e-3")
+    page.get_by_role("button", name="Train decoder").click()
+    page.get_by_text("Done: decoder 1.").wait_for(timeout=240_000)
+    page.get_by_text("after").first.wait_for()
+
+    page.get_by_role("button", name="2 · Generate").click()
+    page.get_by_label("Candidates per question").fill("2")
+    page.get_by_label("Noise (share of vector norm)").fill("0.2")
+    page.get_by_role("button", name="Generate candidates").click()
+    page.get_by_text("Done: generation 1.").wait_for(timeout=240_000)
+    page.screenshot(path=str(ARTIFACTS / "6-generate.png"), full_page=True)
+
+    page.get_by_role("button", name="3 · Review").click()
+    page.get_by_text("Source question:").wait_for()
+    pending = int(_metric(page, "Pending"))
+    page.locator("body").click(position={"x": 5, "y": 5})
+    page.keyboard.press("a")  # approve with the shortcut
+    expect(page.get_by_test_id("stMetric").filter(has_text="Approved").get_by_test_id("stMetricValue")).to_have_text("1")
+    box = page.get_by_label("Candidate (edit before approving if needed)")
+    box.fill("")
+    box.press_sequentially("What is the capital of Atlantis? xsua")  # letters of every shortcut, typed into the box
+    box.press("Enter")
+    page.wait_for_timeout(1500)
+    assert _metric(page, "Approved") == "1" and _metric(page, "Rejected") == "0" and int(_metric(page, "Pending")) == pending - 1
+    box.fill("What is the capital of Atlantis?")
+    box.press("Enter")
+    page.get_by_role("button", name="Approve edited").click()
+    expect(page.get_by_test_id("stMetric").filter(has_text="Approved").get_by_test_id("stMetricValue")).to_have_text("2")
+    page.locator("body").click(position={"x": 5, "y": 5})
+    page.keyboard.press("x")
+    expect(page.get_by_test_id("stMetric").filter(has_text="Rejected").get_by_test_id("stMetricValue")).to_have_text("1")
+    page.reload()  # decisions are stored, not kept in the browser session
+    page.get_by_role("button", name="3 · Review").click()
+    page.get_by_text("Source question:").wait_for()
+    assert _metric(page, "Rejected") == "1"
+    page.locator("body").click(position={"x": 5, "y": 5})
+    page.keyboard.press("u")  # undo the rejection
+    expect(page.get_by_test_id("stMetric").filter(has_text="Rejected").get_by_test_id("stMetricValue")).to_have_text("0")
+    page.screenshot(path=str(ARTIFACTS / "7-review.png"), full_page=True)
+
+    page.get_by_role("button", name="4 · Approved set").click()
+    page.get_by_role("button", name="Add the").click()
+    page.get_by_text("Original (curation set)").wait_for()
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download JSONL").click()
+    target = tmp_path / "approved.jsonl"
+    download.value.save_as(target)
+    page.screenshot(path=str(ARTIFACTS / "8-approved.png"), full_page=True)
+    return target

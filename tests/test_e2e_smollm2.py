@@ -78,3 +78,43 @@ def test_gguf_file_loads_directly_and_matches_the_converted_copy(embedded_model)
     a = np.concatenate([s for _, s in extract_hidden_states(gguf, prompts)]).astype(np.float32)
     b = np.concatenate([s for _, s in extract_hidden_states(plain, prompts)]).astype(np.float32)
     np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_smollm2_soft_prefix_decoder_trains_and_its_states_find_paraphrases(embedded_model):
+    """The offline default decoder: SmolLM2 reads the questions and, as backbone, learns from a soft
+    prefix for a few steps; its mean-pooled states place a paraphrase nearest to its original."""
+    import numpy as np
+    import torch
+
+    from ka2l.candidates import Similarity
+    from ka2l.config import EMBEDDED_MODEL, ModelSpec, PromptConfig
+    from ka2l.decoder_train import encode_questions
+    from ka2l.decoding import HiddenStateDecoder, load_backbone
+    from ka2l.llm import load_model
+
+    lm = load_model(ModelSpec(name_or_path=EMBEDDED_MODEL, device="cpu"))
+    pool = ["What is the capital of France?", "Who wrote Hamlet?", "What is the chemical symbol of gold?",
+            "What is the capital of Japan?", "Which planet is closest to the sun?", "Who painted the Mona Lisa?"]
+    mean, _ = encode_questions(lm, pool + ["What is the capital city of France?", "Who is the author of Hamlet?"], PromptConfig(), [14])
+    vecs = mean[:, 0]
+    nearest, _ = Similarity(vecs[:6]).nearest_pool(vecs[6:])
+    assert list(nearest) == [0, 1], "paraphrases sit nearest to the questions they rephrase"
+
+    backbone, tok, kind = load_backbone(EMBEDDED_MODEL)
+    assert kind == "causal"
+    torch.manual_seed(0)
+    decoder = HiddenStateDecoder(backbone, tok, kind, lm.hidden_size, n_pseudo=16)
+    decoder.fit_standardisation(vecs[:6])
+    opt = torch.optim.AdamW(decoder.parameters(), lr=2e-4)
+    decoder.train()
+    losses = []
+    for _ in range(6):
+        loss = decoder.loss(torch.as_tensor(vecs[:4]), pool[:4])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] * 0.8, losses
+    out = decoder.eval().generate(vecs[:2], max_new_tokens=12)
+    assert len(out) == 2 and all(isinstance(t, str) for t in out)
+    assert np.isfinite(losses).all()

@@ -64,6 +64,6 @@ def generations(pool_id: int) -> list[dict[str, Any]]:
         return S.list_generations(db, pool_id)
 
 
-def unknown_count(run_id: int) -> int:
+def unknown_ids(run_id: int) -> list[int]:
     with connect() as db:
-        return sum(r["bise"] == 1 for r in Q.load_scores(db, run_id))
+        return [r["question_id"] for r in Q.load_scores(db, run_id) if r["bise"] == 1]
