@@ -193,7 +193,7 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 
     refresh()
     for j in list_jobs():
-        print(f"{j['id']:>4}  {j['kind']:<7} {j['status']:<10} {j['stage'] or '':<18} {j['done']}/{j['total'] or '?'}  {j['error'] or j['message'] or ''}")
+        print(f"{j['id']:>4}  {j['kind']:<9} {j['status']:<10} {j['stage'] or '':<18} {j['done']}/{j['total'] or '?'}  {j['error'] or j['message'] or ''}")
     return 0
 
 

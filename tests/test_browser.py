@@ -142,7 +142,8 @@ def _augment_and_review(page, tmp_path: Path) -> Path:
     page.get_by_label("Learning rate").fill("3e-3")
     page.get_by_role("button", name="Train decoder").click()
     page.get_by_text("Done: decoder 1.").wait_for(timeout=240_000)
-    page.get_by_text("after").first.wait_for()
+    page.get_by_role("button", name="1 · Decoder").click()  # the decoder's report and loss curve
+    page.get_by_text("Reconstruction of questions from their own vectors").wait_for()
 
     page.get_by_role("button", name="2 · Generate").click()
     page.get_by_label("Candidates per question").fill("2")
