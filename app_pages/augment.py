@@ -142,5 +142,6 @@ else:
     else:
         st.dataframe(frame, hide_index=True, column_config={"question_id": None, "candidate_id": None})
         c = st.columns(2)
-        c[0].download_button("Download JSONL", lambda: actions.export.to_jsonl(frame), file_name=f"{pool['name']}-approved.jsonl", mime="application/jsonl")
-        c[1].download_button("Download CSV", lambda: actions.export.to_safe_csv(frame), file_name=f"{pool['name']}-approved.csv", mime="text/csv")
+        # Built eagerly: the approved set is small, and the file is then ready the moment it is clicked.
+        c[0].download_button("Download JSONL", actions.export.to_jsonl(frame), file_name=f"{pool['name']}-approved.jsonl", mime="application/jsonl")
+        c[1].download_button("Download CSV", actions.export.to_safe_csv(frame), file_name=f"{pool['name']}-approved.csv", mime="text/csv")

@@ -126,7 +126,7 @@ def add_commands(sub) -> None:
     p.add_argument("--extra-pool", action="append", help="a stored pool whose questions are extra training data (repeatable)")
     p.add_argument("--frozen-backbone", action="store_true", help="train the projection only")
     p.add_argument("--device", help="auto, cpu, cuda, mps")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed for the held-out split, initialisation and data order (default 0)")
     p.add_argument("--no-resume", action="store_true", help="train a new decoder even if one with this config exists")
     p.add_argument("--background", action="store_true", help="queue as a background job and return at once")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

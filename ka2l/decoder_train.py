@@ -224,6 +224,7 @@ def train_decoder(cfg: DecoderConfig, progress: Progress | None = None, resume: 
         decoder, opt, st = t.build(vectors)
         with connect() as db:
             S.update_decoder(db, decoder_id, n_train=len(t.train_rows), n_heldout=len(t.heldout), path=None)
+            S.trim_losses(db, decoder_id, st["step"])  # steps after the checkpoint are trained again
         if "before" not in st["metrics"]:
             progress.stage("baseline reconstruction", total=1)
             st["metrics"]["before"] = t.report(decoder, vectors)

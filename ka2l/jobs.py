@@ -87,7 +87,18 @@ def _validate(kind: str, config: dict[str, Any]) -> None:
 
     if kind in ("stage1", "triage") and "pool" not in config:
         raise ConfigError("A job needs a pool.")
-    from_dict(_config_class(kind), config.get(kind, {}))
+    cfg = from_dict(_config_class(kind), config.get(kind, {}))
+    if kind in ("decoder", "generate"):  # what they build on must exist now, not only when the worker starts
+        from .store import queries as Q
+        from .store import stage2 as S
+
+        with connect() as db:
+            if kind == "decoder":
+                Q.get_probe(db, cfg.probe_id)
+                for name in cfg.extra_pools:
+                    Q.get_pool(db, name)
+            elif (status := S.get_decoder(db, cfg.decoder_id)["status"]) != "done":
+                raise ConfigError(f"Decoder {cfg.decoder_id} is {status}; finish training it (resume its job) before generating.")
 
 
 def _alive(pid: int | None, job_id: int) -> bool:

@@ -132,6 +132,17 @@ def _metric(page, label: str) -> str:
     return page.get_by_test_id("stMetric").filter(has_text=label).get_by_test_id("stMetricValue").inner_text()
 
 
+def _unfocus(page) -> None:
+    """Wait for the script run to finish (so the buttons and their shortcuts are the current ones),
+    then take focus off any widget, so key presses go to the page's shortcuts."""
+    from playwright.sync_api import expect
+
+    page.wait_for_timeout(500)
+    expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=30_000)
+    page.wait_for_timeout(500)
+    page.evaluate("document.activeElement && document.activeElement.blur()")
+
+
 def _augment_and_review(page, tmp_path: Path) -> Path:
     """Stage 2 in the browser: train a decoder and generate candidates as jobs, review them with the
     keyboard (typing in the edit box must not trigger shortcuts), download the approved set."""
@@ -142,22 +153,22 @@ def _augment_and_review(page, tmp_path: Path) -> Path:
     page.get_by_label("Learning rate").fill("3e-3")
     page.get_by_role("button", name="Train decoder").click()
     page.get_by_text("Done: decoder 1.").wait_for(timeout=240_000)
-    page.get_by_role("button", name="1 · Decoder").click()  # the decoder's report and loss curve
+    page.get_by_role("radio", name="1 · Decoder").click()  # the decoder's report and loss curve
     page.get_by_text("Reconstruction of questions from their own vectors").wait_for()
 
-    page.get_by_role("button", name="2 · Generate").click()
+    page.get_by_role("radio", name="2 · Generate").click()
     page.get_by_label("Candidates per question").fill("2")
     page.get_by_label("Noise (share of vector norm)").fill("0.2")
     page.get_by_role("button", name="Generate candidates").click()
     page.get_by_text("Done: generation 1.").wait_for(timeout=240_000)
     page.screenshot(path=str(ARTIFACTS / "6-generate.png"), full_page=True)
 
-    page.get_by_role("button", name="3 · Review").click()
+    page.get_by_role("radio", name="3 · Review").click()
     page.get_by_text("Source question:").wait_for()
     pending = int(_metric(page, "Pending"))
-    page.locator("body").click(position={"x": 5, "y": 5})
+    _unfocus(page)
     page.keyboard.press("a")  # approve with the shortcut
-    expect(page.get_by_test_id("stMetric").filter(has_text="Approved").get_by_test_id("stMetricValue")).to_have_text("1")
+    expect(page.get_by_test_id("stMetric").filter(has_text="Approved").get_by_test_id("stMetricValue")).to_have_text("1", timeout=20_000)
     box = page.get_by_label("Candidate (edit before approving if needed)")
     box.fill("")
     box.press_sequentially("What is the capital of Atlantis? xsua")  # letters of every shortcut, typed into the box
@@ -167,22 +178,25 @@ def _augment_and_review(page, tmp_path: Path) -> Path:
     box.fill("What is the capital of Atlantis?")
     box.press("Enter")
     page.get_by_role("button", name="Approve edited").click()
-    expect(page.get_by_test_id("stMetric").filter(has_text="Approved").get_by_test_id("stMetricValue")).to_have_text("2")
-    page.locator("body").click(position={"x": 5, "y": 5})
+    expect(page.get_by_test_id("stMetric").filter(has_text="Approved").get_by_test_id("stMetricValue")).to_have_text("2", timeout=20_000)
+    _unfocus(page)
     page.keyboard.press("x")
-    expect(page.get_by_test_id("stMetric").filter(has_text="Rejected").get_by_test_id("stMetricValue")).to_have_text("1")
+    expect(page.get_by_test_id("stMetric").filter(has_text="Rejected").get_by_test_id("stMetricValue")).to_have_text("1", timeout=20_000)
     page.reload()  # decisions are stored, not kept in the browser session
-    page.get_by_role("button", name="3 · Review").click()
+    page.get_by_role("radio", name="3 · Review").click()
     page.get_by_text("Source question:").wait_for()
     assert _metric(page, "Rejected") == "1"
-    page.locator("body").click(position={"x": 5, "y": 5})
+    _unfocus(page)
     page.keyboard.press("u")  # undo the rejection
-    expect(page.get_by_test_id("stMetric").filter(has_text="Rejected").get_by_test_id("stMetricValue")).to_have_text("0")
+    expect(page.get_by_test_id("stMetric").filter(has_text="Rejected").get_by_test_id("stMetricValue")).to_have_text("0", timeout=20_000)
     page.screenshot(path=str(ARTIFACTS / "7-review.png"), full_page=True)
 
-    page.get_by_role("button", name="4 · Approved set").click()
-    page.get_by_role("button", name="Add the").click()
+    page.get_by_role("radio", name="4 · Approved set").click()
     page.get_by_text("Original (curation set)").wait_for()
+    page.get_by_role("button", name="Add the").click()  # the run's unknown questions join the curation set
+    expect(page.get_by_test_id("stMetric").filter(has_text="Original").get_by_test_id("stMetricValue")).not_to_have_text("0")
+    page.get_by_role("button", name="Download JSONL").wait_for()
+    page.wait_for_timeout(2000)  # let the rerun finish: a stale button's file is gone once the new one is sent
     with page.expect_download() as download:
         page.get_by_role("button", name="Download JSONL").click()
     target = tmp_path / "approved.jsonl"

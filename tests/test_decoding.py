@@ -313,3 +313,19 @@ def test_cli_lists_decoders_and_exports_the_approved_set(store, tmp_path, capsys
     assert main(["approved", "--pool", "caps", "--out", str(tmp_path / "a.txt")]) == 2
     assert "must end in .jsonl or .csv" in capsys.readouterr().err
     assert all('"kind"' in line for line in lines)
+
+
+def test_stage2_jobs_are_refused_at_once_when_what_they_need_is_missing(store):
+    from ka2l import jobs
+    from ka2l.errors import NotFound
+
+    before = len(jobs.list_jobs())
+    with pytest.raises(NotFound, match="No probe 999"):
+        jobs.submit("decoder", {"decoder": {"probe_id": 999}})
+    with pytest.raises(NotFound, match="no-such-corpus"):
+        jobs.submit("decoder", {"decoder": {"probe_id": store["probe"]["id"], "extra_pools": ["no-such-corpus"]}})
+    with pytest.raises(ConfigError, match="noise"):
+        jobs.submit("generate", {"generate": {"decoder_id": store["decoder_id"], "noise": -1}})
+    with pytest.raises(NotFound, match="No decoder 42"):
+        jobs.submit("generate", {"generate": {"decoder_id": 42}})
+    assert len(jobs.list_jobs()) == before, "nothing was queued"

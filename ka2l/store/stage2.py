@@ -49,6 +49,11 @@ def add_losses(db: Db, decoder_id: int, rows: Sequence[tuple[int, int, float]]) 
     db["decoder_losses"].insert_all(({"decoder_id": decoder_id, "step": s, "epoch": e, "loss": l} for s, e, l in rows), replace=True)
 
 
+def trim_losses(db: Db, decoder_id: int, after_step: int) -> None:
+    """Forget losses past ``after_step`` (training restarts from a checkpoint, or from scratch at 0)."""
+    db.execute("DELETE FROM decoder_losses WHERE decoder_id = ? AND step > ?", [decoder_id, after_step])
+
+
 def losses(db: Db, decoder_id: int) -> list[dict[str, Any]]:
     return _rows(db, "SELECT step, epoch, loss FROM decoder_losses WHERE decoder_id = ? ORDER BY step", [decoder_id])
 
