@@ -2,7 +2,8 @@
 passes before a curator sees it (beyond the paper):
 
     screen     normalise; drop empty, non-question, too short and over-long outputs
-    exact      drop copies of a pool question or of another candidate (case and punctuation ignored)
+    exact      drop copies of a pool question, of an extra-corpus question the decoder trained on, or of
+               another candidate (case and punctuation ignored)
     similar    drop near-copies: cosine similarity of centred decoder-space vectors at or above a threshold
     re-probe   the saved probe scores each kept candidate from one forward pass: P(unknown) is stored
                and candidates it calls known are flagged
@@ -104,11 +105,13 @@ class CandidateFilter:
     """Screens, deduplicates and re-probes decoded texts; remembers what it kept across batches."""
 
     def __init__(self, cfg: FilterConfig, pool_q: list[dict], pool_vectors: np.ndarray, lm, prompt: PromptConfig,
-                 layer: int, probe_layer: int, pooling: str, probe_net, kept_texts: list[str], kept_vectors: np.ndarray | None):
+                 layer: int, probe_layer: int, pooling: str, probe_net, kept_texts: list[str], kept_vectors: np.ndarray | None,
+                 corpus_texts: list[str] = ()):
         self.cfg, self.pool_q, self.lm, self.prompt, self.pooling, self.net = cfg, pool_q, lm, prompt, pooling, probe_net
         self.layers = [layer, probe_layer]
         self.sim = Similarity(pool_vectors)
         self.pool_keys = {dedupe_key(q["question"]) for q in pool_q}
+        self.corpus_keys = {dedupe_key(t) for t in corpus_texts} - self.pool_keys  # the decoder's extra training questions
         self.cand_keys = {dedupe_key(t) for t in kept_texts}
         self.cand_unit = self.sim.unit(kept_vectors) if kept_vectors is not None else np.zeros((0, pool_vectors.shape[1]), np.float32)
 
@@ -122,6 +125,8 @@ class CandidateFilter:
             text, reason = screen(raw, self.cfg)
             if reason is None and dedupe_key(text) in self.pool_keys:
                 reason = "same as a pool question"
+            elif reason is None and dedupe_key(text) in self.corpus_keys:
+                reason = "same as an extra-corpus training question"
             row = {"source_question_id": sources[j // per_question], "sample": j % per_question, "noise": noise, "raw_text": raw,
                    "text": text, "status": "dropped", "drop_reason": reason}
             rows.append(row)
@@ -170,6 +175,7 @@ def generate_candidates(cfg: GenerateConfig, progress: Progress | None = None, r
             where = "the run has no unknown (BiSE = 1) questions" if cfg.source == "unknown" else "the pool's curation set is empty"
             raise ConfigError(f"Nothing to augment: {where}. Choose another source or add questions to the curation set.")
         pool_q = Q.pool_questions(db, drow["pool_id"])
+        corpus = [q["question"] for name in drow["config"].get("extra_pools", []) for q in Q.pool_questions(db, Q.get_pool(db, name)["id"])]
         probe_row = Q.get_probe(db, drow["probe_id"])
         gen_id, state = S.start_generation(db, drow["id"], drow["pool_id"], to_dict(cfg), config_hash(cfg), resume)
         if state == "done":
@@ -184,7 +190,7 @@ def generate_candidates(cfg: GenerateConfig, progress: Progress | None = None, r
         row_of = {q["id"]: i for i, q in enumerate(pool_q)}
         lm = lm or load_model(from_dict(ModelSpec, meta["model"]), device=device)
         keep = CandidateFilter(cfg.filters, pool_q, vectors, lm, from_dict(PromptConfig, meta["prompt"]), meta["layer"],
-                               int(probe_meta["layer"]), meta["pooling"], net, kept_texts, kept_vecs)
+                               int(probe_meta["layer"]), meta["pooling"], net, kept_texts, kept_vecs, corpus)
         todo = [q for q in sources if q not in done]
         progress.stage("generating candidates", total=len(sources), done=len(sources) - len(todo))
         per_call = max(1, cfg.batch_size // cfg.per_question)

@@ -234,13 +234,15 @@ def test_candidate_filter_drops_copies_and_non_questions(store, tiny_lm):
     lm = load_model(ModelSpec(**meta["model"]))
     net, pmeta = load_probe(store["probe"]["path"])
     vectors = np.load(store["folder"] / "decoders" / f"decoder-{d['id']}" / "vectors.npy")[: len(pool_q)]
-    keep = CandidateFilter(FilterConfig(), pool_q, vectors, lm, PromptConfig(), d["layer"], pmeta["layer"], "mean", net, [], None)
+    keep = CandidateFilter(FilterConfig(), pool_q, vectors, lm, PromptConfig(), d["layer"], pmeta["layer"], "mean", net, [], None,
+                           corpus_texts=["Who painted the Mona Lisa?"])
     first = pool_q[0]["question"]  # "What is the capital of X?"
     variant = first.replace("capital of", "capital city of")
-    texts = [first.upper(), variant, variant.lower().rstrip("?"), "Lagos.", "", "The answer is Paris and nothing else"]
-    rows = keep([pool_q[0]["id"], pool_q[1]["id"]], texts, 3, 0.1)
+    texts = [first.upper(), variant, variant.lower().rstrip("?"), "Lagos.", "", "The answer is Paris and nothing else",
+             "who painted the mona lisa"]
+    rows = keep([pool_q[0]["id"], pool_q[1]["id"], pool_q[2]["id"]], texts, 3, 0.1)
     assert [r["drop_reason"] for r in rows] == ["same as a pool question", None, "same as another candidate", "under 3 words", "empty",
-                                                "not a question"]
+                                                "not a question", "same as an extra-corpus training question"]
     # the nearest pool question and its similarity: centred cosine of mean-pooled states at the decoder's layer
     mean, _ = encode_questions(lm, [variant], PromptConfig(), [d["layer"]])
     centred, pool_c = mean[0, 0] - vectors.mean(0), vectors - vectors.mean(0)
@@ -248,7 +250,7 @@ def test_candidate_filter_drops_copies_and_non_questions(store, tiny_lm):
     assert rows[1]["status"] == "kept" and rows[1]["nearest_question_id"] == pool_q[int(sims.argmax())]["id"]
     assert rows[1]["nearest_similarity"] == pytest.approx(sims.max(), abs=1e-5)
     assert 0 <= rows[1]["p_unknown"] <= 1
-    assert [r["source_question_id"] for r in rows] == [pool_q[0]["id"]] * 3 + [pool_q[1]["id"]] * 3
+    assert [r["source_question_id"] for r in rows] == [pool_q[0]["id"]] * 3 + [pool_q[1]["id"]] * 3 + [pool_q[2]["id"]]
     strict = CandidateFilter(FilterConfig(similarity=0.0), pool_q, vectors, lm, PromptConfig(), d["layer"], pmeta["layer"], "mean", net, [], None)
     assert strict([pool_q[0]["id"]], [variant], 1, 0.1)[0]["drop_reason"].startswith("near-copy of a pool question")
 
