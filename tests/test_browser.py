@@ -132,14 +132,19 @@ def _metric(page, label: str) -> str:
     return page.get_by_test_id("stMetric").filter(has_text=label).get_by_test_id("stMetricValue").inner_text()
 
 
-def _unfocus(page) -> None:
-    """Wait for the script run to finish (so the buttons and their shortcuts are the current ones),
-    then take focus off any widget, so key presses go to the page's shortcuts."""
+def _settle(page) -> None:
+    """Wait for the script run to finish: until then the previous run's widgets may still be on the page."""
     from playwright.sync_api import expect
 
     page.wait_for_timeout(500)
     expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=30_000)
     page.wait_for_timeout(500)
+
+
+def _unfocus(page) -> None:
+    """After the run settles (so buttons and shortcuts are the current ones), take focus off any
+    widget, so key presses go to the page's shortcuts."""
+    _settle(page)
     page.evaluate("document.activeElement && document.activeElement.blur()")
 
 
@@ -169,6 +174,7 @@ def _augment_and_review(page, tmp_path: Path) -> Path:
     _unfocus(page)
     page.keyboard.press("a")  # approve with the shortcut
     expect(page.get_by_test_id("stMetric").filter(has_text="Approved").get_by_test_id("stMetricValue")).to_have_text("1", timeout=20_000)
+    _settle(page)  # the next candidate's box replaces the approved one's
     box = page.get_by_label("Candidate (edit before approving if needed)")
     box.fill("")
     box.press_sequentially("What is the capital of Atlantis? xsua")  # letters of every shortcut, typed into the box
