@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from .config import FilterConfig, GenerateConfig, ModelSpec, PromptConfig, config_hash, from_dict, to_dict
-from .errors import Cancelled, ConfigError
-from .progress import NullProgress, Progress
+from .errors import ConfigError
+from .progress import NullProgress, Progress, marks_status
 from .store import queries as Q
 from .store import stage2 as S
 from .store.db import connect
@@ -97,8 +97,9 @@ class Similarity:
 def source_questions(db, decoder: dict[str, Any], source: str) -> list[int]:
     if source == "unknown":
         return [r["question_id"] for r in Q.load_scores(db, decoder["run_id"]) if r["bise"] == 1]
-    rows = db.query("SELECT question_id FROM curation WHERE pool_id = ? ORDER BY added_at, question_id", [decoder["pool_id"]])
-    return [r["question_id"] for r in rows]
+    from . import curation
+
+    return [m["question_id"] for m in curation.members(decoder["pool_id"])]
 
 
 class CandidateFilter:
@@ -117,7 +118,7 @@ class CandidateFilter:
 
     def __call__(self, sources: list[int], texts: list[str], per_question: int, noise: float) -> list[dict[str, Any]]:
         """One row per text (sources[j // per_question] made texts[j]); kept or dropped with a reason."""
-        from .decoder_train import encode_questions
+        from .decoder_train import decoder_vectors, encode_questions
         from .probes import predict_unknown
 
         rows, fresh = [], []
@@ -135,7 +136,7 @@ class CandidateFilter:
         if not fresh:
             return rows
         mean, last = encode_questions(self.lm, [r["text"] for r in fresh], self.prompt, self.layers)
-        dvec = (mean if self.pooling == "mean" else last)[:, 0]
+        dvec = decoder_vectors(mean, last, self.pooling)
         p_unknown = predict_unknown(self.net, last[:, 1])
         nearest, near_sim = self.sim.nearest_pool(dvec)
         for r, v, p, n, s in zip(fresh, dvec, p_unknown, nearest, near_sim):
@@ -183,7 +184,12 @@ def generate_candidates(cfg: GenerateConfig, progress: Progress | None = None, r
         done = S.generated_sources(db, gen_id)
         kept_texts, kept_vecs = S.kept_vectors(db, drow["pool_id"])
     device = resolve_device(cfg.device)
-    try:
+
+    def update(**fields: Any) -> None:
+        with connect() as db:
+            S.update_generation(db, gen_id, **fields)
+
+    with marks_status(update, progress):
         decoder, meta = load_decoder(drow["path"], device)
         net, probe_meta = load_probe(probe_row["path"])
         vectors = np.load(decoders_dir() / f"decoder-{drow['id']}" / "vectors.npy")[: len(pool_q)]  # pool questions come first
@@ -206,16 +212,6 @@ def generate_candidates(cfg: GenerateConfig, progress: Progress | None = None, r
                 S.add_generation_seconds(db, gen_id, time.perf_counter() - t0)
             kept = sum(r["status"] == "kept" for r in rows)
             progress.advance(len(chunk), f"{kept} of {len(rows)} candidates kept in the last batch")
-    except (Cancelled, KeyboardInterrupt):
-        with connect() as db:
-            S.update_generation(db, gen_id, status="interrupted")
-        raise
-    except Exception as exc:
-        with connect() as db:
-            S.update_generation(db, gen_id, status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        progress.close()
     with connect() as db:
         S.update_generation(db, gen_id, status="done", summary=generation_summary(db, gen_id))
     return gen_id

@@ -29,7 +29,7 @@ from .errors import Cancelled, ConfigError
 from .llm import LoadedLM, build_prompt, load_model, question_states
 from .metrics import bleu, exact_match, rouge_l
 from .paths import decoders_dir
-from .progress import NullProgress, Progress
+from .progress import NullProgress, Progress, marks_status
 from .store import queries as Q
 from .store import stage2 as S
 from .store.db import connect
@@ -218,7 +218,11 @@ def train_decoder(cfg: DecoderConfig, progress: Progress | None = None, resume: 
         decoder_id, state = _start(db, cfg, resume)
     if state == "done":
         return decoder_id
-    try:
+    def update(**fields: Any) -> None:
+        with connect() as db:
+            S.update_decoder(db, decoder_id, **fields)
+
+    with marks_status(update, progress):
         t = _Trainer(decoder_id, cfg, progress, lm)
         vectors = t.vectors()
         decoder, opt, st = t.build(vectors)
@@ -276,16 +280,6 @@ def train_decoder(cfg: DecoderConfig, progress: Progress | None = None, resume: 
         shutil.rmtree(t.folder / "checkpoint", ignore_errors=True)
         with connect() as db:
             S.update_decoder(db, decoder_id, status="done", path=str(path), metrics=metrics)
-    except (Cancelled, KeyboardInterrupt):
-        with connect() as db:
-            S.update_decoder(db, decoder_id, status="interrupted")
-        raise
-    except Exception as exc:
-        with connect() as db:
-            S.update_decoder(db, decoder_id, status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        progress.close()
     return decoder_id
 
 

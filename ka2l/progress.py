@@ -8,7 +8,11 @@ Work is committed before ``advance`` is called, so cancelling never loses stored
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
+
+from .errors import Cancelled
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +61,20 @@ class TqdmProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+@contextmanager
+def marks_status(update: Callable[..., None], progress: Progress) -> Iterator[None]:
+    """Run resumable work, recording how it ended through ``update(status=..., error=...)``:
+    'interrupted' on cancel / Ctrl-C (stored work is kept), 'failed' with the error otherwise. The
+    caller marks success itself, with what it produced."""
+    try:
+        yield
+    except (Cancelled, KeyboardInterrupt):
+        update(status="interrupted")
+        raise
+    except Exception as exc:
+        update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        progress.close()

@@ -43,7 +43,7 @@ def decide(pool_id: int, candidate_ids: Iterable[int], decision: str, edited_tex
         missing = set(ids) - {r["id"] for r in rows}
         if missing:
             raise NotFound(f"No candidate(s) {sorted(missing)}; the list may be stale, reload the page.")
-        foreign = [r["id"] for r in rows if _pool_of(db, r["id"]) != pool_id]
+        foreign = [r["id"] for r in rows if r["pool_id"] != pool_id]
         if foreign:
             raise ConfigError(f"Candidate(s) {foreign} belong to another pool.")
         changes = []
@@ -54,10 +54,6 @@ def decide(pool_id: int, candidate_ids: Iterable[int], decision: str, edited_tex
         if changes:
             S.set_decisions(db, pool_id, changes)
     return len(changes)
-
-
-def _pool_of(db, candidate_id: int) -> int:
-    return db.execute("SELECT pool_id FROM candidates WHERE id = ?", [candidate_id]).fetchone()[0]
 
 
 def undo(pool_id: int) -> list[dict[str, Any]]:

@@ -115,12 +115,8 @@ def kept_vectors(db: Db, pool_id: int) -> tuple[list[str], np.ndarray | None]:
     return [r["text"] for r in rows], np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows])
 
 
-def candidate_texts(db: Db, pool_id: int) -> list[str]:
-    return [r["text"] for r in db.query("SELECT text FROM candidates WHERE pool_id = ? AND status = 'kept'", [pool_id])]
-
-
 _CANDIDATE_VIEW = """
-    SELECT c.id, c.generation_id, c.source_question_id, s.question AS source_question, c.sample, c.noise, c.raw_text, c.text,
+    SELECT c.id, c.generation_id, c.pool_id, c.source_question_id, s.question AS source_question, c.sample, c.noise, c.raw_text, c.text,
            c.status, c.drop_reason, c.p_unknown, c.flagged_known, n.question AS nearest_question, c.nearest_similarity,
            c.decision, c.edited_text, c.decided_at
     FROM candidates c JOIN questions s ON s.id = c.source_question_id LEFT JOIN questions n ON n.id = c.nearest_question_id
