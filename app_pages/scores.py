@@ -16,19 +16,12 @@ except Ka2lError as exc:
     st.stop()
 
 c = st.columns(4)
-label = c[0].selectbox("Label", ["all", "unknown (BiSE = 1)", "known (BiSE = 0)"])
-correct = c[1].selectbox("Correctness", ["all", "correct", "incorrect"], disabled=frame["correct"].isna().all())
+label = c[0].selectbox("Label", data.LABEL_FILTERS, format_func={"all": "all", "unknown": "unknown (BiSE = 1)", "known": "known (BiSE = 0)"}.get)
+correct = c[1].selectbox("Correctness", data.CORRECTNESS_FILTERS, disabled=frame["correct"].isna().all())
 se_min, se_max = float(frame["se"].min()), float(frame["se"].max())
 se_range = c[2].slider("SE range (nats)", se_min, max(se_max, se_min + 1e-6), (se_min, max(se_max, se_min + 1e-6)))
 text = c[3].text_input("Question contains")
-view = frame
-if label != "all":
-    view = view[view["bise"] == (1 if label.startswith("unknown") else 0)]
-if correct != "all":
-    view = view[view["correct"] == (1 if correct == "correct" else 0)]
-view = view[(view["se"] >= se_range[0] - 1e-9) & (view["se"] <= se_range[1] + 1e-9)]
-if text:
-    view = view[view["question"].str.contains(text, case=False, regex=False)]
+view = data.filter_scores(frame, data.ScoresFilter(label=label, correctness=correct, se_range=se_range, contains=text))
 
 st.caption(f"{len(view)} of {len(frame)} questions. Click column headers to sort; select rows for the drill-down and the curation set.")
 event = st.dataframe(view, hide_index=True, width="stretch", on_select="rerun", selection_mode="multi-row", key="scores-table",

@@ -24,9 +24,9 @@ def build_synthetic_run(n: int, layers: int = 30, dim: int = 576, seed: int = 0)
 
     from ka2l.config import ProbeConfig, Stage1Config, config_hash, to_dict
     from ka2l.paths import arrays_dir, probes_dir
-    from ka2l.pipeline import _stage_labels, versions
-    from ka2l.pool import PoolData, QuestionRow
-    from ka2l.probes import probe_layers, save_probe
+    from ka2l.probing.stage1 import _stage_labels, versions
+    from ka2l.pools.reader import PoolData, QuestionRow
+    from ka2l.probing.probes import probe_layers, save_probe
     from ka2l.store import queries as Q
     from ka2l.store.arrays import create_array
     from ka2l.store.db import connect
@@ -89,7 +89,7 @@ def main() -> None:
         os.environ["KA2L_DATA_DIR"] = tmp
         import numpy as np
 
-        from ka2l.maps import project
+        from ka2l.views.maps import project
         from ka2l.store.arrays import open_array
         from ka2l.store.db import connect
         from ka2l.store import queries as Q

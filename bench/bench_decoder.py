@@ -50,15 +50,15 @@ def main() -> None:
 
     import torch
 
-    from ka2l import curation
-    from ka2l.candidates import generate_candidates
+    from ka2l.store import curation
+    from ka2l.augment.candidates import generate_candidates
     from ka2l.config import DecoderConfig, GenerateConfig, SamplingConfig, Stage1Config
-    from ka2l.decoder_train import train_decoder
-    from ka2l.pipeline import run_stage1
+    from ka2l.augment.train import train_decoder
+    from ka2l.probing.stage1 import run_stage1
     from ka2l.progress import TqdmProgress
-    from ka2l.sources import load_builtin
+    from ka2l.pools.sources import load_builtin
     from ka2l.store import queries as Q
-    from ka2l.store import stage2 as S
+    from ka2l.store import augment as S
     from ka2l.store.db import connect
 
     with connect() as db:

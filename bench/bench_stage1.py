@@ -22,13 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ka2l.config import SamplingConfig, Stage1Config  # noqa: E402
-from ka2l.judges import LexicalJudge  # noqa: E402
-from ka2l.llm import build_prompt, extract_hidden_states, generate_answers, load_model  # noqa: E402
-from ka2l.pipeline import run_stage1, score_question  # noqa: E402
-from ka2l.probes import load_probe, predict_unknown  # noqa: E402
+from ka2l.probing.judges import LexicalJudge  # noqa: E402
+from ka2l.models.llm import build_prompt, extract_hidden_states, generate_answers, load_model  # noqa: E402
+from ka2l.probing.stage1 import run_stage1, score_question  # noqa: E402
+from ka2l.probing.probes import load_probe, predict_unknown  # noqa: E402
 from ka2l.progress import TqdmProgress  # noqa: E402
-from ka2l.report import build_report  # noqa: E402
-from ka2l.sources import load_builtin  # noqa: E402
+from ka2l.probing.report import build_report  # noqa: E402
+from ka2l.pools.sources import load_builtin  # noqa: E402
 from ka2l.store import queries as Q  # noqa: E402
 from ka2l.store.db import connect  # noqa: E402
 

@@ -90,7 +90,7 @@ def _validate(kind: str, config: dict[str, Any]) -> None:
     cfg = from_dict(_config_class(kind), config.get(kind, {}))
     if kind in ("decoder", "generate"):  # what they build on must exist now, not only when the worker starts
         from .store import queries as Q
-        from .store import stage2 as S
+        from .store import augment as S
 
         with connect() as db:
             if kind == "decoder":
@@ -254,18 +254,18 @@ def _run(kind: str, cfg: dict[str, Any], progress: JobProgress) -> dict[str, Any
 
     config = from_dict(_config_class(kind), cfg.get(kind, {}))
     if kind == "stage1":
-        from .pipeline import run_stage1
+        from .probing.stage1 import run_stage1
 
         return {"run_id": run_stage1(cfg["pool"], config, progress=progress)}
     if kind == "triage":
-        from .pipeline import run_triage
+        from .probing.stage1 import run_triage
 
         return {"run_id": run_triage(cfg["pool"], config, progress=progress)}
     if kind == "decoder":
-        from .decoder_train import train_decoder
+        from .augment.train import train_decoder
 
         return {"decoder_id": train_decoder(config, progress=progress)}
-    from .candidates import generate_candidates
+    from .augment.candidates import generate_candidates
 
     return {"generation_id": generate_candidates(config, progress=progress)}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ka2l.quizfiles import canonical, expand, read_quiz  # noqa: E402
+from ka2l.pools.quizfiles import canonical, expand, read_quiz  # noqa: E402
 
 CAPITAL_FILES = {"africa": "Africa", "america": "the Americas", "asia": "Asia", "europe": "Europe", "state": "US states", "province": "Canadian provinces"}
 

@@ -38,7 +38,7 @@ def tiny_nli_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_llama_dir):
     from ka2l.config import ModelSpec
-    from ka2l.llm import load_model
+    from ka2l.models.llm import load_model
 
     return load_model(ModelSpec(name_or_path=str(tiny_llama_dir), device="cpu"))
 

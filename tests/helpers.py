@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ka2l.config import ModelSpec, ProbeConfig, SamplingConfig, Stage1Config
-from ka2l.pool import PoolData, QuestionRow
+from ka2l.pools.reader import PoolData, QuestionRow
 from ka2l.store import queries as Q
 from ka2l.store.db import connect
 

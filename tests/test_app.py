@@ -10,11 +10,11 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from ka2l import jobs
-from ka2l.candidates import generate_candidates
+from ka2l.augment.candidates import generate_candidates
 from ka2l.config import DecoderConfig, GenerateConfig, TriageConfig
-from ka2l.decoder_train import train_decoder
+from ka2l.augment.train import train_decoder
 from ka2l.paths import PROJECT_ROOT
-from ka2l.pipeline import run_stage1, run_triage
+from ka2l.probing.stage1 import run_stage1, run_triage
 from ka2l.store import queries as Q
 from ka2l.store.db import connect
 from helpers import import_pool, stage1_cfg
@@ -84,7 +84,7 @@ def test_scores_page_filters_drills_down_and_downloads(app):
     assert len(table) == 80 and {"se", "bise", "p_unknown", "correct", "gold", "triage_label"} <= set(table.columns)
     assert set(table["triage_label"]) <= {0, 1} and table["triage_label"].notna().all(), "every question has its triage label"
     label = next(s for s in at.selectbox if s.label == "Label")
-    label.set_value("unknown (BiSE = 1)").run()
+    label.set_value("unknown").run()
     unknown = at.dataframe[0].value
     assert 0 < len(unknown) < 80 and set(unknown["bise"]) == {1}
     drill = next(s for s in at.selectbox if s.label == "Drill down into")

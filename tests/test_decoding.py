@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from ka2l import review
-from ka2l.candidates import CandidateFilter, dedupe_key, generate_candidates, is_question, normalise, screen
+from ka2l.augment import review
+from ka2l.augment.candidates import CandidateFilter, dedupe_key, generate_candidates, is_question, normalise, screen
 from ka2l.config import DecoderConfig, FilterConfig, GenerateConfig, PromptConfig, config_hash
-from ka2l.decoder_train import encode_questions, train_decoder
-from ka2l.decoding import HiddenStateDecoder, load_backbone, load_decoder, perturb, save_decoder
+from ka2l.augment.train import encode_questions, train_decoder
+from ka2l.augment.decoder import HiddenStateDecoder, load_backbone, load_decoder, perturb, save_decoder
 from ka2l.errors import Cancelled, ConfigError
 from ka2l.metrics import bleu
-from ka2l.pipeline import run_stage1
-from ka2l.probes import load_probe
+from ka2l.probing.stage1 import run_stage1
+from ka2l.probing.probes import load_probe
 from ka2l.store import queries as Q
-from ka2l.store import stage2 as S
+from ka2l.store import augment as S
 from ka2l.store.db import connect
 from helpers import import_pool, stage1_cfg
 from tiny import save_tiny_t5
@@ -185,7 +185,7 @@ def test_cancelled_training_resumes_from_its_checkpoint(store):
 
 
 def test_extra_corpus_adds_training_questions_only(store, capitals):
-    from ka2l.pool import PoolData, QuestionRow
+    from ka2l.pools.reader import PoolData, QuestionRow
 
     held = [q for q, _ in capitals[:80]]
     extra = PoolData(name="corpus", source="t", n_read=3, rows=[QuestionRow("0", "Which river flows through Cairo?"),
@@ -228,7 +228,7 @@ def test_candidate_filter_drops_copies_and_non_questions(store, tiny_lm):
         pool_q = Q.pool_questions(db, store["pool_id"])
         d = S.get_decoder(db, store["decoder_id"])
     from ka2l.config import ModelSpec
-    from ka2l.llm import load_model
+    from ka2l.models.llm import load_model
 
     _, meta = load_decoder(d["path"])
     lm = load_model(ModelSpec(**meta["model"]))
@@ -264,7 +264,7 @@ def _candidate(candidate_id: int) -> dict:
 
 
 def test_review_decisions_persist_edits_keep_the_original_and_undo(store):
-    from ka2l import curation
+    from ka2l.store import curation
 
     pool = store["pool_id"]
     queue = review.queue(pool)
@@ -306,7 +306,7 @@ def test_review_decisions_persist_edits_keep_the_original_and_undo(store):
 
 
 def test_cli_lists_decoders_and_exports_the_approved_set(store, tmp_path, capsys):
-    from ka2l.cli import main
+    from ka2l.cli.main import main
 
     assert main(["decoders", "--pool", "caps"]) == 0
     assert f"decoder {store['decoder_id']}" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ka2l.embedded import LOCAL_NAME, ensure_embedded_model
+from ka2l.models.embedded import LOCAL_NAME, ensure_embedded_model
 from ka2l.paths import PROJECT_ROOT
 from ka2l.store import queries as Q
 from ka2l.store.db import connect
@@ -67,8 +67,8 @@ def test_gguf_file_loads_directly_and_matches_the_converted_copy(embedded_model)
     import numpy as np
 
     from ka2l.config import EMBEDDED_MODEL, ModelSpec, PromptConfig
-    from ka2l.embedded import embedded_gguf
-    from ka2l.llm import build_prompt, extract_hidden_states, load_model
+    from ka2l.models.embedded import embedded_gguf
+    from ka2l.models.llm import build_prompt, extract_hidden_states, load_model
 
     gguf = load_model(ModelSpec(name_or_path=str(embedded_gguf()), device="cpu", dtype="float32"))
     plain = load_model(ModelSpec(name_or_path=EMBEDDED_MODEL, device="cpu", dtype="float32"))
@@ -86,11 +86,11 @@ def test_smollm2_soft_prefix_decoder_trains_and_its_states_find_paraphrases(embe
     import numpy as np
     import torch
 
-    from ka2l.candidates import Similarity
+    from ka2l.augment.candidates import Similarity
     from ka2l.config import EMBEDDED_MODEL, ModelSpec, PromptConfig
-    from ka2l.decoder_train import encode_questions
-    from ka2l.decoding import HiddenStateDecoder, load_backbone
-    from ka2l.llm import load_model
+    from ka2l.augment.train import encode_questions
+    from ka2l.augment.decoder import HiddenStateDecoder, load_backbone
+    from ka2l.models.llm import load_model
 
     lm = load_model(ModelSpec(name_or_path=EMBEDDED_MODEL, device="cpu"))
     pool = ["What is the capital of France?", "Who wrote Hamlet?", "What is the chemical symbol of gold?",

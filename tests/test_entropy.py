@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ka2l.entropy import (binarize, cluster_answers, discrete_semantic_entropy, find_threshold, is_correct, lexically_equivalent,
+from ka2l.probing.entropy import (binarize, cluster_answers, discrete_semantic_entropy, find_threshold, is_correct, lexically_equivalent,
                           mean_log_likelihood, normalize_answer, regular_entropy, weighted_semantic_entropy)
 from ka2l.errors import ConfigError
 

@@ -6,7 +6,7 @@ import pytest
 
 from ka2l.config import JudgeConfig
 from ka2l.errors import ConfigError, JudgeError
-from ka2l.judges import CONTRADICTION, ENTAILMENT, NEUTRAL, EmbeddingJudge, LexicalJudge, NLIJudge, equivalent_from_relations, make_judge
+from ka2l.probing.judges import CONTRADICTION, ENTAILMENT, NEUTRAL, EmbeddingJudge, LexicalJudge, NLIJudge, equivalent_from_relations, make_judge
 from tiny import save_tiny_nli
 
 

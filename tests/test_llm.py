@@ -9,7 +9,7 @@ import torch
 
 from ka2l.config import ModelSpec, PromptConfig, SamplingConfig
 from ka2l.errors import ModelLoadError
-from ka2l.llm import _cut_at_stop, build_prompt, extract_hidden_states, generate_answers, last_token_index, load_model
+from ka2l.models.llm import _cut_at_stop, build_prompt, extract_hidden_states, generate_answers, last_token_index, load_model
 
 QUESTIONS = ["What is the capital of France?", "Who wrote Hamlet?", "Capital of Italy, briefly, if you know it please?"]
 

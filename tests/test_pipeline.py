@@ -16,9 +16,9 @@ import pytest
 from ka2l.config import TriageConfig
 from ka2l.errors import Cancelled
 from ka2l.paths import PROJECT_ROOT
-from ka2l.pipeline import run_stage1, run_triage
+from ka2l.probing.stage1 import run_stage1, run_triage
 from ka2l.progress import NullProgress
-from ka2l.report import build_report, format_report
+from ka2l.probing.report import build_report, format_report
 from ka2l.store import queries as Q
 from ka2l.store.arrays import open_array
 from ka2l.store.db import connect

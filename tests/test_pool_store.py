@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from ka2l.errors import NotFound, PoolError, StoreError
-from ka2l.pool import parse_answers, read_pool
-from ka2l.sources import demo_pools, load_builtin
+from ka2l.pools.reader import parse_answers, read_pool
+from ka2l.pools.sources import demo_pools, load_builtin
 from ka2l.store import queries as Q
 from ka2l.store.db import connect
 from ka2l.store.migrations import MIGRATIONS

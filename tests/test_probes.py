@@ -7,7 +7,7 @@ import pytest
 
 from ka2l.config import ProbeConfig
 from ka2l.errors import ProbeError
-from ka2l.probes import auroc, bootstrap_auroc, load_probe, predict_unknown, probe_layers, save_probe, stratified_split
+from ka2l.probing.probes import auroc, bootstrap_auroc, load_probe, predict_unknown, probe_layers, save_probe, stratified_split
 
 
 def planted(n=300, layers=4, dim=24, signal_layer=2, seed=0):

@@ -79,7 +79,7 @@ def save_memorising_llama(folder: Path, known: list[tuple[str, str]], steps: int
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ka2l.config import PromptConfig
-    from ka2l.llm import build_prompt
+    from ka2l.models.llm import build_prompt
 
     tok = make_tokenizer(chat=True)
     torch.manual_seed(seed)

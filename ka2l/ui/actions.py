@@ -5,8 +5,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ..pool import PoolData, read_pool
-from ..sources import demo_pools, load_builtin
+from ..pools.reader import PoolData, read_pool
+from ..pools.sources import demo_pools, load_builtin
 from ..store import queries as Q
 from ..store.db import connect
 
@@ -65,13 +65,16 @@ def set_data_dir(folder: str):
 
 
 # Backend modules the pages use, reached through ka2l.ui (pages import only ui, config, errors, jobs).
-from .. import curation, export, maps, review, settings  # noqa: E402,F401
+from ..store import curation  # noqa: E402,F401
+from ..views import export, maps  # noqa: E402,F401
+from ..augment import review  # noqa: E402,F401
+from .. import settings  # noqa: E402,F401
 
 
 def read_corpus(filename: str, content: bytes) -> PoolData:
     """An extra question corpus: a .txt file (one question per line) or a pool file with a 'question'
     column or a single column of any name."""
-    from ..pool import read_corpus as read
+    from ..pools.reader import read_corpus as read
 
     suffix = Path(filename).suffix
     with tempfile.TemporaryDirectory() as tmp:

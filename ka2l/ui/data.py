@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..report import build_report
+from ..probing.report import build_report
 from ..store import queries as Q
 from ..store.db import connect
+from ..views.tables import CORRECTNESS_FILTERS, LABEL_FILTERS, ScoresFilter, filter_scores  # noqa: F401 (the Scores page's filters)
 
 
 def pools() -> list[dict[str, Any]]:
@@ -25,13 +26,13 @@ def report(run_id: int) -> dict[str, Any]:
 
 
 def scores(run_id: int):
-    from ..tables import scores_frame
+    from ..views.tables import scores_frame
 
     return scores_frame(run_id)
 
 
 def detail(run_id: int, question_id: int) -> dict[str, Any]:
-    from ..tables import question_detail
+    from ..views.tables import question_detail
 
     return question_detail(run_id, question_id)
 
@@ -44,21 +45,21 @@ def run_threshold(run_id: int) -> dict[str, Any]:
 # -- Stage 2 -------------------------------------------------------------------------------------
 
 def decoders(pool_id: int) -> list[dict[str, Any]]:
-    from ..store import stage2 as S
+    from ..store import augment as S
 
     with connect() as db:
         return S.list_decoders(db, pool_id)
 
 
 def decoder_losses(decoder_id: int) -> list[dict[str, Any]]:
-    from ..store import stage2 as S
+    from ..store import augment as S
 
     with connect() as db:
         return S.losses(db, decoder_id)
 
 
 def generations(pool_id: int) -> list[dict[str, Any]]:
-    from ..store import stage2 as S
+    from ..store import augment as S
 
     with connect() as db:
         return S.list_generations(db, pool_id)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from .. import review
+from ..augment import review
 from ..errors import Ka2lError
 
 SKIPPED_KEY = "ka2l.review.skipped"

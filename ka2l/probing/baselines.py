@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from .config import ProbeConfig
+from ..config import ProbeConfig
 from .entropy import binarize
-from .errors import ProbeError
+from ..errors import ProbeError
 from .probes import ProbeResult, Split, auroc, masked_auroc, predict_unknown, probe_layers, layer_features, train_probe
-from .progress import NullProgress, Progress
+from ..progress import NullProgress, Progress
 
 DELTAS = (-0.20, -0.10, -0.05, 0.0, 0.05, 0.10, 0.20)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import EMBEDDED_MODEL, ModelSpec, PromptConfig, SamplingConfig
-from .device import resolve_device, resolve_dtype
-from .errors import ModelLoadError
-from .paths import models_dir
+from ..config import EMBEDDED_MODEL, ModelSpec, PromptConfig, SamplingConfig
+from ..device import resolve_device, resolve_dtype
+from ..errors import ModelLoadError
+from ..paths import models_dir
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import T5_SCRATCH, ModelSpec
-from .errors import ModelLoadError
+from ..config import T5_SCRATCH, ModelSpec
+from ..errors import ModelLoadError
 
 KINDS = ("causal", "seq2seq")
 
@@ -158,7 +158,7 @@ def load_backbone(name: str, fallback_tokenizer=None, seed: int = 0):
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from .llm import resolve_source
+    from ..models.llm import resolve_source
 
     if name == T5_SCRATCH:
         if fallback_tokenizer is None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import ConfigError, NotFound
-from .store import stage2 as S
-from .store.db import connect
+from ..errors import ConfigError, NotFound
+from ..store import augment as S
+from ..store.db import connect
 
 DECISIONS = ("pending", "approved", "rejected")
 
@@ -74,7 +74,7 @@ def counts(pool_id: int) -> dict[str, int]:
 
 def approved_set(pool_id: int) -> list[dict[str, Any]]:
     """Original curated questions followed by approved candidates, one row each, ready to export."""
-    from . import curation
+    from ..store import curation
 
     rows = [{"kind": "original", "question": m["question"], "question_id": m["question_id"], "candidate_id": None,
              "source_question": None, "decoded_text": None, "edited": False, "p_unknown": None, "added_from": m["source"]}

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
-from .paths import arrays_dir
-from .store import queries as Q
-from .store.arrays import open_array
-from .store.db import connect
+from ..errors import ConfigError
+from ..paths import arrays_dir
+from ..store import queries as Q
+from ..store.arrays import open_array
+from ..store.db import connect
 
 METHODS = ("pca", "umap")
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import ProbeConfig, from_dict, to_dict
-from .errors import ProbeError
-from .progress import NullProgress, Progress
+from ..config import ProbeConfig, from_dict, to_dict
+from ..errors import ProbeError
+from ..progress import NullProgress, Progress
 
 log = logging.getLogger(__name__)
 

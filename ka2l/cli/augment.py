@@ -6,8 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .config import GENERATE_SOURCES, POOLINGS, DecoderConfig, FilterConfig, GenerateConfig, from_dict, to_dict
-from .errors import ConfigError
+from ..config import GENERATE_SOURCES, POOLINGS, DecoderConfig, FilterConfig, GenerateConfig, from_dict, to_dict
+from ..errors import ConfigError
+from .parsing import add_command
+
+GROUP = "Stage 2: augmentation"
 
 
 def _options(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
@@ -15,15 +18,15 @@ def _options(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any
 
 
 def _submit(kind: str, config: dict[str, Any]) -> int:
-    from . import jobs
+    from .. import jobs
 
     print(f"submitted job {jobs.submit(kind, config)}: follow it on the app's Augment or Jobs page, or with `python -m ka2l jobs`")
     return 0
 
 
 def _cmd_decoder_train(args: argparse.Namespace) -> int:
-    from .decoder_train import train_decoder
-    from .progress import TqdmProgress
+    from ..augment.train import train_decoder
+    from ..progress import TqdmProgress
 
     cfg = from_dict(DecoderConfig, {"probe_id": args.probe, **_options(args, {
         "backbone": "backbone", "pooling": "pooling", "layer": "layer", "epochs": "epochs", "minutes": "max_minutes", "lr": "lr",
@@ -38,8 +41,8 @@ def _cmd_decoder_train(args: argparse.Namespace) -> int:
 
 
 def format_decoder(decoder_id: int) -> str:
-    from .store import stage2 as S
-    from .store.db import connect
+    from ..store import augment as S
+    from ..store.db import connect
 
     with connect() as db:
         d = S.get_decoder(db, decoder_id)
@@ -56,9 +59,9 @@ def format_decoder(decoder_id: int) -> str:
 
 
 def _cmd_decoders(args: argparse.Namespace) -> int:
-    from .store import queries as Q
-    from .store import stage2 as S
-    from .store.db import connect
+    from ..store import queries as Q
+    from ..store import augment as S
+    from ..store.db import connect
 
     with connect() as db:
         pool_id = Q.get_pool(db, args.pool)["id"] if args.pool else None
@@ -71,10 +74,10 @@ def _cmd_decoders(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .candidates import generate_candidates
-    from .progress import TqdmProgress
-    from .store import stage2 as S
-    from .store.db import connect
+    from ..augment.candidates import generate_candidates
+    from ..progress import TqdmProgress
+    from ..store import augment as S
+    from ..store.db import connect
 
     filters = from_dict(FilterConfig, _options(args, {"similarity": "similarity", "max_chars": "max_chars"}))
     cfg = from_dict(GenerateConfig, {"decoder_id": args.decoder, **_options(args, {
@@ -96,10 +99,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_approved(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .export import to_jsonl, to_safe_csv
-    from .review import approved_set
-    from .store import queries as Q
-    from .store.db import connect
+    from ..views.export import to_jsonl, to_safe_csv
+    from ..augment.review import approved_set
+    from ..store import queries as Q
+    from ..store.db import connect
 
     out = Path(args.out)
     if out.suffix not in (".jsonl", ".csv"):
@@ -114,7 +117,7 @@ def _cmd_approved(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("decoder-train", help="Stage 2: train a hidden-state -> question decoder on a probe's pool (resumable)")
+    p = add_command(sub, GROUP, "decoder-train", "Stage 2: train a hidden-state -> question decoder on a probe's pool (resumable)")
     p.add_argument("--probe", type=int, required=True, help="probe id (see `runs`): gives the model, the layer and the pool")
     p.add_argument("--backbone", help="causal LM or seq2seq model (hub id, folder), the embedded model (default) or t5-scratch")
     p.add_argument("--pooling", choices=POOLINGS, help="mean-pooled question states (default) or the last prompt token")
@@ -132,11 +135,11 @@ def add_commands(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_decoder_train)
 
-    p = sub.add_parser("decoders", help="list decoders with their reconstruction BLEU / ROUGE-L")
+    p = add_command(sub, GROUP, "decoders", "list decoders with their reconstruction BLEU / ROUGE-L")
     p.add_argument("--pool", help="only decoders trained on this pool")
     p.set_defaults(func=_cmd_decoders)
 
-    p = sub.add_parser("generate", help="Stage 2: decode new candidate questions from unknown questions, filter and re-probe them")
+    p = add_command(sub, GROUP, "generate", "Stage 2: decode new candidate questions from unknown questions, filter and re-probe them")
     p.add_argument("--decoder", type=int, required=True, help="decoder id (see `decoders`)")
     p.add_argument("--source", choices=GENERATE_SOURCES, help="unknown questions of the run (default) or the curation set")
     p.add_argument("--per-question", type=int, help="candidates per source question (default 4)")
@@ -150,7 +153,7 @@ def add_commands(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("approved", help="export a pool's approved set (curated originals + approved candidates)")
+    p = add_command(sub, GROUP, "approved", "export a pool's approved set (curated originals + approved candidates)")
     p.add_argument("--pool", required=True, help="pool name or id")
     p.add_argument("--out", required=True, help="a .jsonl or .csv file to write")
     p.set_defaults(func=_cmd_approved)

@@ -24,15 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from .config import T5_SCRATCH, DecoderConfig, Stage1Config, config_hash, from_dict, to_dict
-from .errors import Cancelled, ConfigError
-from .llm import LoadedLM, build_prompt, load_model, question_states
-from .metrics import bleu, exact_match, rouge_l
-from .paths import decoders_dir
-from .progress import NullProgress, Progress, marks_status
-from .store import queries as Q
-from .store import stage2 as S
-from .store.db import connect
+from ..config import T5_SCRATCH, DecoderConfig, Stage1Config, config_hash, from_dict, to_dict
+from ..errors import Cancelled, ConfigError
+from ..models.llm import LoadedLM, build_prompt, load_model, question_states
+from ..metrics import bleu, exact_match, rouge_l
+from ..paths import decoders_dir
+from ..progress import NullProgress, Progress, marks_status
+from ..store import queries as Q
+from ..store import augment as S
+from ..store.db import connect
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _start(db, cfg: DecoderConfig, resume: bool) -> tuple[int, str]:
         S.update_decoder(db, row["id"], status="training", error=None)
         return int(row["id"]), "resumed"
     layer = cfg.layer if cfg.layer >= 0 else int(probe["layer"])
-    from .pipeline import versions
+    from ..probing.stage1 import versions
 
     return S.create_decoder(db, {"probe_id": probe["id"], "run_id": run["id"], "pool_id": run["pool_id"], "layer": layer,
                                  "pooling": cfg.pooling, "backbone": cfg.backbone, "config": to_dict(cfg), "config_hash": h,
@@ -125,7 +125,7 @@ class _Trainer:
         self.train_rows = np.array([i for i, t in enumerate(self.texts) if i not in held_rows and t.casefold() not in held_keys], dtype=np.int64)
         if len(self.train_rows) < 2:
             raise ConfigError(f"Only {len(self.train_rows)} training question(s): a decoder needs more. Add an extra corpus or lower heldout_share.")
-        from .device import resolve_device
+        from ..device import resolve_device
 
         self.device = resolve_device(cfg.device)
 
@@ -161,7 +161,7 @@ class _Trainer:
     def build(self, vectors: np.ndarray):
         import torch
 
-        from .decoding import HiddenStateDecoder, load_backbone, load_decoder
+        from .decoder import HiddenStateDecoder, load_backbone, load_decoder
 
         ckpt = self.folder / "checkpoint"
         if (ckpt / "decoder.json").is_file() and (ckpt / "state.json").is_file():
@@ -193,7 +193,7 @@ class _Trainer:
             torch.save(opt.state_dict(), tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps(state))
 
-        from .decoding import save_decoder
+        from .decoder import save_decoder
 
         save_decoder(decoder, self.folder / "checkpoint", self.meta(state.get("metrics")), extra)
         log.info("decoder %d checkpoint at step %d", self.id, state["step"])
@@ -274,7 +274,7 @@ def train_decoder(cfg: DecoderConfig, progress: Progress | None = None, resume: 
         metrics = {**st["metrics"], "after": t.report(decoder, vectors), "steps": st["step"], "train_seconds": st["seconds"],
                    "stopped": "time budget" if st["step"] < total else "epochs", "n_train": len(t.train_rows), "n_heldout": len(t.heldout)}
         progress.advance(1)
-        from .decoding import save_decoder
+        from .decoder import save_decoder
 
         path = save_decoder(decoder, t.folder / "model", t.meta(metrics))
         shutil.rmtree(t.folder / "checkpoint", ignore_errors=True)

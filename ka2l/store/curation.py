@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .store.db import connect, now
+from .db import connect, now
 
 
 def add(pool_id: int, question_ids: Iterable[int], source: str) -> int:

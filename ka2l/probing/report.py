@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .store import queries as Q
+from ..store import queries as Q
 
 
 def build_report(db, run_id: int) -> dict[str, Any]:

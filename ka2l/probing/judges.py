@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from .config import JudgeConfig
-from .device import resolve_device
+from ..config import JudgeConfig
+from ..device import resolve_device
 from .entropy import Clustering, cluster_answers, lexically_equivalent, normalize_answer, tokens
-from .errors import JudgeError, ModelLoadError
+from ..errors import JudgeError, ModelLoadError
 
 log = logging.getLogger(__name__)
 

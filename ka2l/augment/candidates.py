@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from .config import FilterConfig, GenerateConfig, ModelSpec, PromptConfig, config_hash, from_dict, to_dict
-from .errors import ConfigError
-from .progress import NullProgress, Progress, marks_status
-from .store import queries as Q
-from .store import stage2 as S
-from .store.db import connect
+from ..config import FilterConfig, GenerateConfig, ModelSpec, PromptConfig, config_hash, from_dict, to_dict
+from ..errors import ConfigError
+from ..progress import NullProgress, Progress, marks_status
+from ..store import queries as Q
+from ..store import augment as S
+from ..store.db import connect
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Similarity:
 def source_questions(db, decoder: dict[str, Any], source: str) -> list[int]:
     if source == "unknown":
         return [r["question_id"] for r in Q.load_scores(db, decoder["run_id"]) if r["bise"] == 1]
-    from . import curation
+    from ..store import curation
 
     return [m["question_id"] for m in curation.members(decoder["pool_id"])]
 
@@ -118,8 +118,8 @@ class CandidateFilter:
 
     def __call__(self, sources: list[int], texts: list[str], per_question: int, noise: float) -> list[dict[str, Any]]:
         """One row per text (sources[j // per_question] made texts[j]); kept or dropped with a reason."""
-        from .decoder_train import decoder_vectors, encode_questions
-        from .probes import predict_unknown
+        from .train import decoder_vectors, encode_questions
+        from ..probing.probes import predict_unknown
 
         rows, fresh = [], []
         for j, raw in enumerate(texts):
@@ -160,11 +160,11 @@ class CandidateFilter:
 def generate_candidates(cfg: GenerateConfig, progress: Progress | None = None, resume: bool = True, lm=None) -> int:
     """Decode ``cfg.per_question`` candidates per source question, filter and re-probe them; returns
     the generation batch id."""
-    from .decoding import load_decoder, perturb
-    from .device import resolve_device
-    from .llm import load_model
-    from .paths import decoders_dir
-    from .probes import load_probe
+    from .decoder import load_decoder, perturb
+    from ..device import resolve_device
+    from ..models.llm import load_model
+    from ..paths import decoders_dir
+    from ..probing.probes import load_probe
 
     progress = progress or NullProgress()
     with connect() as db:

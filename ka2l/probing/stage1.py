@@ -20,16 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .config import Stage1Config, TriageConfig, config_hash, from_dict, to_dict
+from .. import __version__
+from ..config import Stage1Config, TriageConfig, config_hash, from_dict, to_dict
 from .entropy import discrete_semantic_entropy, find_threshold, binarize, is_correct, mean_log_likelihood, regular_entropy, weighted_semantic_entropy
-from .errors import Cancelled, ProbeError
-from .llm import LoadedLM, build_prompt, extract_hidden_states, generate_answers, load_model
-from .paths import arrays_dir, probes_dir
-from .progress import NullProgress, Progress
-from .store import queries as Q
-from .store.arrays import create_array, open_array
-from .store.db import connect
+from ..errors import Cancelled, ProbeError
+from ..models.llm import LoadedLM, build_prompt, extract_hidden_states, generate_answers, load_model
+from ..paths import arrays_dir, probes_dir
+from ..progress import NullProgress, Progress
+from ..store import queries as Q
+from ..store.arrays import create_array, open_array
+from ..store.db import connect
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def _stage_probes(db, run_id: int, cfg: Stage1Config, hidden: np.ndarray, progre
 
 
 def _probe_device(cfg: Stage1Config) -> str:
-    from .device import resolve_device
+    from ..device import resolve_device
 
     return resolve_device(cfg.probe.device)
 
@@ -272,7 +272,7 @@ def run_triage(pool: int | str, cfg: TriageConfig, progress: Progress | None = N
         if state == "done":
             return run_id
         with _run_status(db, run_id, progress):
-            from .device import resolve_device
+            from ..device import resolve_device
 
             lm = lm or load_model(source.model, device=resolve_device(cfg.device))
             prompts = [build_prompt(lm.tokenizer, q["question"], source.prompt) for q in questions]

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .store import queries as Q
-from .store.arrays import open_array
-from .store.db import connect
+from ..store import queries as Q
+from ..store.arrays import open_array
+from ..store.db import connect
 
 
 def probe_scores(run: dict[str, Any], probe: dict[str, Any]) -> np.ndarray:
     """P(unknown) of the run's probe on the run's own questions (from stored hidden states)."""
-    from .probes import load_probe, predict_unknown
+    from ..probing.probes import load_probe, predict_unknown
 
     net, meta = load_probe(probe["path"])
     hidden = open_array(run["hidden_path"])
@@ -45,6 +46,51 @@ def scores_frame(run_id: int):
     cols = ["question_id", "ext_id", "question", "se", "se_weighted", "bise", "p_unknown", "triage_label", "correct", "gold",
             "regular_entropy", "mean_loglik", "n_clusters", "split"]
     return frame[[c for c in cols if c in frame.columns]]
+
+
+LABEL_FILTERS = ("all", "unknown", "known")
+CORRECTNESS_FILTERS = ("all", "correct", "incorrect")
+
+
+@dataclass(frozen=True)
+class ScoresFilter:
+    """What the Scores page filters on; every field's default keeps every row."""
+
+    label: str = "all"                 # all, unknown (BiSE = 1), known (BiSE = 0)
+    correctness: str = "all"           # all, correct, incorrect (the low-temperature answer against the gold answers)
+    se_range: tuple[float, float] | None = None  # inclusive SE bounds in nats; None keeps every SE
+    contains: str = ""                 # case-insensitive substring of the question, not a pattern
+
+    def __post_init__(self) -> None:
+        from ..errors import ConfigError
+
+        if self.label not in LABEL_FILTERS:
+            raise ConfigError(f"label filter {self.label!r} is not one of {', '.join(LABEL_FILTERS)}.")
+        if self.correctness not in CORRECTNESS_FILTERS:
+            raise ConfigError(f"correctness filter {self.correctness!r} is not one of {', '.join(CORRECTNESS_FILTERS)}.")
+
+
+def filter_scores(frame, f: ScoresFilter):
+    """The rows of a scores frame that pass every filter, in their order.
+
+    >>> import pandas as pd
+    >>> t = pd.DataFrame({"question": ["Capital of Peru?", "Who wrote Emma?"], "bise": [1, 0], "correct": [0, 1], "se": [1.2, 0.0]})
+    >>> filter_scores(t, ScoresFilter(label="unknown"))["question"].tolist()
+    ['Capital of Peru?']
+    >>> filter_scores(t, ScoresFilter(se_range=(0.0, 0.5), contains="EMMA"))["question"].tolist()
+    ['Who wrote Emma?']
+    """
+    view = frame
+    if f.label != "all":
+        view = view[view["bise"] == (1 if f.label == "unknown" else 0)]
+    if f.correctness != "all":
+        view = view[view["correct"] == (1 if f.correctness == "correct" else 0)]
+    if f.se_range is not None:
+        lo, hi = f.se_range
+        view = view[(view["se"] >= lo - 1e-9) & (view["se"] <= hi + 1e-9)]  # slider values are rounded floats
+    if f.contains:
+        view = view[view["question"].str.contains(f.contains, case=False, regex=False)]
+    return view
 
 
 def _latest_triage(db, pool_id: int) -> list[dict[str, Any]] | None:

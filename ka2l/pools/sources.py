@@ -11,9 +11,9 @@ import importlib.util
 import json
 from pathlib import Path
 
-from .errors import PoolError
-from .paths import demo_dir
-from .pool import PoolData, read_pool, validate_records
+from ..errors import PoolError
+from ..paths import demo_dir
+from .reader import PoolData, read_pool, validate_records
 
 
 def demo_pools() -> list[str]:

@@ -1,0 +1,32 @@
+"""Shared argparse plumbing: commands registered under a stage group, and a help listing grouped by stage."""
+
+from __future__ import annotations
+
+import argparse
+
+GROUPS_ATTR = "_ka2l_groups"
+
+
+def add_command(sub: argparse._SubParsersAction, group: str, name: str, summary: str) -> argparse.ArgumentParser:
+    """Add command `name` to `group`; its one-line summary shows in the grouped top-level help."""
+    parser = sub.add_parser(name, help=summary, description=summary)
+    groups: dict[str, list[tuple[str, str]]] = getattr(sub, GROUPS_ATTR, {})
+    groups.setdefault(group, []).append((name, summary))
+    setattr(sub, GROUPS_ATTR, groups)
+    return parser
+
+
+def grouped_listing(sub: argparse._SubParsersAction) -> str:
+    """The commands by stage, in the order the stages were registered:
+
+    >>> p = argparse.ArgumentParser(); s = p.add_subparsers()
+    >>> _ = add_command(s, "Stage 1: probing", "probe", "run Stage 1")
+    >>> print(grouped_listing(s))
+    Stage 1: probing:
+      probe           run Stage 1
+    """
+    lines = []
+    for group, commands in getattr(sub, GROUPS_ATTR, {}).items():
+        lines.append(f"{group}:")
+        lines += [f"  {name:<15} {summary}" for name, summary in commands]
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""Stage 1 commands of ``python -m ka2l``: probe a pool, triage a new one with a saved probe, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..config import EMBEDDED_MODEL, JUDGE_KINDS, PROBE_KINDS, THRESHOLD_RULES, Stage1Config, TriageConfig, from_dict
+from ..errors import ConfigError
+from .parsing import add_command
+
+GROUP = "Stage 1: probing"
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from ..store import queries as Q
+    from ..store.db import connect
+
+    with connect() as db:
+        for r in Q.list_runs(db):
+            probes = ", ".join(f"probe {p['id']} (layer {p['layer']})" for p in Q.list_probes(db, r["id"]))
+            print(f"{r['id']:>4}  {r['kind']:<7} {r['status']:<12} pool {r['pool_id']:<4} {r['model']}  {probes}")
+    return 0
+
+
+def stage1_config(args: argparse.Namespace) -> Stage1Config:
+    """Config from --config FILE, with any explicit flags on top."""
+    base: dict[str, Any] = {}
+    if args.config:
+        try:
+            base = json.loads(open(args.config, encoding="utf-8").read())
+        except OSError as exc:
+            raise ConfigError(f"Cannot read --config {args.config}: {exc.strerror}.") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--config {args.config} is not valid JSON (line {exc.lineno}: {exc.msg}).") from exc
+        if not isinstance(base, dict):
+            raise ConfigError(f"--config {args.config} must hold a JSON object such as {{\"sampling\": {{\"k\": 5}}}}.")
+    def put(section: str, key: str, value: Any) -> None:
+        if value is not None:
+            base.setdefault(section, {})[key] = value
+    put("model", "name_or_path", args.model)
+    put("model", "device", args.device)
+    put("model", "dtype", args.dtype)
+    put("sampling", "k", args.k)
+    put("sampling", "temperature", args.temperature)
+    put("sampling", "low_temperature", args.low_temperature)
+    put("sampling", "max_new_tokens", args.max_new_tokens)
+    put("sampling", "batch_size", args.batch_size)
+    put("sampling", "seed", args.seed)
+    put("judge", "kind", args.judge)
+    put("judge", "model", args.judge_model)
+    put("judge", "strict", False if args.non_strict else None)
+    put("threshold", "rule", args.threshold_rule)
+    put("probe", "kind", args.probe_kind)
+    put("probe", "device", args.device)
+    return from_dict(Stage1Config, base)
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from ..probing.stage1 import run_stage1
+    from ..progress import TqdmProgress
+    from ..probing.report import build_report, format_report
+    from ..store.db import connect
+
+    cfg = stage1_config(args)
+    if args.background:
+        return _submit_background(args.pool, cfg)
+    run_id = run_stage1(args.pool, cfg, progress=TqdmProgress(disable=args.quiet), resume=not args.no_resume)
+    with connect() as db:
+        print(format_report(build_report(db, run_id)))
+    return 0
+
+
+def _submit_background(pool: str, cfg: Stage1Config) -> int:
+    """Queue Stage 1 as a job (the app's Jobs page shows it), unless the same one is already queued or running."""
+    from .. import jobs
+    from ..config import to_dict
+
+    config = {"pool": pool, "stage1": to_dict(cfg)}
+    jobs.refresh()
+    same = [j for j in jobs.list_jobs() if j["status"] in jobs.PENDING and j["config"] == config]
+    if same:
+        print(f"Stage 1 on {pool!r} is already job {same[0]['id']} ({same[0]['status']})")
+        return 0
+    print(f"submitted job {jobs.submit('stage1', config)}: follow it on the app's Jobs page or with `python -m ka2l jobs`")
+    return 0
+
+
+def _cmd_triage(args: argparse.Namespace) -> int:
+    from ..probing.stage1 import run_triage
+    from ..progress import TqdmProgress
+    from ..probing.report import build_report, format_report
+    from ..store.db import connect
+
+    cfg = TriageConfig(probe_id=args.probe, batch_size=args.batch_size, device=args.device or "auto")
+    run_id = run_triage(args.pool, cfg, progress=TqdmProgress(disable=args.quiet), resume=not args.no_resume)
+    with connect() as db:
+        print(format_report(build_report(db, run_id)))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ..probing.report import build_report, format_report
+    from ..store import queries as Q
+    from ..store.db import connect
+
+    with connect() as db:
+        if args.run is not None:
+            run_id = args.run
+        else:
+            pool_id = Q.get_pool(db, args.pool)["id"] if args.pool else None
+            run_id = Q.latest_run(db, "stage1", pool_id)["id"]
+        rep = build_report(db, run_id)
+    print(json.dumps(rep, indent=1, default=str) if args.json else format_report(rep))
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = add_command(sub, GROUP, "probe", "Stage 1: hidden states, sampling, semantic entropy, BiSE, per-layer probes (resumable)")
+    p.add_argument("--pool", required=True, help="pool name or id")
+    p.add_argument("--config", help="JSON file with a full or partial Stage1Config; flags override it")
+    p.add_argument("--model", help=f"hub id, folder or .gguf file (default {EMBEDDED_MODEL})")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (default auto)")
+    p.add_argument("--dtype", help="auto, float32, float16, bfloat16")
+    p.add_argument("--k", type=int, help="samples per question (default 10)")
+    p.add_argument("--temperature", type=float, help="temperature of the k samples (default 1.0)")
+    p.add_argument("--low-temperature", type=float, help="temperature of the most-likely answer (default 0.1)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per answer (default 32)")
+    p.add_argument("--batch-size", type=int, help="questions per generate call (default 16)")
+    p.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    p.add_argument("--judge", choices=JUDGE_KINDS, help="equivalence judge (default lexical)")
+    p.add_argument("--judge-model", help="model for the nli / embedding judge")
+    p.add_argument("--non-strict", action="store_true", help="non-strict equivalence (no contradiction, not both neutral)")
+    p.add_argument("--threshold-rule", choices=THRESHOLD_RULES, help="SE binarisation (default two-means)")
+    p.add_argument("--probe-kind", choices=PROBE_KINDS, help="probe kind (default mlp)")
+    p.add_argument("--no-resume", action="store_true", help="start a new run even if one with this pool and config exists (finished or not)")
+    p.add_argument("--background", action="store_true", help="queue the run as a background job (as the app does) and return at once")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_probe)
+
+    p = add_command(sub, GROUP, "triage", "score a pool with a saved probe: one forward pass per question, no sampling")
+    p.add_argument("--pool", required=True, help="pool name or id")
+    p.add_argument("--probe", type=int, required=True, help="probe id (see `runs`)")
+    p.add_argument("--batch-size", type=int, default=16, help="questions per forward pass")
+    p.add_argument("--device", help="auto, cpu, cuda, mps")
+    p.add_argument("--no-resume", action="store_true", help="start a new triage run even if this pool was triaged with this probe")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_triage)
+
+    p = add_command(sub, GROUP, "report", "print a run's split, layer-wise AUROC and evidence tables")
+    p.add_argument("--run", type=int, help="run id (default: the latest finished Stage 1 run)")
+    p.add_argument("--pool", help="latest finished Stage 1 run of this pool")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_report)
+
+    p = add_command(sub, GROUP, "runs", "list runs and their probes")
+    p.set_defaults(func=_cmd_runs)

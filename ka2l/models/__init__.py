@@ -1,0 +1,1 @@
+"""Language models: loading (hub id, folder, GGUF, the embedded SmolLM2), prompts, hidden states and sampling."""

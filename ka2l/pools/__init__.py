@@ -1,0 +1,1 @@
+"""Question pools: reading and validating files, the demo pools and public sources."""
