@@ -3,6 +3,7 @@ Store: migrations from empty, WAL, refusal of foreign files."""
 
 from __future__ import annotations
 
+import io
 import sqlite3
 
 import pandas as pd
@@ -133,3 +134,16 @@ def test_demo_pools_and_fanoutqa():
         load_builtin("demo:nope")
     fq = load_builtin("fanoutqa")
     assert len(fq.rows) > 1500 and all(r.answers for r in fq.rows)
+
+
+@pytest.mark.parametrize("dtype", [object, "string", "string[pyarrow]", "category"])
+def test_safe_csv_neutralises_every_text_column_whatever_its_dtype(dtype):
+    from ka2l.views.export import to_safe_csv
+
+    frame = pd.DataFrame({"question": pd.Series(["=1+1", "@SUM(A1)", "plain", None], dtype=dtype), "n": [1, -2, 3, 4]})
+    frame["=cmd"] = pd.Series(["+x", "-y", "ok", "\tz"], dtype=dtype)
+    out = pd.read_csv(io.BytesIO(to_safe_csv(frame)), dtype=str, keep_default_na=False)
+    assert list(out.columns) == ["question", "n", "'=cmd"], "a formula-like header is neutralised too"
+    assert list(out["question"]) == ["'=1+1", "'@SUM(A1)", "plain", ""]
+    assert list(out["'=cmd"]) == ["'+x", "'-y", "ok", "'\tz"]
+    assert list(out["n"]) == ["1", "-2", "3", "4"], "numbers stay numbers"

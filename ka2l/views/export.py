@@ -15,11 +15,23 @@ def neutralise(value: Any) -> Any:
     return value
 
 
+def _is_text(series) -> bool:
+    """Object, string (Python or Arrow) and categorical columns can hold text; numbers, booleans and dates cannot."""
+    import pandas as pd
+
+    dtype = series.dtype
+    return (pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype)
+            or isinstance(dtype, pd.CategoricalDtype))
+
+
 def to_safe_csv(frame) -> bytes:
+    """CSV where every text cell and header that a spreadsheet would run as a formula is neutralised,
+    whatever the column's dtype (object, ``string``, Arrow-backed or categorical)."""
     safe = frame.copy()
     for col in safe.columns:
-        if safe[col].dtype == object:
-            safe[col] = safe[col].map(neutralise)
+        if _is_text(safe[col]):
+            safe[col] = safe[col].astype(object).map(neutralise)
+    safe.columns = [neutralise(str(c)) for c in safe.columns]
     return safe.to_csv(index=False).encode("utf-8")
 
 
