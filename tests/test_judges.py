@@ -69,6 +69,29 @@ def test_embedding_judge_threshold(tiny_nli_dir):
     assert loose.cluster("q?", ["Paris", "Lyon premise hypothesis"]).ids == (0, 0)
 
 
+def test_embedding_cache_is_bounded_and_survives_eviction(tiny_nli_dir):
+    """The cache used to be cleared past its bound and then read back: KeyError on a long run."""
+    import torch
+
+    unbounded = EmbeddingJudge(str(tiny_nli_dir), device="cpu")
+    small = EmbeddingJudge(str(tiny_nli_dir), device="cpu", cache_size=3)
+    texts = ["Paris", "Lyon", "Rome", "Madrid", "Au", "Hamlet", "Paris"]
+    # one call asking for more texts than the cache holds: the result is built before evicting
+    torch.testing.assert_close(small.embed(texts), unbounded.embed(texts))
+    assert list(small._cache) == ["Au", "Hamlet", "Paris"]  # the three used last
+    # least recently used goes first: Au is refreshed, so Hamlet (now the oldest) is evicted for Lyon
+    small.embed(["Au"])
+    small.embed(["Lyon"])
+    assert list(small._cache) == ["Paris", "Au", "Lyon"]
+    # question after question past the bound, clustering agrees with the unbounded judge
+    answers = [["Paris", "Lyon", "Paris, France"], ["Rome", "Milan", "Rome"], ["Madrid", "Spain", "Lyon"]] * 3
+    for i, ans in enumerate(answers):
+        assert small.cluster(f"q{i}?", ans).ids == unbounded.cluster(f"q{i}?", ans).ids
+        assert len(small._cache) <= 3
+    with pytest.raises(JudgeError, match="cache_size must be >= 1"):
+        EmbeddingJudge(str(tiny_nli_dir), device="cpu", cache_size=0)
+
+
 def test_judge_config_validation():
     with pytest.raises(ConfigError, match="needs JudgeConfig.model"):
         JudgeConfig(kind="nli")

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from ..config import JudgeConfig
@@ -126,28 +127,41 @@ class EmbeddingJudge(Judge):
     name = "embedding"
     calls_per_comparison = 1  # cosine similarity is symmetric
 
-    def __init__(self, model: str, threshold: float = 0.85, condition_on_question: bool = False, batch_size: int = 32, device: str = "auto"):
+    def __init__(self, model: str, threshold: float = 0.85, condition_on_question: bool = False, batch_size: int = 32, device: str = "auto",
+                 cache_size: int = 10_000):
+        if cache_size < 1:
+            raise JudgeError(f"EmbeddingJudge cache_size must be >= 1, got {cache_size}.")
         self.device = resolve_device(device)
         self.tokenizer, self.model = _load("AutoModel", model, self.device)
         self.threshold, self.condition, self.batch_size = threshold, condition_on_question, batch_size
-        self._cache: dict[str, object] = {}
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, object] = OrderedDict()  # text -> embedding, least recently used first
 
     def embed(self, texts: Sequence[str]):
-        """L2-normalised mean-pooled embeddings, (n, hidden)."""
+        """L2-normalised mean-pooled embeddings, (n, hidden).
+
+        Embeddings are cached per text in a least-recently-used cache of ``cache_size`` texts; the
+        result is assembled before anything is evicted, so a call may ask for more texts than fit.
+        """
         import torch
 
-        todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        found = {t: self._cache[t] for t in dict.fromkeys(texts) if t in self._cache}
+        todo = [t for t in dict.fromkeys(texts) if t not in found]
         with torch.no_grad():
             for s in range(0, len(todo), self.batch_size):
                 chunk = todo[s : s + self.batch_size]
                 enc = self.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True).to(self.device)
                 hidden = self.model(**enc).last_hidden_state  # (batch, seq, hidden)
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
-                pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
-                self._cache.update(zip(chunk, pooled.cpu()))
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        return torch.stack([self._cache[t] for t in texts]) if texts else torch.empty(0)
+                pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)  # (batch, hidden)
+                found.update(zip(chunk, pooled.cpu()))
+        result = torch.stack([found[t] for t in texts]) if texts else torch.empty(0)  # (n, hidden)
+        for t in texts:  # refresh in order of use, then evict the least recently used
+            self._cache[t] = found[t]
+            self._cache.move_to_end(t)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return result
 
     def equivalent(self, question: str, answer: str, others: Sequence[str]) -> list[bool]:
         text = (lambda a: f"{question} {a}") if self.condition else (lambda a: a)
