@@ -3,6 +3,8 @@
 # first: the Jobs and Probe pages show its progress, and it survives reloads and app restarts
 # (cancel it there, or with `python -m ka2l job cancel ID`).
 set -euo pipefail
+# From the checkout, so .streamlit/config.toml applies (no file watcher: an idle tab must not keep a core busy).
+cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 if ! $PY -m ka2l report --pool capitals >/dev/null 2>&1; then
   $PY -m ka2l probe --pool capitals --background
