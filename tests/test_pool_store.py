@@ -147,3 +147,53 @@ def test_safe_csv_neutralises_every_text_column_whatever_its_dtype(dtype):
     assert list(out["question"]) == ["'=1+1", "'@SUM(A1)", "plain", ""]
     assert list(out["'=cmd"]) == ["'+x", "'-y", "ok", "'\tz"]
     assert list(out["n"]) == ["1", "-2", "3", "4"], "numbers stay numbers"
+
+
+TRIVIAQA_ANSWER = {"aliases": ["Paris", "Paris, France", "City of Light"], "normalized_aliases": ["paris", "paris france", "city of light"],
+                   "matched_wiki_entity_name": "", "normalized_matched_wiki_entity_name": "", "normalized_value": "paris",
+                   "type": "WikipediaEntity", "value": "Paris"}
+
+
+def test_gold_aliases_from_common_qa_exports_are_all_imported(tmp_path):
+    import json
+
+    rows = [{"id": "tqa1", "question": "Capital of France?", "answer": TRIVIAQA_ANSWER},  # TriviaQA (HF datasets)
+            {"id": "nq1", "question": "Who wrote Hamlet?", "answer": ["William Shakespeare", "Shakespeare"]},  # NQ-open
+            {"id": "a1", "question": "Largest planet?", "answer": "Jupiter", "aliases": ["planet Jupiter", "Jupiter"]},
+            {"id": "a2", "question": "Year of the moon landing?", "answer": 1969}]
+    pool = read_pool(write(tmp_path, "qa.jsonl", "".join(json.dumps(r) + "\n" for r in rows)))
+    assert [r.answers for r in pool.rows] == [
+        ("Paris", "Paris, France", "City of Light", "paris", "paris france", "city of light"),
+        ("William Shakespeare", "Shakespeare"), ("Jupiter", "planet Jupiter"), ("1969",)]
+    assert "aliases" not in pool.metadata_columns and all("aliases" not in r.metadata for r in pool.rows)
+    with connect() as db:
+        stored = Q.pool_questions(db, Q.insert_pool(db, pool))
+    assert stored[0]["answers"] == list(pool.rows[0].answers) and stored[2]["answers"] == ["Jupiter", "planet Jupiter"]
+
+    csv = tmp_path / "qa.csv"  # a CSV cell may hold aliases separated by '|' or the answer object as JSON
+    pd.DataFrame({"question": ["Largest planet?", "Capital of France?"], "answer": ["Jupiter", json.dumps(TRIVIAQA_ANSWER)],
+                  "aliases": ["planet Jupiter|Jove", ""]}).to_csv(csv, index=False)
+    assert [r.answers for r in read_pool(csv).rows] == [("Jupiter", "planet Jupiter", "Jove"), pool.rows[0].answers]
+    pq = tmp_path / "tqa.parquet"  # TriviaQA saved with pandas: the answer is a struct whose lists come back as arrays
+    pd.DataFrame({"question": ["Capital of France?"], "answer": [TRIVIAQA_ANSWER]}).to_parquet(pq)
+    assert read_pool(pq).rows[0].answers == pool.rows[0].answers
+
+
+@pytest.mark.parametrize("answer,found", [
+    ({"any_of": ["red", "blue"]}, "an object with keys any_of"),
+    ({"text": ["a"], "answer_start": [3]}, "an object with keys text, answer_start"),
+    ([{"text": "a"}], "a list holding an object"),
+    (True, "a boolean"),
+])
+def test_answers_in_an_unknown_shape_are_refused_with_the_row_never_stringified(tmp_path, answer, found):
+    import json
+
+    rows = [{"question": "Fine?", "answer": "yes"}, {"question": "Colour of the sky?", "answer": answer}]
+    path = write(tmp_path, "odd.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(PoolError) as err:
+        read_pool(path)
+    msg = str(err.value)
+    assert f"Row 2: column 'answer' holds {found}" in msg, msg
+    assert "Accepted:" in msg and "TriviaQA" in msg and "list" in msg
+    pool = read_pool(path, skip_invalid=True)
+    assert [r.question for r in pool.rows] == ["Fine?"] and len(pool.skipped) == 1

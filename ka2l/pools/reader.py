@@ -1,7 +1,11 @@
 """Reading and validating question pools (CSV / TSV, JSONL, JSON, Parquet).
 
-A pool row needs ``question``; ``answer`` / ``answers`` (gold answers, aliases as a list or
-separated by ``|``) and ``id`` are optional; every other column is kept as metadata. Rows are
+A pool row needs ``question``; ``answer`` / ``answers`` (gold answers) and ``id`` are optional, and
+an ``aliases`` column adds more gold answers beside ``answer``; every other column is kept as
+metadata. A gold-answer cell may hold a string (aliases separated by ``|``, or a JSON list or object
+in the string), a number, a list (NQ-open) or TriviaQA's answer object, whose ``value``,
+``aliases`` and ``normalized_aliases`` are all imported. Any other shape is refused with its row
+named, never stored as text. Rows are
 numbered from 1, not counting a header. Validation collects every problem before failing, and
 nothing is stored unless the whole file passes (or ``skip_invalid`` leaves the bad rows out).
 """
@@ -22,6 +26,12 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", 
 DEFAULT_MAX_MB = 200
 MAX_QUESTION_CHARS = 2000
 ANSWER_COLUMNS = ("answer", "answers")
+ALIAS_COLUMN = "aliases"
+# TriviaQA's answer object (Hugging Face ``trivia_qa``): these fields give gold answers, the rest describe them.
+TRIVIAQA_ANSWER_FIELDS = ("value", "aliases", "normalized_aliases")
+TRIVIAQA_OTHER_FIELDS = ("normalized_value", "matched_wiki_entity_name", "normalized_matched_wiki_entity_name", "type")
+ACCEPTED_ANSWERS = ("Accepted: a string (aliases separated by '|'), a number, a list of strings (NQ-open), or TriviaQA's answer "
+                    "object with value / aliases / normalized_aliases.")
 
 
 @dataclass(frozen=True)
@@ -174,23 +184,64 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def _shape(value: Any) -> str:
+    """How a refused answer cell looks, for the message: 'an object with keys any_of', 'a boolean'."""
+    if isinstance(value, dict):
+        return f"an object with keys {', '.join(map(str, value)) or '(none)'}"
+    if isinstance(value, (list, tuple)):
+        odd = next(v for v in value if not _is_missing(v) and (isinstance(v, (bool, dict, list, tuple)) or not isinstance(v, (str, int, float))))
+        return f"a list holding {_shape(odd) if not isinstance(odd, (list, tuple)) else 'a list'}"
+    if isinstance(value, bool):
+        return "a boolean"
+    return f"a {type(value).__name__}"
+
+
+def _plain(value: Any) -> Any:
+    """numpy / Arrow containers and scalars (Parquet cells) as Python lists, dicts and scalars."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if hasattr(value, "tolist"):
+        return _plain(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def parse_answers(value: Any) -> tuple[str, ...]:
-    """Gold answers from a cell: a list, a JSON list in a string, or aliases separated by '|'."""
+    """Gold answers from a cell: a string (aliases separated by '|', or a JSON list / object in the
+    string), a number, a list, or TriviaQA's answer object. Raises ``PoolError`` (without a row
+    number; the caller adds it) for any other shape.
+
+    >>> parse_answers({"value": "Paris", "aliases": ["Paris", "Paris, France"], "normalized_aliases": ["paris"], "type": "WikipediaEntity"})
+    ('Paris', 'Paris, France', 'paris')
+    """
+    value = _plain(value)
     if _is_missing(value):
         return ()
-    if hasattr(value, "tolist"):
-        value = value.tolist()
     if isinstance(value, str):
         s = value.strip()
-        if s.startswith("["):
+        if s.startswith(("[", "{")):
             try:
                 value = json.loads(s)
             except json.JSONDecodeError:
                 value = s.split("|")
         else:
             value = s.split("|")
-    if not isinstance(value, (list, tuple)):
+    if isinstance(value, dict):
+        unknown = [k for k in value if k not in TRIVIAQA_ANSWER_FIELDS + TRIVIAQA_OTHER_FIELDS]
+        if unknown or not any(k in value for k in ("value", "aliases")):
+            raise PoolError(f"holds {_shape(value)}. {ACCEPTED_ANSWERS}")
+        items: list[Any] = []
+        for k in TRIVIAQA_ANSWER_FIELDS:
+            v = value.get(k)
+            items += v if isinstance(v, list) else [] if _is_missing(v) else [v]
+        value = items
+    if isinstance(value, bool) or not isinstance(value, (list, str, int, float)):
+        raise PoolError(f"holds {_shape(value)}. {ACCEPTED_ANSWERS}")
+    if not isinstance(value, list):
         value = [value]
+    if any(isinstance(v, (bool, dict, list)) or not (_is_missing(v) or isinstance(v, (str, int, float))) for v in value):
+        raise PoolError(f"holds {_shape(value)}. {ACCEPTED_ANSWERS}")
     return tuple(dict.fromkeys(str(v).strip() for v in value if not _is_missing(v) and str(v).strip()))
 
 
@@ -207,7 +258,9 @@ def validate_records(records: Sequence[dict[str, Any]], name: str, source: str, 
         )
     qcol, idcol = lower["question"], lower.get("id")
     acol = next((lower[c] for c in ANSWER_COLUMNS if c in lower), None)
-    meta_cols = [c for c in columns if c not in (qcol, idcol, acol)]
+    alias_col = lower.get(ALIAS_COLUMN)
+    gold_cols = [c for c in (acol, alias_col) if c is not None]
+    meta_cols = [c for c in columns if c not in (qcol, idcol, *gold_cols)]
 
     problems: list[str] = []
     bad: set[int] = set()
@@ -235,9 +288,17 @@ def validate_records(records: Sequence[dict[str, Any]], name: str, source: str, 
             problems.append(f"Row {n}: id {ext!r} is already used by row {seen_id[ext]}. Ids must be unique.")
             bad.add(n)
             continue
+        answers: list[str] = []
+        try:
+            for col in gold_cols:
+                answers += parse_answers(rec.get(col))
+        except PoolError as exc:
+            problems.append(f"Row {n}: column {str(col)!r} {exc}")
+            bad.add(n)
+            continue
         seen_q[key], seen_id[ext] = n, n
         meta = {str(c): _jsonable(rec.get(c)) for c in meta_cols if not _is_missing(rec.get(c))}
-        rows.append((n, QuestionRow(ext_id=ext, question=q, answers=parse_answers(rec.get(acol)) if acol else (), metadata=meta)))
+        rows.append((n, QuestionRow(ext_id=ext, question=q, answers=tuple(dict.fromkeys(answers)), metadata=meta)))
     if problems and not skip_invalid:
         raise PoolError(
             f"{source}: {len(bad)} of {len(records)} rows are invalid, so nothing was imported. "
