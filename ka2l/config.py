@@ -92,7 +92,10 @@ class JudgeConfig:
     kind: str = _f("lexical", "Equivalence judge: lexical (offline default), nli (a Hugging Face NLI model) or embedding.")
     model: str | None = _f(None, "Model id or folder for nli / embedding judges (e.g. microsoft/deberta-large-mnli).")
     strict: bool = _f(True, "Strict: equivalent only if each answer entails the other. Non-strict: no contradiction and not both neutral.")
-    condition_on_question: bool = _f(True, "Judge 'question + answer' instead of the bare answer.")
+    condition_on_question: bool | None = _f(
+        None, "Judge 'question + answer' instead of the bare answer. Unset: the judge's own default, on for nli, off for "
+        "embedding (answers to one question share the question's text, so conditioned embeddings all look alike). "
+        "The lexical judge always drops the question's words from the answers.")
     threshold: float = _f(0.85, "Cosine similarity at or above which the embedding judge calls two answers equivalent.")
     batch_size: int = _f(32, "Pairs per judge forward pass.")
     device: str = _f("auto", "Device for model-based judges.")
@@ -104,6 +107,16 @@ class JudgeConfig:
         if not -1 <= self.threshold <= 1:
             raise ConfigError(f"JudgeConfig.threshold is a cosine similarity in [-1, 1], got {self.threshold}.")
         _positive("JudgeConfig.batch_size", self.batch_size)
+        if self.condition_on_question is not None and not isinstance(self.condition_on_question, bool):
+            raise ConfigError(f"JudgeConfig.condition_on_question must be true, false or unset (the judge's default), "
+                              f"got {self.condition_on_question!r}.")
+
+    @property
+    def conditions_on_question(self) -> bool:
+        """condition_on_question, or the judge kind's default when unset (nli: True, embedding: False)."""
+        if self.condition_on_question is not None:
+            return self.condition_on_question
+        return self.kind == "nli"
 
 
 THRESHOLD_RULES = ("two-means", "paper-mse")

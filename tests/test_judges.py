@@ -92,6 +92,37 @@ def test_embedding_cache_is_bounded_and_survives_eviction(tiny_nli_dir):
         EmbeddingJudge(str(tiny_nli_dir), device="cpu", cache_size=0)
 
 
+def test_make_judge_conditions_on_the_question_for_nli_only_unless_asked(tiny_nli_dir, monkeypatch):
+    """Embedding 'question + answer' makes every answer to a question share most of its text, so the
+    embedding judge embeds answers alone by default; NLI judges the answers in the question's context."""
+    q, answers = "What is the capital of France?", ["Paris", "Lyon"]
+
+    def spy(judge, method):
+        seen, real = [], getattr(judge, method)
+        monkeypatch.setattr(judge, method, lambda *texts: seen.append(texts) or real(*texts))
+        return seen
+
+    emb = make_judge(JudgeConfig(kind="embedding", model=str(tiny_nli_dir), device="cpu"))
+    seen = spy(emb, "embed")
+    emb.cluster(q, answers)
+    assert seen == [(["Lyon", "Paris"],)]
+    asked = make_judge(JudgeConfig(kind="embedding", model=str(tiny_nli_dir), device="cpu", condition_on_question=True))
+    seen = spy(asked, "embed")
+    asked.cluster(q, answers)
+    assert seen == [([f"{q} Lyon", f"{q} Paris"],)]
+
+    nli = make_judge(JudgeConfig(kind="nli", model=str(tiny_nli_dir), device="cpu"))
+    seen = spy(nli, "relations")
+    nli.cluster(q, answers)
+    assert seen == [([f"{q} Lyon", f"{q} Paris"], [f"{q} Paris", f"{q} Lyon"])]
+    bare = make_judge(JudgeConfig(kind="nli", model=str(tiny_nli_dir), device="cpu", condition_on_question=False))
+    seen = spy(bare, "relations")
+    bare.cluster(q, answers)
+    assert seen == [(["Lyon", "Paris"], ["Paris", "Lyon"])]
+    with pytest.raises(ConfigError, match="condition_on_question must be true, false or unset"):
+        JudgeConfig(condition_on_question="yes")
+
+
 def test_judge_config_validation():
     with pytest.raises(ConfigError, match="needs JudgeConfig.model"):
         JudgeConfig(kind="nli")

@@ -174,5 +174,5 @@ def make_judge(cfg: JudgeConfig) -> Judge:
     if cfg.kind == "lexical":
         return LexicalJudge()
     if cfg.kind == "nli":
-        return NLIJudge(cfg.model, cfg.strict, cfg.condition_on_question, cfg.batch_size, cfg.device)
-    return EmbeddingJudge(cfg.model, cfg.threshold, cfg.condition_on_question, cfg.batch_size, cfg.device)
+        return NLIJudge(cfg.model, cfg.strict, cfg.conditions_on_question, cfg.batch_size, cfg.device)
+    return EmbeddingJudge(cfg.model, cfg.threshold, cfg.conditions_on_question, cfg.batch_size, cfg.device)
