@@ -10,14 +10,24 @@ from ka2l.errors import ConfigError
 
 
 def test_every_command_has_help(capsys):
+    import argparse
+
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert {"import", "probe", "triage", "report", "pools", "runs", "setup-model"} <= set(commands)
+    assert {"import", "probe", "triage", "report", "pools", "runs", "setup-model", "decoder-train", "generate", "approved"} <= set(commands)
+    top = parser.format_help()
     for name, sub in commands.items():
-        assert sub.description or sub.format_help()
+        description = (sub.description or "").strip()
+        assert len(description.split()) >= 3, f"`{name} --help` has no description saying what the command does: {description!r}"
+        assert "".join(description.split()) in "".join(sub.format_help().split()), f"`{name} --help` does not show its description"
+        listed = [line for line in top.splitlines() if line.split()[:1] == [name]]
+        assert len(listed) == 1 and listed[0].split(None, 1)[1] == description, f"{name} is not listed once, with its description, in --help"
         for action in sub._actions:
             if action.dest != "help":
                 assert action.help, f"{name} --{action.dest} has no help"
+            if isinstance(action, argparse._SubParsersAction):  # nested commands (job run / cancel)
+                helps = {a.dest: (a.help or "").strip() for a in action._choices_actions}
+                assert set(helps) == set(action.choices) and all(len(h.split()) >= 3 for h in helps.values()), helps
 
 
 def test_config_round_trip_and_validation():
