@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ka2l.config import TriageConfig
-from ka2l.errors import Cancelled
+from ka2l.errors import Cancelled, ProbeError
 from ka2l.paths import PROJECT_ROOT
 from ka2l.probing.stage1 import run_stage1, run_triage
 from ka2l.progress import NullProgress
@@ -193,3 +194,69 @@ def test_a_finished_run_is_reused_not_recomputed(memo_model, capitals):
     rec = Recorder()
     assert run_stage1("small", cfg, progress=rec) == first and rec.stages == {}
     assert run_stage1("small", cfg, resume=False) != first
+
+
+def test_equal_semantic_entropy_is_refused_before_any_label_is_stored(memo_model, capitals):
+    """Nucleus sampling that keeps one token makes every sample the greedy answer: SE is 0 for every
+    question, gamma* would be the minimum and every question 'unknown'. The run must refuse at the
+    labels stage, write no label and no threshold, and keep the hidden states and answers."""
+    import_pool(capitals)
+    base = stage1_cfg(memo_model)
+    cfg = replace(base, sampling=replace(base.sampling, top_p=1e-6))
+    with pytest.raises(ProbeError, match="same semantic entropy") as err:
+        run_stage1("caps", cfg)
+    assert "--temperature" in str(err.value) and "--k" in str(err.value) and "larger or more varied pool" in str(err.value)
+    with connect() as db:
+        run = Q.list_runs(db)[0]
+        scores = Q.load_scores(db, run["id"])
+        assert run["status"] == "failed" and "same semantic entropy" in run["error"]
+        assert run["threshold"] is None, "no threshold is stored for a run that could not be labelled"
+        assert len(scores) == 80 and {s["se"] for s in scores} == {0.0}
+        assert all(s["bise"] is None for s in scores), "no question may be labelled"
+        assert Q.list_probes(db, run["id"]) == []
+        assert len(Q.answered_ids(db, run["id"])) == 80 and len(Q.hidden_done_ids(db, run["id"])) == 80
+    rec = Recorder()
+    with pytest.raises(ProbeError, match="same semantic entropy"):
+        run_stage1("caps", cfg, progress=rec)
+    assert "answers" not in rec.stages and rec.stages["semantic entropy"] == (80, 80), "a re-run resumes, it does not resample"
+    with connect() as db:
+        assert [r["id"] for r in Q.list_runs(db)] == [run["id"]]
+
+
+def test_a_threshold_that_leaves_too_few_of_one_label_stores_no_label(memo_model, capitals):
+    """8 questions (4 memorised, 4 unseen) can never give the probes 5 of each label to split 7:2:1,
+    whatever gamma* is: the run stops at the labels stage with the counts, before writing any label."""
+    import_pool(capitals, rows=capitals[:4] + capitals[40:44])
+    with pytest.raises(ProbeError, match=r"need at least 5 of each") as err:
+        run_stage1("caps", stage1_cfg(memo_model))
+    assert "--threshold-rule" in str(err.value)
+    with connect() as db:
+        run = Q.list_runs(db)[0]
+        scores = Q.load_scores(db, run["id"])
+    assert len({s["se"] for s in scores}) > 1, "SE varies: this is not the equal-SE refusal"
+    assert run["threshold"] is None and len(scores) == 8 and all(s["bise"] is None for s in scores)
+
+
+@pytest.mark.parametrize("cancel_stage, n", [("answers", 16), ("semantic entropy", 32)])
+def test_a_lost_hidden_state_file_is_recomputed_not_probed_as_zeros(memo_model, capitals, cancel_stage, n):
+    """The run's .npy file is deleted after its rows were marked done (mid-sampling, or after all model
+    work): the resumed run recomputes the states, identical to the lost ones, and never probes zeros."""
+    import_pool(capitals)
+    cfg = stage1_cfg(memo_model)
+    with pytest.raises(Cancelled):
+        run_stage1("caps", cfg, progress=CancelAfter(cancel_stage, n))
+    with connect() as db:
+        run = Q.list_runs(db)[0]
+        answered = len(Q.answered_ids(db, run["id"]))
+    lost = np.array(open_array(run["hidden_path"]))
+    assert np.abs(lost).sum(axis=(1, 2)).min() > 0
+    Path(run["hidden_path"]).unlink()
+    rec = Recorder()
+    assert run_stage1("caps", cfg, progress=rec) == run["id"]
+    assert rec.stages["hidden states"] == (0, 80), "every state is recomputed"
+    assert rec.stages["answers"] == (answered, 80), "stored answers are kept"
+    with connect() as db:
+        done = Q.get_run(db, run["id"])
+    assert done["status"] == "done"
+    again = open_array(done["hidden_path"])
+    np.testing.assert_array_equal(again, lost)

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,10 +88,23 @@ def _run_status(db, run_id: int, progress: Progress) -> Iterator[None]:
     Q.update_run(db, run_id, status="done", stage="done")
 
 
+def _hidden_file(run_id: int) -> Path:
+    return arrays_dir() / f"run-{run_id}-hidden.npy"
+
+
+def _forget_lost_hidden_states(db, run_id: int) -> None:
+    """Rows marked done whose array file is gone would be read back as zeros: clear the marks so
+    the states are recomputed (answers and scores do not depend on them and are kept)."""
+    if not _hidden_file(run_id).is_file() and Q.hidden_done_ids(db, run_id):
+        log.warning("run %d: hidden-state file %s is missing; its states will be recomputed", run_id, _hidden_file(run_id))
+        Q.clear_hidden_done(db, run_id)
+
+
 def _stage_hidden(db, run_id: int, lm: LoadedLM, questions: list[dict], prompts: list[str], batch_size: int, progress: Progress) -> np.ndarray:
+    _forget_lost_hidden_states(db, run_id)
     run = Q.get_run(db, run_id)
     shape = (len(questions), lm.n_layers + 1, lm.hidden_size)
-    path = arrays_dir() / f"run-{run_id}-hidden.npy"
+    path = _hidden_file(run_id)
     if run["hidden_path"] and path.is_file():
         arr = open_array(path, mode="r+")
         if arr.shape != shape:
@@ -169,10 +183,34 @@ def _stage_scores(db, run_id: int, questions: list[dict], cfg: Stage1Config, pro
             progress.advance(len(chunk))
 
 
+_KEPT = "No label was stored; the hidden states, answers and semantic entropies computed so far are kept."
+
+
 def _stage_labels(db, run_id: int, cfg: Stage1Config) -> dict[str, Any]:
+    """gamma* -> BiSE for every question, stored only when the probes can learn from the labels."""
+    from .probes import MIN_PER_CLASS
+
     rows = Q.load_scores(db, run_id)
-    th = find_threshold([r["se"] for r in rows], cfg.threshold.rule, cfg.threshold.n_candidates)
-    labels = binarize([r["se"] for r in rows], th.gamma)
+    se = np.array([r["se"] for r in rows], dtype=np.float64)
+    if len(se) and np.all(se == se[0]):
+        agree = "agree on one answer" if se[0] == 0 else "disagree to the same degree"
+        s = cfg.sampling
+        nucleus = f"; sampling.top_p = {s.top_p} keeps only the most likely tokens, raise it towards 1" if s.top_p < 1 else ""
+        raise ProbeError(
+            f"All {len(se)} questions have the same semantic entropy ({se[0]:.3f} nats): the {cfg.sampling.k} samples "
+            f"{agree} for every question, so there is no known / unknown contrast for the probes to learn. {_KEPT} "
+            f"Use a larger or more varied pool, or sample more varied answers: a higher --k or --temperature "
+            f"(now k = {s.k}, temperature = {s.temperature}{nucleus})."
+        )
+    th = find_threshold(se, cfg.threshold.rule, cfg.threshold.n_candidates)
+    labels = binarize(se, th.gamma)
+    n_unknown = int(labels.sum())
+    if min(n_unknown, len(labels) - n_unknown) < MIN_PER_CLASS:
+        raise ProbeError(
+            f"The {th.rule} threshold gamma* = {th.gamma:.3f} nats labels {len(labels) - n_unknown} questions known and "
+            f"{n_unknown} unknown, but the probes need at least {MIN_PER_CLASS} of each to split train / validation / test. "
+            f"{_KEPT} Use a larger or more varied pool, a higher --k or --temperature, or another --threshold-rule."
+        )
     Q.set_bise(db, run_id, {r["question_id"]: int(l) for r, l in zip(rows, labels)})
     threshold = {"rule": th.rule, "gamma": th.gamma, "candidates": list(th.candidates), "criterion": list(th.criterion),
                  "share_unknown": float(labels.mean())}
@@ -230,6 +268,7 @@ def run_stage1(pool: int | str, cfg: Stage1Config, progress: Progress | None = N
             return run_id
         with _run_status(db, run_id, progress):
             hidden = None
+            _forget_lost_hidden_states(db, run_id)
             if len(Q.hidden_done_ids(db, run_id)) < len(questions) or len(Q.answered_ids(db, run_id)) < len(questions):
                 lm = lm or load_model(cfg.model)
                 prompts = [build_prompt(lm.tokenizer, q["question"], cfg.prompt) for q in questions]
@@ -238,7 +277,7 @@ def run_stage1(pool: int | str, cfg: Stage1Config, progress: Progress | None = N
             _stage_scores(db, run_id, questions, cfg, progress)
             _stage_labels(db, run_id, cfg)
             if hidden is None:
-                hidden = open_array(Q.get_run(db, run_id)["hidden_path"])
+                hidden = open_array(_hidden_file(run_id))
             _stage_probes(db, run_id, cfg, hidden, progress)
     return run_id
 

@@ -141,6 +141,12 @@ def mark_hidden_done(db: Db, run_id: int, question_ids: Iterable[int]) -> None:
         db["hidden_done"].insert_all(({"run_id": run_id, "question_id": q} for q in question_ids), ignore=True)
 
 
+def clear_hidden_done(db: Db, run_id: int) -> None:
+    """Forget which hidden states were computed (their array file was lost): they are recomputed."""
+    with db.atomic():
+        db.execute("DELETE FROM hidden_done WHERE run_id = ?", [run_id])
+
+
 def answered_ids(db: Db, run_id: int) -> set[int]:
     return {r["question_id"] for r in db.query("SELECT question_id FROM answers WHERE run_id = ? AND kind = 'low'", [run_id])}
 
