@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ka2l.probing.entropy import (binarize, cluster_answers, discrete_semantic_entropy, find_threshold, is_correct, lexically_equivalent,
-                          mean_log_likelihood, normalize_answer, regular_entropy, weighted_semantic_entropy)
+                          mean_log_likelihood, normalize_answer, regular_entropy, tokens, weighted_semantic_entropy)
 from ka2l.errors import ConfigError
 
 
@@ -74,6 +74,26 @@ def test_correctness_with_aliases():
     assert not is_correct("New York", ["Washington"], q)
     assert not is_correct("", ["Washington"], q)
     assert not is_correct("102", ["10"], "What is the atomic number of Neon?")
+
+
+def test_lexical_rules_keep_sign_and_negation():
+    q = "What is the capital of France?"
+    assert tokens("-5 degrees") == ["-5", "degrees"] and tokens("\u22125") == ["-5"] and tokens("5-3, Côte-d'Ivoire") == ["5", "3", "cote", "divoire"]
+    assert not is_correct("-5", ["5"]) and not is_correct("5", ["-5"]) and is_correct("It is -5.", ["-5"])
+    assert normalize_answer("Not Paris", q) == ("\u00acparis",)
+    assert not lexically_equivalent(normalize_answer("Not Paris", q), normalize_answer("Paris", q))
+    assert not is_correct("Not Paris", ["Paris"], q)
+    assert not is_correct("Lyon, not Paris", ["Paris"], q) and is_correct("Lyon, not Paris", ["Lyon"], q)
+    assert not is_correct("It's not Paris, it's Lyon", ["Paris"], q)
+    assert not is_correct("Paris or Lyon", ["Paris"], q) and not is_correct("Neither Paris nor Lyon", ["Paris"], q)
+    # what must keep working: phrasing, hedges in their own clause, negated golds, excluded alternatives
+    assert is_correct("The capital of France is Paris.", ["Paris"], q)
+    assert is_correct("I'm not sure, but I think it is Paris", ["Paris"], q)
+    assert is_correct("Paris, not Lyon", ["Paris"], q)
+    assert is_correct("He was found not guilty.", ["Not guilty"]) and not is_correct("Guilty", ["Not guilty"])
+    assert lexically_equivalent(normalize_answer("Paris, not Lyon", q), normalize_answer("Paris", q))
+    assert not lexically_equivalent(normalize_answer("Paris or Lyon", q), normalize_answer("Paris", q))
+    assert not lexically_equivalent(normalize_answer("Lyon, not Paris", q), normalize_answer("Not Paris", q))
 
 
 def test_two_means_threshold_splits_two_groups():

@@ -26,6 +26,24 @@ def test_lexical_judge_sees_past_phrasing():
     assert c.ids == (0, 0, 1, 0, 1)
 
 
+def test_lexical_judge_keeps_negation_and_alternatives_apart():
+    q = "What is the capital of France?"
+    c = LexicalJudge().cluster(q, ["Paris", "Not Paris", "paris", "Lyon, not Paris", "Lyon", "Paris or Lyon", "Paris, not Lyon"])
+    assert c.ids == (0, 1, 0, 2, 2, 3, 0)
+
+
+def test_model_judges_see_the_sign_of_a_number(tmp_path):
+    """'-5' and '5' used to share an exact-duplicate key, so no judge was ever asked about them."""
+    import torch
+
+    judge = NLIJudge(str(save_tiny_nli(tmp_path / "nli", label_order=("entailment", "neutral", "contradiction"))), device="cpu")
+    with torch.no_grad():
+        judge.model.classifier.weight.zero_()
+        judge.model.classifier.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))  # always 'contradiction'
+    c = judge.cluster("What is 2 - 7?", ["-5", "5", "\u22125", "-5."])
+    assert c.ids == (0, 1, 0, 0) and c.judge_calls == 2
+
+
 @pytest.mark.parametrize("order,expected", [
     (("contradiction", "neutral", "entailment"), {"contradiction": 0, "neutral": 1, "entailment": 2}),
     (("ENTAILMENT", "NEUTRAL", "CONTRADICTION"), {"entailment": 0, "neutral": 1, "contradiction": 2}),

@@ -22,55 +22,131 @@ import numpy as np
 from ..errors import ConfigError
 
 _ARTICLES = {"a", "an", "the"}
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}\u2018\u2019\u201c\u201d\u2013\u2014]")
+NEG = "\u00ac"  # prefix of a token said under a negation: 'not Paris' -> '\u00acparis'
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}\u2018\u2019\u201c\u201d\u2013\u2014\u2212{NEG}]")
+_SIGN = re.compile(r"(?<![\w.])[-\u2212](?=\d)")  # the minus of a signed number: '-5', '(-5)', not '5-3'
+_NEGATIONS = frozenset({"not", "no", "never", "neither", "nor", "cannot", "isnt", "arent", "wasnt", "werent", "dont", "doesnt",
+                        "didnt", "cant", "couldnt", "wont", "wouldnt", "shouldnt", "hasnt", "havent", "hadnt", "aint"})
+_DISJUNCTIONS = frozenset({"or", "either"})
+_CLAUSE_BREAK = re.compile(r"[;:!?()\[\]\u2013\u2014]|,(?!\d)|\.(?=\s|$)|\s-\s|\bbut\b", re.IGNORECASE)
 
 
 # -- normalisation -------------------------------------------------------------------------------
 
 def tokens(text: str) -> list[str]:
-    """Lowercase, strip accents and punctuation, drop articles: 'The Côte-d'Ivoire!' -> ['cote', 'divoire']."""
+    """Lowercase, strip accents and punctuation, drop articles; a number keeps its minus sign.
+
+    >>> tokens("The Côte-d'Ivoire!"), tokens("-5 or 5-3"), tokens("\u22125")
+    (['cote', 'divoire'], ['-5', 'or', '5', '3'], ['-5'])
+    """
     text = unicodedata.normalize("NFKD", text)
     text = "".join(ch for ch in text if not unicodedata.combining(ch)).lower()
-    text = _PUNCT.sub(lambda m: "" if m.group() in "'\u2019" else " ", text)
+    text = _SIGN.sub("\x00", text)
+    text = _PUNCT.sub(lambda m: "" if m.group() in "'\u2019" else " ", text).replace("\x00", "-")
     return [t for t in text.split() if t not in _ARTICLES]
 
 
-def normalize_answer(answer: str, question: str | None = None) -> tuple[str, ...]:
-    """Normalised answer tokens, without tokens that also occur in the question.
+def _polar_tokens(text: str) -> list[str]:
+    """``tokens`` with every token said under a negation marked NEG: a negation word (not, no, never,
+    n't, neither, nor, ...) covers the rest of its clause (clauses end at , ; : . ! ? brackets, dashes
+    and 'but') and is itself dropped, unless nothing follows it there ('No.' stays 'no')."""
+    out: list[str] = []
+    for clause in _CLAUSE_BREAK.split(text):
+        toks = tokens(clause)
+        negated = False
+        for j, t in enumerate(toks):
+            if t in _NEGATIONS:
+                if all(u in _NEGATIONS for u in toks[j + 1 :]):
+                    out.append(NEG + t if negated else t)
+                    break
+                negated = True
+            else:
+                out.append(NEG + t if negated else t)
+    return out
 
-    'The capital of France is Paris.' for 'What is the capital of France?' -> ('paris',).
-    If every token occurs in the question ('Quebec' for 'capital of Quebec?'), the plain tokens
-    are kept so the answer does not vanish.
+
+def normalize_answer(answer: str, question: str | None = None) -> tuple[str, ...]:
+    """Normalised answer tokens (negated ones marked NEG, see ``_polar_tokens``), without the words
+    that also occur in the question.
+
+    >>> q = "What is the capital of France?"
+    >>> normalize_answer("The capital of France is Paris.", q), normalize_answer("Lyon, not Paris", q)
+    (('paris',), ('lyon', '\u00acparis'))
+
+    If every token occurs in the question ('Quebec' for 'capital of Quebec?'), the tokens are kept
+    so the answer does not vanish.
     """
-    toks = tokens(answer)
+    toks = _polar_tokens(answer)
     if question:
         q = set(tokens(question))
-        kept = [t for t in toks if t not in q]
+        kept = [t for t in toks if t.removeprefix(NEG) not in q]
         if kept:
             return tuple(kept)
     return tuple(toks)
 
 
-def _contains(big: Sequence[str], small: Sequence[str]) -> bool:
+def _occurrences(big: Sequence[str], small: Sequence[str]) -> list[int]:
+    """Start indices of ``small`` as a contiguous run inside ``big``."""
     n = len(small)
-    return n > 0 and any(tuple(big[i : i + n]) == tuple(small) for i in range(len(big) - n + 1))
+    return [i for i in range(len(big) - n + 1) if n and tuple(big[i : i + n]) == tuple(small)]
+
+
+def _offers_alternatives(rest: Sequence[str]) -> bool:
+    return bool(_DISJUNCTIONS & set(rest))
 
 
 def lexically_equivalent(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
-    """Equal, or one contiguous token run inside the other: ('paris',) ~ ('paris', 'france')."""
+    """Equal normalised answers, or the shorter one a contiguous run inside the longer one, when:
+
+    - the shorter one asserts something (a bare denial such as 'not Paris' equals only itself), and
+    - the rest of the longer one offers no alternative ('or', 'either').
+
+    Negated tokens only match negated tokens, so a negation never matches the thing it denies.
+
+    >>> q = "What is the capital of France?"
+    >>> same = lambda x, y: lexically_equivalent(normalize_answer(x, q), normalize_answer(y, q))
+    >>> same("Paris", "The capital of France is Paris, not Lyon."), same("Paris", "It's Paris, France")
+    (True, True)
+    >>> same("Paris", "Not Paris"), same("Not Paris", "Lyon, not Paris"), same("Paris", "Paris or Lyon")
+    (False, False, False)
+    >>> same("Lyon", "Lyon, not Paris"), same("-5", "5")
+    (True, False)
+
+    Limits of a lexical rule: 'Not Paris' and 'It is not Paris' differ ('it' is an assertion as far as
+    it can tell), and 'Paris, France' equals 'Paris' (it cannot tell a refinement from a rival).
+    """
     if not a or not b:
         return a == b
-    return a == b or _contains(a, b) or _contains(b, a)
+    if a == b:
+        return True
+    short, long = sorted((a, b), key=len)
+    if all(t.startswith(NEG) for t in short):
+        return False
+    return any(not _offers_alternatives(long[:i] + long[i + len(short) :]) for i in _occurrences(long, short))
 
 
 def is_correct(answer: str, golds: Sequence[str], question: str | None = None) -> bool:
-    """True when some gold answer (or alias) matches the answer after normalisation (token containment)."""
+    """True when some gold answer (or alias) is asserted by the answer: after normalisation (question
+    words dropped, negated tokens marked), the gold's tokens occur as one contiguous run and the rest of
+    the answer offers no alternative ('or', 'either'). A gold under a negation is not asserted.
+
+    >>> q = "What is the capital of France?"
+    >>> is_correct("The capital of France is Paris.", ["Paris"], q), is_correct("I'm not sure, but it's Paris", ["Paris"], q)
+    (True, True)
+    >>> is_correct("Lyon, not Paris", ["Paris"], q), is_correct("Not Paris", ["Paris"], q), is_correct("Paris or Lyon", ["Paris"], q)
+    (False, False, False)
+    >>> is_correct("Paris, not Lyon", ["Paris"], q), is_correct("-5", ["5"]), is_correct("Found not guilty", ["Not guilty"])
+    (True, False, True)
+
+    An extra name that is not offered as an alternative is accepted ('Paris, France', 'Washington,
+    D.C.' for 'Washington'): a lexical rule cannot tell a refinement from a rival.
+    """
     ans = normalize_answer(answer, question)
     if not ans:
         return False
     for gold in golds:
         g = normalize_answer(gold, question)
-        if g and (g == ans or _contains(ans, g)):
+        if any(not _offers_alternatives(ans[:i] + ans[i + len(g) :]) for i in _occurrences(ans, g)):
             return True
     return False
 

@@ -1,7 +1,8 @@
 """Semantic-equivalence judges behind one interface, used to cluster sampled answers.
 
 - ``lexical``: normalised answers equal or contained in one another (offline default; sees past
-  phrasing such as 'The capital of France is Paris.' vs 'Paris', not past synonyms).
+  phrasing such as 'The capital of France is Paris.' vs 'Paris', not past synonyms), keeping negation
+  and sign apart ('Not Paris' vs 'Paris', '-5' vs '5'); see ``entropy.lexically_equivalent``.
 - ``nli``: any Hugging Face sequence-classification NLI model; label ids are read from the
   model's ``config.label2id``, never assumed; bidirectional entailment, batched.
 - ``embedding``: cosine similarity of mean-pooled sentence embeddings >= threshold.
@@ -37,7 +38,7 @@ class Judge:
     calls_per_comparison = 2  # directional judgements per pair (naive total: k * (k - 1))
 
     def key(self, question: str, answer: str) -> tuple[str, ...]:
-        """Exact-duplicate key: answers with equal keys share a cluster without a judge call."""
+        """Exact-duplicate key: answers with equal keys share a cluster without a judge call ('-5' and '5' differ)."""
         return tuple(tokens(answer))
 
     def equivalent(self, question: str, answer: str, others: Sequence[str]) -> list[bool]:
