@@ -80,6 +80,38 @@ def test_decoder_learns_to_reconstruct_questions(kind, tiny_llama_dir, tiny_t5_d
     assert again.generate(vecs[:8]) == clean, "a saved decoder decodes the same after loading"
 
 
+def test_seq2seq_pseudo_tokens_go_through_the_encoder(tiny_t5_dir, vectors, tmp_path):
+    """As vec2text and the authors' code do: the pseudo-tokens are the T5 encoder's inputs_embeds, not its outputs."""
+    import json
+
+    texts, vecs = vectors
+    backbone, tok, kind = load_backbone(str(tiny_t5_dir))
+    decoder = HiddenStateDecoder(backbone, tok, kind, vecs.shape[1], n_pseudo=16)
+    decoder.fit_standardisation(vecs)
+    fed = []
+    hook = backbone.get_encoder().register_forward_hook(lambda m, args, kwargs, out: fed.append(kwargs.get("inputs_embeds")), with_kwargs=True)
+    try:
+        decoder.loss(torch.as_tensor(vecs[:4]), texts[:4]).backward()
+        prefix = decoder.pseudo_tokens(torch.as_tensor(vecs[:4])).detach()
+        assert len(fed) == 1 and fed[0] is not None and torch.allclose(fed[0].detach(), prefix), "training runs the encoder on the pseudo-tokens"
+        encoder_grads = [p.grad for name, p in backbone.get_encoder().named_parameters() if "block" in name]
+        assert encoder_grads and all(g is not None and float(g.abs().sum()) > 0 for g in encoder_grads), "the encoder is trained"
+        fed.clear()
+        decoder.eval().generate(vecs[:2])
+        assert len(fed) == 1 and torch.allclose(fed[0], decoder.pseudo_tokens(torch.as_tensor(vecs[:2]))), "generation encodes once"
+    finally:
+        hook.remove()
+    # a decoder saved before this change fed encoder outputs: loading it would decode garbage, so it is refused
+    save_decoder(decoder, tmp_path / "dec", {"layer": 1})
+    sidecar = json.loads((tmp_path / "dec" / "decoder.json").read_text())
+    sidecar.pop("seq2seq_input")
+    (tmp_path / "dec" / "decoder.json").write_text(json.dumps(sidecar))
+    from ka2l.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="older ka2l.*Train it again"):
+        load_decoder(tmp_path / "dec")
+
+
 def test_perturb_scales_noise_to_the_vector_norm():
     rng = np.random.default_rng(0)
     v = rng.standard_normal((200, 64)).astype(np.float32) * 10

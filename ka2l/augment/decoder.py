@@ -5,8 +5,13 @@
 
 One interface, two kinds of backbone:
 
-    seq2seq  (T5 and friends)  the pseudo-tokens are the encoder's outputs; the decoder cross-attends
+    seq2seq  (T5 and friends)  the pseudo-tokens are the encoder's input embeddings (``inputs_embeds``);
+                               the encoder reads them and the decoder cross-attends to its outputs, as in
+                               vec2text and the authors' code
     causal   (SmolLM2, Llama)  the pseudo-tokens are a soft prefix (``inputs_embeds``) before the text
+
+Either way the pseudo-tokens stand where token embeddings would, so the projection's output is
+scaled to the backbone's embedding scale.
 
 Projection and backbone train end to end on (vector, question) pairs. A saved decoder is a folder:
 ``decoder.json`` (config, backbone, layer, pooling, versions, metrics), ``projection.safetensors``
@@ -29,6 +34,9 @@ from ..config import T5_SCRATCH, ModelSpec
 from ..errors import ModelLoadError
 
 KINDS = ("causal", "seq2seq")
+# Recorded in a seq2seq decoder's sidecar: how its pseudo-tokens enter the backbone. Decoders saved before
+# this was recorded fed them as encoder outputs (skipping T5's encoder) and cannot be loaded as they are.
+SEQ2SEQ_INPUT = "encoder inputs_embeds"
 
 
 class Standardise(nn.Module):
@@ -55,10 +63,11 @@ class HiddenStateDecoder(nn.Module):
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.backbone, self.tokenizer, self.kind = backbone, tokenizer, kind
         self.dim, self.n_pseudo = dim, n_pseudo
-        self.embed_dim = int(backbone.get_input_embeddings().weight.shape[1]) if kind == "causal" else int(backbone.config.d_model)
+        embeddings = backbone.get_input_embeddings().weight.detach()  # (vocab, e); shared by T5's encoder and decoder
+        self.embed_dim = int(embeddings.shape[1])
         self.projection = nn.Sequential(Standardise(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, n_pseudo * self.embed_dim))
-        # A soft prefix should look like token embeddings; encoder outputs are already unit-scale.
-        scale = float(backbone.get_input_embeddings().weight.detach().float().std()) if kind == "causal" else 1.0
+        # Pseudo-tokens stand in for token embeddings (a causal prefix, or a T5 encoder's input): match their scale.
+        scale = float(embeddings.float().std())
         self.register_buffer("out_scale", torch.tensor(scale))
         if tokenizer.eos_token_id is None:
             raise ModelLoadError("The backbone's tokenizer has no end-of-sequence token; a decoder must learn where a question ends.")
@@ -93,10 +102,8 @@ class HiddenStateDecoder(nn.Module):
         ids, mask = self._targets(texts, max_length)
         labels = ids.masked_fill(mask == 0, -100)
         ones = torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device)
-        if self.kind == "seq2seq":
-            from transformers.modeling_outputs import BaseModelOutput
-
-            return self.backbone(encoder_outputs=BaseModelOutput(last_hidden_state=prefix), attention_mask=ones, labels=labels).loss
+        if self.kind == "seq2seq":  # prefix (b, m, e) through the encoder; the decoder learns ids
+            return self.backbone(inputs_embeds=prefix, attention_mask=ones, labels=labels).loss
         embeds = torch.cat([prefix, self.backbone.get_input_embeddings()(ids)], dim=1)
         full_labels = torch.cat([torch.full(prefix.shape[:2], -100, dtype=torch.long, device=self.device), labels], dim=1)
         return self.backbone(inputs_embeds=embeds, attention_mask=torch.cat([ones, mask], dim=1), labels=full_labels).loss
@@ -112,12 +119,8 @@ class HiddenStateDecoder(nn.Module):
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {"do_sample": False}
         kw = {"attention_mask": ones, "max_new_tokens": max_new_tokens, "eos_token_id": tok.eos_token_id,
               "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, **sampling}
-        if self.kind == "seq2seq":
-            from transformers.modeling_outputs import BaseModelOutput
-
-            out = self.backbone.generate(encoder_outputs=BaseModelOutput(last_hidden_state=prefix), **kw)
-        else:
-            out = self.backbone.generate(inputs_embeds=prefix, **kw)  # returns only the new tokens
+        # seq2seq: the encoder reads the prefix; causal: the prefix precedes the text. Both return only new tokens.
+        out = self.backbone.generate(inputs_embeds=prefix, **kw)
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
 
@@ -198,6 +201,8 @@ def save_decoder(decoder: HiddenStateDecoder, folder: Path, meta: dict[str, Any]
     safetensors.torch.save_file(state, str(tmp / "projection.safetensors"))
     sidecar = {"kind": decoder.kind, "dim": decoder.dim, "n_pseudo": decoder.n_pseudo, "embed_dim": decoder.embed_dim,
                "versions": {"torch": torch.__version__, "transformers": transformers.__version__}, **meta}
+    if decoder.kind == "seq2seq":
+        sidecar["seq2seq_input"] = SEQ2SEQ_INPUT
     (tmp / "decoder.json").write_text(json.dumps(sidecar, indent=1))
     if extra is not None:
         extra(tmp)
@@ -224,6 +229,10 @@ def load_decoder(folder: Path | str, device: str = "cpu") -> tuple[HiddenStateDe
 
     folder = Path(folder)
     meta = read_meta(folder)
+    if meta["kind"] == "seq2seq" and meta.get("seq2seq_input") != SEQ2SEQ_INPUT:
+        raise ModelLoadError(f"The seq2seq decoder at {folder} was trained by an older ka2l that fed its pseudo-tokens to the "
+                             f"backbone as encoder outputs; ka2l now passes them through the encoder (as vec2text does), so "
+                             f"this decoder would decode nonsense. Train it again.")
     cls = AutoModelForSeq2SeqLM if meta["kind"] == "seq2seq" else AutoModelForCausalLM
     backbone = cls.from_pretrained(folder / "backbone", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(folder / "backbone")
