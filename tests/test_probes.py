@@ -73,3 +73,22 @@ def test_saved_probe_reloads_and_predicts_identically(tmp_path):
     assert meta["layer"] == 2 and meta["kind"] == "mlp" and "torch" in meta["versions"]
     with pytest.raises(ProbeError, match="missing"):
         load_probe(tmp_path / "nope" / "probe.safetensors")
+
+
+def test_a_probe_whose_validation_loss_is_never_finite_names_its_layer():
+    """An absurd learning rate makes the mlp diverge at once: no epoch has a finite validation loss,
+    so there is no epoch to keep. A ProbeError names the layer and what to change."""
+    hidden, y = planted(n=120)
+    cfg = ProbeConfig(kind="mlp", epochs=3, lr=1e30, bootstrap=0)
+    with pytest.raises(ProbeError, match=r"layer 1\b.*not finite in any of the 3 epochs") as err:
+        probe_layers(hidden, y, cfg)
+    assert "lr" in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["logistic", "mlp"])
+def test_non_finite_hidden_states_are_refused_with_the_layer_named(kind):
+    """float16 states overflow to inf on models with huge activations; such a layer is refused by name."""
+    hidden, y = planted(n=120)
+    hidden[[3, 7], 2, 5] = np.inf
+    with pytest.raises(ProbeError, match=r"Layer 2: 2 of 120 questions have non-finite hidden states"):
+        probe_layers(hidden, y, ProbeConfig(kind=kind, epochs=2, bootstrap=0))

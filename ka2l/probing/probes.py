@@ -167,8 +167,8 @@ def _fit_logistic(net, xtr, ytr, xva, yva, seed: int) -> None:
         lin.bias[1] = float(clf.intercept_[0])
 
 
-def _fit_neural(net, xtr, ytr, xva, yva, cfg: ProbeConfig, device: str) -> None:
-    """Adam + cross-entropy; keeps the epoch with the best validation loss."""
+def _fit_neural(net, xtr, ytr, xva, yva, cfg: ProbeConfig, device: str, name: str = "The probe") -> None:
+    """Adam + cross-entropy; keeps the epoch with the best (finite) validation loss."""
     import torch
 
     torch.manual_seed(cfg.seed)
@@ -190,12 +190,20 @@ def _fit_neural(net, xtr, ytr, xva, yva, cfg: ProbeConfig, device: str) -> None:
             val_loss = float(loss_fn(net(xv), yv))
         if val_loss < best_loss:
             best_loss, best_state = val_loss, copy.deepcopy(net.state_dict())
+    if best_state is None:  # NaN / inf in every epoch: training diverged
+        raise ProbeError(
+            f"{name}: the validation loss was not finite in any of the {cfg.resolved_epochs} epochs (last: {val_loss}), so there "
+            f"is no epoch to keep. Training diverged: lower the learning rate (ProbeConfig.lr, now {cfg.resolved_lr:g}) or "
+            f"use another probe kind (--probe-kind logistic)."
+        )
     net.load_state_dict(best_state)
     net.to("cpu")
 
 
-def train_probe(kind: str, xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray, cfg: ProbeConfig, device: str = "cpu"):
-    """Train one probe on float32 features (n, dim); returns the module on CPU in eval mode."""
+def train_probe(kind: str, xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray, cfg: ProbeConfig, device: str = "cpu",
+                name: str = "The probe"):
+    """Train one probe on float32 features (n, dim); returns the module on CPU in eval mode. ``name``
+    says which probe it is in errors ('The mlp probe for layer 3')."""
     import torch
 
     torch.manual_seed(cfg.seed)
@@ -204,7 +212,7 @@ def train_probe(kind: str, xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yv
     if kind == "logistic":
         _fit_logistic(net, xtr, ytr, xva, yva, cfg.seed)
     else:
-        _fit_neural(net, xtr, ytr, xva, yva, cfg, device)
+        _fit_neural(net, xtr, ytr, xva, yva, cfg, device, name)
     return net.eval()
 
 
@@ -260,6 +268,18 @@ def layer_features(hidden: np.ndarray, layer: int, rows: np.ndarray | None = Non
     return np.asarray(x, dtype=np.float32)
 
 
+def check_finite(x: np.ndarray, layer: int) -> None:
+    """Refuse a layer whose features hold inf / NaN (float16 storage overflows past 65504)."""
+    bad = ~np.isfinite(x).all(axis=1)  # (n,)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise ProbeError(
+            f"Layer {layer}: {int(bad.sum())} of {len(x)} questions have non-finite hidden states (inf or NaN), e.g. rows "
+            f"{', '.join(map(str, rows[:5]))}, so this layer cannot be probed. Either the model overflowed in its own dtype (run "
+            f"Stage 1 again with --dtype float32) or its activations exceed the float16 range (65504) in which hidden states are stored."
+        )
+
+
 def probe_layers(
     hidden: np.ndarray,
     y: Sequence[int],
@@ -285,7 +305,8 @@ def probe_layers(
     progress.stage(f"probes ({kind})", total=len(layers))
     for layer in layers:
         x = layer_features(hidden, layer)
-        net = train_probe(kind, x[split.train], y[split.train], x[split.val], y[split.val], cfg, device)
+        check_finite(x, layer)
+        net = train_probe(kind, x[split.train], y[split.train], x[split.val], y[split.val], cfg, device, name=f"The {kind} probe for layer {layer}")
         p_val, p_test = predict_unknown(net, x[split.val]), predict_unknown(net, x[split.test])
         lo, hi = bootstrap_auroc(y[split.test], p_test, cfg.bootstrap, cfg.seed)
         s = LayerScore(layer, auroc(y[split.val], p_val), auroc(y[split.test], p_test), lo, hi,
