@@ -36,4 +36,4 @@ if ids:
     st.dataframe(frame[frame["question_id"].isin(ids)][["question", "se", "bise"]], hide_index=True, width="stretch")
 if st.button(f"Add {len(ids)} selected to the curation set", disabled=not ids):
     added = actions.curation.add(pool["id"], ids, source=f"map/run {run['id']}/layer {layer}/{method}")
-    st.success(f"Added {added} new question(s).")
+    st.success(f"Added {added} new question(s); the curation set now has {len(actions.curation.member_ids(pool['id']))}.")

@@ -5,10 +5,12 @@ import streamlit as st
 
 from ka2l.errors import Ka2lError, PoolError
 from ka2l.ui import actions, data
+from ka2l.ui.state import activate_pool, show_flash
 
 st.title("Question pool")
 st.caption("CSV, JSONL, JSON or Parquet with a `question` column; optional `answer`/`answers` (aliases as a JSON list or "
            "separated by `|`) and `id`. Other columns are kept as metadata.")
+show_flash("pool")
 
 source = st.radio("Source", ["Upload a file", "Demo pool"], horizontal=True)
 skip = st.checkbox("Leave out invalid rows instead of refusing the file", value=False)
@@ -46,8 +48,7 @@ if pool is not None:
             except Ka2lError as exc:
                 st.error(str(exc))
             else:
-                st.session_state["ka2l.pool_id"] = pool_id
-                st.success(f"Imported pool {name!r} ({len(pool.rows)} questions). It is now the active pool.")
+                activate_pool(pool_id, "pool", f"Imported pool {name!r} ({len(pool.rows)} questions). It is now the active pool.")
 
 st.subheader("Stored pools")
 pools = data.pools()

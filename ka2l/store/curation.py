@@ -16,10 +16,18 @@ def add(pool_id: int, question_ids: Iterable[int], source: str) -> int:
         return db.execute("SELECT count(*) FROM curation WHERE pool_id = ?", [pool_id]).fetchone()[0] - before
 
 
-def remove(pool_id: int, question_ids: Iterable[int]) -> None:
+def remove(pool_id: int, question_ids: Iterable[int]) -> int:
+    """Take questions out of the set; returns how many were in it. The questions themselves stay in the pool."""
+    ids = [int(q) for q in question_ids]
     with connect() as db, db.atomic():
-        for q in question_ids:
-            db.execute("DELETE FROM curation WHERE pool_id = ? AND question_id = ?", [pool_id, int(q)])
+        before = db.execute("SELECT count(*) FROM curation WHERE pool_id = ?", [pool_id]).fetchone()[0]
+        db.conn.executemany("DELETE FROM curation WHERE pool_id = ? AND question_id = ?", [(pool_id, q) for q in ids])
+        return before - db.execute("SELECT count(*) FROM curation WHERE pool_id = ?", [pool_id]).fetchone()[0]
+
+
+def member_ids(pool_id: int) -> set[int]:
+    with connect() as db:
+        return {r[0] for r in db.execute("SELECT question_id FROM curation WHERE pool_id = ?", [pool_id]).fetchall()}
 
 
 def members(pool_id: int) -> list[dict[str, Any]]:

@@ -1,13 +1,17 @@
-"""Read-only views of the store for the pages. Connections are opened per call, never cached."""
+"""Read-only views of the store for the pages. Connections are opened per call, never cached (only
+files built from a table are, by the table's content)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import streamlit as st
+
 from ..probing.report import build_report
 from ..store import queries as Q
 from ..store.db import connect
-from ..views.tables import CORRECTNESS_FILTERS, LABEL_FILTERS, ScoresFilter, filter_scores  # noqa: F401 (the Scores page's filters)
+from ..views import export
+from ..views.tables import CORRECTNESS_FILTERS, LABEL_FILTERS, ScoresFilter, curated_ids, filter_scores, with_curation  # noqa: F401 (the Scores page)
 
 
 def pools() -> list[dict[str, Any]]:
@@ -29,6 +33,16 @@ def scores(run_id: int):
     from ..views.tables import scores_frame
 
     return scores_frame(run_id)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def download_files(frame) -> tuple[bytes, bytes]:
+    """(formula-safe CSV, JSONL) of a table, built when the page is drawn and cached by the table's content.
+
+    A file built only on click (a callable passed to st.download_button) is registered for one script
+    run; after a rerun (a drill-down choice) the button's file was gone and the download spun forever.
+    Ready bytes are served at once, and the same table gives the same file (and URL) on every rerun."""
+    return export.to_safe_csv(frame), export.to_jsonl(frame)
 
 
 def detail(run_id: int, question_id: int) -> dict[str, Any]:

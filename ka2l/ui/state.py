@@ -12,6 +12,30 @@ from . import data
 
 POOL_KEY = "ka2l.pool_id"
 RUN_KEY = "ka2l.run_id"
+NEXT_POOL_KEY = "ka2l.next_pool_id"  # a pool to make active, applied before the sidebar's selectbox exists
+FLASH_KEY = "ka2l.flash"             # messages that survive one st.rerun(): {page: [(kind, text), ...]}
+
+
+def flash(page: str, text: str, kind: str = "success") -> None:
+    """Show ``text`` on ``page`` in its next run (a message set just before ``st.rerun()``)."""
+    st.session_state.setdefault(FLASH_KEY, {}).setdefault(page, []).append((kind, text))
+
+
+def show_flash(page: str) -> None:
+    for kind, text in st.session_state.get(FLASH_KEY, {}).pop(page, []):
+        getattr(st, kind)(text)
+
+
+def activate_pool(pool_id: int, page: str, message: str) -> None:
+    """Make ``pool_id`` the active pool and rerun, with ``message`` shown on ``page``.
+
+    The sidebar's "Active pool" selectbox owns ``POOL_KEY`` once it is drawn, and Streamlit refuses
+    writes to a widget's key after that in the same run (StreamlitWidgetAlreadyInstantiatedError).
+    So the choice waits under its own key and ``active_pool`` applies it at the start of the next
+    run, before the selectbox exists."""
+    st.session_state[NEXT_POOL_KEY] = int(pool_id)
+    flash(page, message)
+    st.rerun()
 
 
 def active_pool() -> dict[str, Any] | None:
@@ -19,6 +43,8 @@ def active_pool() -> dict[str, Any] | None:
     if not pools:
         return None
     ids = [p["id"] for p in pools]
+    if st.session_state.get(NEXT_POOL_KEY) in ids:
+        st.session_state[POOL_KEY] = st.session_state.pop(NEXT_POOL_KEY)
     if st.session_state.get(POOL_KEY) not in ids:
         st.session_state[POOL_KEY] = ids[-1]
     return next(p for p in pools if p["id"] == st.session_state[POOL_KEY])

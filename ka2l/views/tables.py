@@ -48,6 +48,27 @@ def scores_frame(run_id: int):
     return frame[[c for c in cols if c in frame.columns]]
 
 
+def with_curation(frame, member_ids: set[int]):
+    """The scores frame with an ``in_set`` column (is the question in the curation set?) after the question.
+
+    >>> import pandas as pd
+    >>> with_curation(pd.DataFrame({"question_id": [1, 2], "question": ["a?", "b?"], "se": [0.1, 0.2]}), {2}).columns.tolist()
+    ['question_id', 'question', 'in_set', 'se']
+    >>> with_curation(pd.DataFrame({"question_id": [1, 2], "question": ["a?", "b?"]}), {2})["in_set"].tolist()
+    [False, True]
+    """
+    if frame.empty:
+        return frame.assign(in_set=False)
+    out = frame.drop(columns=["in_set"], errors="ignore")
+    out.insert(out.columns.get_loc("question") + 1, "in_set", out["question_id"].isin(member_ids))
+    return out
+
+
+def curated_ids(frame) -> list[int]:
+    """The question ids of the rows of a frame from ``with_curation`` that are in the curation set."""
+    return [int(q) for q in frame.loc[frame["in_set"], "question_id"]] if "in_set" in frame else []
+
+
 LABEL_FILTERS = ("all", "unknown", "known")
 CORRECTNESS_FILTERS = ("all", "correct", "incorrect")
 

@@ -1,0 +1,162 @@
+"""What a new curator hits in the first hour (issue 11), page by page through AppTest, over a real
+store with a finished Stage 1 run of the memorising tiny model. Stage 2 is not needed here."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+import pytest
+from streamlit.elements.arrow import DataframeSelectionState, DataframeState
+from streamlit.elements.plotly_chart import PlotlySelectionState, PlotlyState
+from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+from streamlit.testing.v1 import AppTest
+
+from ka2l.paths import PROJECT_ROOT
+from ka2l.probing.stage1 import run_stage1
+from ka2l.store import curation
+from helpers import import_pool, stage1_cfg
+
+APP = str(PROJECT_ROOT / "app.py")
+
+
+@pytest.fixture(scope="module")
+def stage1_data(tmp_path_factory, memo_model, capitals):
+    folder = tmp_path_factory.mktemp("curator")
+    old = os.environ.get("KA2L_DATA_DIR")
+    os.environ["KA2L_DATA_DIR"] = str(folder)
+    try:
+        import_pool(capitals)
+        run_stage1("caps", stage1_cfg(memo_model))
+    finally:
+        os.environ["KA2L_DATA_DIR"] = old or ""
+    return folder
+
+
+@pytest.fixture
+def app(stage1_data, monkeypatch):
+    monkeypatch.setenv("KA2L_DATA_DIR", str(stage1_data))
+
+    def open_page(page: str) -> AppTest:
+        at = AppTest.from_file(APP, default_timeout=90)
+        at.run()
+        at.switch_page(f"app_pages/{page}.py")
+        at.run()
+        assert not at.exception, at.exception
+        return at
+
+    return open_page
+
+
+@pytest.fixture
+def media(monkeypatch):
+    """The bytes behind every media URL the app hands out (download buttons), by file id."""
+    files: dict[str, bytes] = {}
+    original = MemoryMediaFileStorage.load_and_get_id
+
+    def keep(self, path_or_data, mimetype, kind, filename=None):
+        file_id = original(self, path_or_data, mimetype, kind, filename)
+        files[file_id] = path_or_data if isinstance(path_or_data, bytes) else open(path_or_data, "rb").read()
+        return file_id
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", keep)
+    return files
+
+
+def _button(at: AppTest, start: str):
+    return next(b for b in at.button if b.label.startswith(start))
+
+
+def _selectbox(at: AppTest, label: str):
+    return next(s for s in at.selectbox if s.label == label)
+
+
+# -- item 1: a second pool ------------------------------------------------------------------------
+
+def test_importing_a_second_pool_makes_it_active_without_a_crash():
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.radio[0].set_value("Demo pool").run()
+    for demo, name in (("elements", "first"), ("capitals", "second")):
+        _selectbox(at, "Demo pool").set_value(demo).run()
+        next(t for t in at.text_input if t.label == "Pool name").set_value(name)
+        _button(at, "Import pool").click().run()
+        assert not at.exception, at.exception
+        assert any(f"Imported pool {name!r}" in s.value for s in at.success), [e.value for e in at.error]
+        stored = at.dataframe[-1].value
+        assert list(stored["name"]) == ["first", "second"][: len(stored)] and name in set(stored["name"])
+        active = next(s for s in at.sidebar.selectbox if s.label == "Active pool")
+        assert active.value == int(stored.loc[stored["name"] == name, "id"].iloc[0]), "the imported pool is the active one"
+
+
+# -- items 4 and 8: Scores ------------------------------------------------------------------------
+
+def _select_rows(at: AppTest, rows: list[int]) -> AppTest:
+    """Rows picked in the table, as the browser reports them."""
+    at.session_state["scores-table"] = DataframeState(selection=DataframeSelectionState(rows=rows, columns=[], cells=[]))
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _downloads(at: AppTest, media: dict[str, bytes]) -> dict[str, bytes]:
+    """Every download button's label and its file, which must be ready before the click."""
+    found = {}
+    for button in at.get("download_button"):
+        proto = button.proto
+        assert not proto.deferred_file_id, f"{proto.label!r} builds its file only on click (it hung in the browser)"
+        assert proto.url, f"{proto.label!r} has no file"
+        found[proto.label] = media[proto.url.rsplit("/", 1)[1].split(".")[0]]
+    return found
+
+
+def test_scores_downloads_are_ready_files_of_the_filtered_table(app, media):
+    at = app("scores")
+    _selectbox(at, "Label").set_value("unknown").run()
+    shown = at.dataframe[0].value
+    _selectbox(at, "Drill down into").set_value(int(shown["question_id"].iloc[-1])).run()  # where the downloads hung
+    assert not at.exception, at.exception
+    files = _downloads(at, media)
+    assert set(files) == {"Download CSV", "Download JSONL"}
+    rows = list(csv.DictReader(io.StringIO(files["Download CSV"].decode("utf-8"))))
+    assert [r["question"] for r in rows] == list(shown["question"]) and {r["bise"] for r in rows} == {"1"}
+    lines = [json.loads(line) for line in files["Download JSONL"].decode("utf-8").splitlines()]
+    assert [r["question"] for r in lines] == list(shown["question"]) and {r["bise"] for r in lines} == {1}
+    assert all(b.proto.ignore_rerun for b in at.get("download_button")), "a download must not rerun the page"
+
+
+def test_scores_table_shows_the_curation_set_and_removes_from_it(app):
+    at = app("scores")
+    table = at.dataframe[0].value
+    assert "in_set" in table.columns and not table["in_set"].any()
+    at = _select_rows(at, [0, 1, 2])
+    _button(at, "Add 3 selected").click().run()
+    assert any("the curation set has 3" in s.value for s in at.success)
+    table = at.dataframe[0].value
+    assert table["in_set"].tolist()[:3] == [True, True, True] and int(table["in_set"].sum()) == 3
+    at = _select_rows(at, [1, 2, 3])
+    remove = _button(at, "Remove")
+    assert remove.label.startswith("Remove 2 selected"), "only the selected rows that are in the set"
+    remove.click().run()
+    assert not at.exception, at.exception
+    assert any("the curation set has 1" in s.value for s in at.success)
+    assert at.dataframe[0].value["in_set"].tolist()[:4] == [True, False, False, False]
+    pool_id = at.session_state["ka2l.pool_id"]
+    curation.remove(pool_id, [m["question_id"] for m in curation.members(pool_id)])  # leave the module's store as found
+
+
+def test_map_says_the_curation_set_total(app):
+    at = app("map")
+    from ka2l.views.tables import scores_frame
+
+    ids = scores_frame(1)["question_id"].tolist()[:4]
+    assert not curation.members(at.session_state["ka2l.pool_id"]), "tests leave the curation set empty"
+    at.session_state["map"] = PlotlyState(selection=PlotlySelectionState(points=[{"customdata": [i]} for i in ids], point_indices=[], box=[], lasso=[]))
+    at.run()
+    assert not at.exception, at.exception
+    _button(at, "Add 4 selected").click().run()
+    assert not at.exception, at.exception
+    assert any("Added 4 new question(s); the curation set now has 4." in s.value for s in at.success), [s.value for s in at.success]
+    pool_id = at.session_state["ka2l.pool_id"]
+    curation.remove(pool_id, ids)
