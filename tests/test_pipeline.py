@@ -260,3 +260,33 @@ def test_a_lost_hidden_state_file_is_recomputed_not_probed_as_zeros(memo_model, 
     assert done["status"] == "done"
     again = open_array(done["hidden_path"])
     np.testing.assert_array_equal(again, lost)
+
+
+def test_threshold_robustness_trains_on_the_probe_device(memo_model, capitals, monkeypatch):
+    """Every probe of a run (the main sweep, the baselines and the 7 robustness retrainings) trains on
+    the device resolved for the probes. A spy records the device each training was given and then
+    trains on the CPU, so the test needs no GPU."""
+    import ka2l.probing.baselines as baselines
+    import ka2l.probing.probes as probes
+    import ka2l.probing.stage1 as stage1
+
+    real = probes.train_probe
+    seen = {"probes": [], "baselines": []}
+
+    def spy(where):
+        def train(kind, xtr, ytr, xva, yva, cfg, device="cpu", **kw):
+            seen[where].append((kind, device))
+            return real(kind, xtr, ytr, xva, yva, cfg, "cpu", **kw)
+        return train
+
+    monkeypatch.setattr(probes, "train_probe", spy("probes"))
+    monkeypatch.setattr(baselines, "train_probe", spy("baselines"))
+    monkeypatch.setattr(stage1, "_probe_device", lambda cfg: "cuda:3")
+    import_pool(capitals)
+    run_id = run_stage1("caps", stage1_cfg(memo_model))
+    with connect() as db:
+        robust = Q.list_probes(db, run_id)[0]["metrics"]["robustness"]
+    trained = [r for r in robust if r["note"] == ""]
+    assert len(seen["baselines"]) == len(trained) >= 5, (seen["baselines"], robust)
+    assert {d for _, d in seen["baselines"]} == {"cuda:3"}, "robustness probes train where the main probe did"
+    assert ("mlp", "cuda:3") in seen["probes"] and {d for _, d in seen["probes"]} == {"cuda:3"}

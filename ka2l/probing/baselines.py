@@ -37,21 +37,23 @@ def baseline_table(
     main: ProbeResult,
     cfg: ProbeConfig,
     progress: Progress | None = None,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
-    """``scores`` holds per-question arrays se, se_weighted, regular_entropy, mean_loglik (pool order)."""
+    """``scores`` holds per-question arrays se, se_weighted, regular_entropy, mean_loglik (pool order);
+    the baseline probes train on ``device`` (the main probe's)."""
     progress = progress or NullProgress()
     test = main.split.test
     yb = bise[test]
     yw = None if incorrect is None else incorrect[test]
     rows = [_row(f"KA2L probe ({main.kind}, layer {main.best_layer})", yb, yw, main.test_scores)]
     if main.kind != "logistic":
-        sep = probe_layers(hidden, bise, cfg, split=main.split, kind="logistic", progress=progress)
+        sep = probe_layers(hidden, bise, cfg, split=main.split, kind="logistic", device=device, progress=progress)
         rows.append(_row(f"SE probe (logistic, layer {sep.best_layer})", yb, yw, sep.test_scores))
     if incorrect is not None:
         known_rows = incorrect >= 0
         try:
             acc = probe_layers(hidden, np.where(known_rows, incorrect, 0), cfg, split=_restrict(main.split, known_rows), kind="logistic",
-                               target="incorrect", progress=progress)
+                               target="incorrect", device=device, progress=progress)
             rows.append(_row(f"Accuracy probe (logistic, layer {acc.best_layer})", bise[acc.split.test], incorrect[acc.split.test], acc.test_scores))
         except (ProbeError, ValueError) as exc:
             rows.append({"method": "Accuracy probe (logistic)", "auroc_bise": math.nan, "auroc_incorrect": math.nan, "note": f"skipped: {exc}"})
@@ -78,8 +80,10 @@ def threshold_robustness(
     cfg: ProbeConfig,
     deltas: Sequence[float] = DELTAS,
     progress: Progress | None = None,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
-    """AUROC of the probe retrained at ``layer`` on labels SE >= gamma + delta (same split)."""
+    """AUROC of the probe retrained at ``layer`` on labels SE >= gamma + delta (same split), on ``device``
+    (the main probe's)."""
     progress = progress or NullProgress()
     x = layer_features(hidden, layer)
     rows = []
@@ -92,7 +96,8 @@ def threshold_robustness(
         if any(len(np.unique(y[p])) < 2 for p in parts):
             row.update(auroc_bise=math.nan, auroc_incorrect=math.nan, note="one label only in a split")
         else:
-            net = train_probe(cfg.kind, x[split.train], y[split.train], x[split.val], y[split.val], cfg)
+            net = train_probe(cfg.kind, x[split.train], y[split.train], x[split.val], y[split.val], cfg, device,
+                              name=f"The {cfg.kind} probe for layer {layer} at threshold {tau:.3f}")
             p = predict_unknown(net, x[split.test])
             row.update(auroc_bise=auroc(y[split.test], p),
                        auroc_incorrect=None if incorrect is None else masked_auroc(incorrect[split.test], p), note="")

@@ -231,8 +231,9 @@ def _stage_probes(db, run_id: int, cfg: Stage1Config, hidden: np.ndarray, progre
     with _Timer(db, run_id, "probes") as timer:
         main = probe_layers(hidden, bise, cfg.probe, incorrect=incorrect, device=device, progress=progress)
         scores = {k: np.array([r[k] for r in rows], dtype=np.float64) for k in ("se", "se_weighted", "regular_entropy", "mean_loglik")}
-        table = baseline_table(hidden, scores, bise, incorrect, main, cfg.probe, progress)
-        robust = threshold_robustness(hidden, scores["se"], run["threshold"]["gamma"], incorrect, main.split, main.best_layer, cfg.probe, progress=progress)
+        table = baseline_table(hidden, scores, bise, incorrect, main, cfg.probe, progress, device=device)
+        robust = threshold_robustness(hidden, scores["se"], run["threshold"]["gamma"], incorrect, main.split, main.best_layer, cfg.probe,
+                                      progress=progress, device=device)
         folder = probes_dir() / f"run-{run_id}-{cfg.probe.kind}-layer{main.best_layer}"
         held_out = np.concatenate([main.split.val, main.split.test])
         ref = distance_from_training(main.net, layer_features(hidden, main.best_layer, held_out))
