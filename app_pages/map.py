@@ -4,7 +4,7 @@ import streamlit as st
 
 from ka2l.errors import Ka2lError
 from ka2l.ui import actions, data
-from ka2l.ui.charts import map_figure
+from ka2l.ui.charts import colour_label, map_figure
 from ka2l.ui.state import require_run
 
 st.title("Knowledge-boundary map")
@@ -17,7 +17,7 @@ c = st.columns(4)
 layer = c[0].number_input("Layer", min_value=1, max_value=int(run["n_layers"]), value=int(best), help="The probe's chosen layer by default.")
 method = c[1].selectbox("Projection", ["pca", "umap"], help="UMAP takes longer the first time; both are cached per run and layer.")
 colours = [col for col in ("se", "bise", "p_unknown", "correct", "se_weighted") if col in frame and not frame[col].isna().all()]
-colour = c[2].selectbox("Colour by", colours)
+colour = c[2].selectbox("Colour by", colours, format_func=colour_label)
 contour = c[3].checkbox("Known / unknown density", value=True)
 
 try:

@@ -33,21 +33,74 @@ def threshold_figure(threshold: dict[str, Any]):
     return fig
 
 
+# Distinct, colour-blind-safe colours (Okabe-Ito) for named categories; contours use their label's colour.
+CATEGORY_COLOURS = {"known": "#0072B2", "unknown": "#D55E00", "correct": "#009E73", "incorrect": "#CC79A7",
+                    "no gold answer": "#999999", "no label": "#999999"}
+
+
+def colour_label(column: str) -> str:
+    """What the map's colour choice is called on the page: 'se' -> 'SE (nats)'."""
+    from ..views.maps import COLOUR_LABELS
+
+    return COLOUR_LABELS.get(column, column)
+
+
+def hover_text(question: str, width: int = 70) -> str:
+    """A question for a tooltip: HTML-escaped (plotly renders tags in hover text) and wrapped.
+
+    >>> hover_text("Is <b>this</b> bold & safe?")
+    'Is &lt;b&gt;this&lt;/b&gt; bold &amp; safe?'
+    """
+    import html
+    import textwrap
+
+    return "<br>".join(html.escape(line) for line in textwrap.wrap(str(question), width) or [""])
+
+
 def map_figure(frame, color: str, contour: bool):
-    """Scatter (WebGL) of the 2-D projection coloured by ``color``; optional known/unknown density contours."""
-    import plotly.express as px
+    """Scatter (WebGL) of the 2-D projection in ``frame`` (columns x, y, question_id, question and
+    ``color``), with optional known / unknown density contours computed from the same x, y.
+
+    Binary colours (BiSE, correctness) are named categories with distinct colours; numbers are
+    coloured on a scale and shown to 3 decimals. Hovering a point shows its question (escaped);
+    the contours take no hover. Every point's customdata starts with its question id (the lasso
+    selection reads it)."""
+    import numpy as np
     import plotly.graph_objects as go
 
-    discrete = color in ("bise", "correct")
-    plot = frame.assign(**{color: frame[color].astype("string")}) if discrete else frame
-    fig = px.scatter(plot, x="x", y="y", color=color, hover_data={"question": True, "x": False, "y": False},
-                     render_mode="webgl", custom_data=["question_id"],
-                     color_continuous_scale="Viridis" if not discrete else None)
+    from ..views.maps import CATEGORIES, COLOUR_LABELS, category_labels, density_grid
+
+    title = COLOUR_LABELS.get(color, color)
+    texts = [hover_text(q) for q in frame["question"]]
+    fig = go.Figure()
+    if color in CATEGORIES:
+        labels = np.array(category_labels(frame[color].tolist(), color), dtype=object)
+        order = list(CATEGORIES[color].values()) + sorted(set(labels) - set(CATEGORIES[color].values()))
+        for name in [n for n in order if (labels == n).any()]:
+            part = labels == name
+            fig.add_trace(go.Scattergl(
+                x=frame["x"][part], y=frame["y"][part], mode="markers", name=name, legendgroup=name,
+                marker={"color": CATEGORY_COLOURS[name], "size": 7, "opacity": 0.85},
+                customdata=[[int(q), t, name] for q, t in zip(frame["question_id"][part], np.array(texts, dtype=object)[part])],
+                hovertemplate=f"%{{customdata[1]}}<br>{title}: %{{customdata[2]}}<extra></extra>"))
+    else:
+        values = frame[color].astype(float)
+        fig.add_trace(go.Scattergl(
+            x=frame["x"], y=frame["y"], mode="markers", name=title, showlegend=False,
+            marker={"color": values, "colorscale": "Viridis", "size": 7, "opacity": 0.85, "showscale": True,
+                    "colorbar": {"title": {"text": title}}},
+            customdata=[[int(q), t, v] for q, t, v in zip(frame["question_id"], texts, values)],
+            hovertemplate=f"%{{customdata[1]}}<br>{title}: %{{customdata[2]:.3f}}<extra></extra>"))
     if contour and "bise" in frame:
-        for label, name, colour in ((0, "known", "#440154"), (1, "unknown", "#fde725")):
-            part = frame[frame["bise"] == label]
-            if len(part) > 2:
-                fig.add_trace(go.Histogram2dContour(x=part["x"], y=part["y"], name=f"{name} density", showscale=False,
-                                                    contours={"coloring": "none"}, line={"color": colour, "width": 1.5}, ncontours=6))
-    fig.update_layout(height=560, dragmode="lasso", margin={"t": 30}, legend={"orientation": "h"})
+        for label, name in CATEGORIES["bise"].items():
+            part = (frame["bise"] == label).to_numpy()
+            grid = density_grid(frame["x"][part], frame["y"][part])
+            if grid is None:
+                continue
+            gx, gy, z = grid
+            fig.add_trace(go.Contour(x=gx, y=gy, z=z, name=f"{name} density", hoverinfo="skip", showscale=False, showlegend=True,
+                                     contours={"coloring": "none", "start": 0.15, "end": 0.95, "size": 0.2},
+                                     line={"color": CATEGORY_COLOURS[name], "width": 1.5}))
+    fig.update_layout(height=560, dragmode="lasso", margin={"t": 30}, hovermode="closest", xaxis_title="x", yaxis_title="y",
+                      legend={"orientation": "h", "title": {"text": title if color in CATEGORIES else ""}})
     return fig

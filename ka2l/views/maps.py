@@ -13,6 +13,57 @@ from ..store.arrays import open_array
 from ..store.db import connect
 
 METHODS = ("pca", "umap")
+# What the map can be coloured by, with the names the page and the legend show.
+COLOUR_LABELS = {"se": "SE (nats)", "bise": "BiSE", "p_unknown": "P(unknown)", "correct": "correctness", "se_weighted": "SE weighted (nats)"}
+# Binary columns are named categories, never the numbers 0 / 1; a missing value has its own category.
+CATEGORIES = {"bise": {0: "known", 1: "unknown"}, "correct": {1: "correct", 0: "incorrect"}}
+MISSING_CATEGORY = {"bise": "no label", "correct": "no gold answer"}
+
+
+def category_labels(values, column: str) -> list[str]:
+    """Names for a binary column's values.
+
+    >>> category_labels([0, 1, None], "correct")
+    ['incorrect', 'correct', 'no gold answer']
+    >>> category_labels([1.0, 0.0], "bise")
+    ['unknown', 'known']
+    """
+    names = CATEGORIES[column]
+    out = []
+    for v in values:
+        missing = v is None or v != v  # None or NaN
+        out.append(MISSING_CATEGORY[column] if missing else names[int(v)])
+    return out
+
+
+def density_grid(x, y, size: int = 60, pad: float = 0.15) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A Gaussian kernel density of the points (x, y) on a size x size grid spanning them, padded by
+    ``pad`` of their range on each side; the density is scaled to a maximum of 1. Computed from the
+    very coordinates the points are drawn at, so a contour sits on its points whatever the projection
+    (a histogram contour binned by the browser put a few points' density at the centre of one wide
+    bin, away from them). None for fewer than 3 distinct points or points on one line.
+
+    >>> gx, gy, z = density_grid(np.array([4.5, 4.7, 5.0, 4.6]), np.array([1.0, 1.3, 1.1, 0.8]))
+    >>> bool(4.5 <= gx[z.max(0).argmax()] <= 5.0 and 0.8 <= gy[z.max(1).argmax()] <= 1.3)
+    True
+    """
+    from scipy.stats import gaussian_kde
+
+    pts = np.vstack([np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)])  # (2, n)
+    pts = pts[:, np.isfinite(pts).all(0)]
+    if len(np.unique(pts, axis=1).T) < 3 or np.linalg.cond(np.cov(pts)) > 1e10:  # too few, or all on one line
+        return None
+    try:
+        kde = gaussian_kde(pts)
+    except np.linalg.LinAlgError:
+        return None
+    lo, hi = pts.min(1), pts.max(1)
+    span = np.maximum(hi - lo, 1e-6)
+    gx = np.linspace(lo[0] - pad * span[0], hi[0] + pad * span[0], size)  # (size,)
+    gy = np.linspace(lo[1] - pad * span[1], hi[1] + pad * span[1], size)  # (size,)
+    xx, yy = np.meshgrid(gx, gy)  # (size, size): rows follow y, columns follow x, as plotly's z
+    z = kde(np.vstack([xx.ravel(), yy.ravel()])).reshape(size, size)
+    return gx, gy, z / z.max()
 
 
 def project(x: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
