@@ -255,6 +255,60 @@ def test_generation_filters_and_reprobes_every_candidate(store):
         generate_candidates(GenerateConfig(decoder_id=store["decoder_id"], source="curation"))
 
 
+@pytest.fixture
+def scratch(stage2, tmp_path, monkeypatch):
+    """A copy of the Stage 2 store, for tests that add rows the other tests must not see."""
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(stage2["folder"], folder)
+    monkeypatch.setenv("KA2L_DATA_DIR", str(folder))
+    return {**stage2, "folder": folder}
+
+
+def _kept_of(db, decoder_id: int) -> list[dict]:
+    return list(db.query("SELECT c.text, c.vector FROM candidates c JOIN generations g ON g.id = c.generation_id "
+                         "WHERE g.decoder_id = ? AND c.status = 'kept' ORDER BY c.id", [decoder_id]))
+
+
+def test_candidates_are_compared_only_within_their_decoders_vector_space(scratch):
+    """A pool's kept candidates come from decoders of different layers, poolings or models: their vectors
+    are compared only with candidates of the same space (texts are compared whatever made them)."""
+    from ka2l.augment.candidates import same_space_decoders
+    from ka2l.config import ModelSpec, Stage1Config, to_dict
+
+    a = scratch["decoder_id"]
+    last = DecoderConfig(probe_id=scratch["probe"]["id"], backbone=scratch["cfg"].backbone, pooling="last", epochs=1, eval_size=0, device="cpu")
+    b = train_decoder(last)
+    generate_candidates(GenerateConfig(decoder_id=a, per_question=2, noise=0.2, seed=11, device="cpu"))
+    generate_candidates(GenerateConfig(decoder_id=b, per_question=2, noise=0.2, seed=11, device="cpu"))
+    with connect() as db:
+        da, db_ = S.get_decoder(db, a), S.get_decoder(db, b)
+        space_a, space_b = same_space_decoders(db, da), same_space_decoders(db, db_)
+        assert a in space_a and b not in space_a and space_b == [b], "the last-token decoder's space is its own"
+        assert all((d["layer"], d["pooling"]) == (da["layer"], "mean") for d in S.list_decoders(db, scratch["pool_id"]) if d["id"] in space_a)
+        kept_a, kept_b = _kept_of(db, a), _kept_of(db, b)
+        assert kept_a and kept_b
+        vecs = S.kept_vectors(db, scratch["pool_id"], [a])
+        assert [v.tobytes() for v in vecs] == [r["vector"] for r in kept_a], "exactly decoder a's kept vectors, in order"
+        assert {r["text"] for r in kept_a + kept_b} <= set(S.kept_texts(db, scratch["pool_id"]))
+
+        # a kept candidate from a decoder over another model (hidden size 32, not 64): comparing it crashed generation
+        other = Q.create_run(db, scratch["pool_id"], "stage1", to_dict(Stage1Config(model=ModelSpec(name_or_path="another-model"))), "x",
+                             "another-model", {})
+        dec = S.create_decoder(db, {"probe_id": scratch["probe"]["id"], "run_id": other, "pool_id": scratch["pool_id"], "layer": 1,
+                                    "pooling": "mean", "backbone": "another-model", "config": {}, "config_hash": "y", "status": "done"})
+        gen, _ = S.start_generation(db, dec, scratch["pool_id"], {}, "z")
+        source = Q.pool_questions(db, scratch["pool_id"])[50]["id"]
+        S.insert_candidates(db, [{"generation_id": gen, "pool_id": scratch["pool_id"], "source_question_id": source, "sample": 0, "noise": 0.1,
+                                  "raw_text": "Which river runs through the capital?", "text": "Which river runs through the capital?",
+                                  "status": "kept", "vector": np.ones(32, np.float32)}])
+        assert same_space_decoders(db, S.get_decoder(db, dec)) == [dec]
+    gen_id = generate_candidates(GenerateConfig(decoder_id=a, per_question=2, noise=0.2, seed=12, device="cpu"))
+    with connect() as db:
+        assert S.get_generation(db, gen_id)["status"] == "done"
+
+
 def test_candidate_filter_drops_copies_and_non_questions(store, tiny_lm):
     with connect() as db:
         pool_q = Q.pool_questions(db, store["pool_id"])

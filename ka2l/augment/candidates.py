@@ -94,6 +94,24 @@ class Similarity:
         return idx, sims[np.arange(len(idx)), idx]
 
 
+def vector_space(db, decoder: dict[str, Any]) -> str:
+    """What a decoder's input vectors (and its candidates' vectors) are: states of the probed model (on
+    whatever device), under its prompt, at one layer, pooled one way. Vectors of different spaces are
+    never compared (they may not even have the same size)."""
+    import json
+
+    stage1 = Q.get_run(db, decoder["run_id"])["config"]
+    model = {k: v for k, v in stage1.get("model", {}).items() if k != "device"}
+    return json.dumps({"model": model, "prompt": stage1.get("prompt"), "layer": decoder["layer"], "pooling": decoder["pooling"]},
+                      sort_keys=True)
+
+
+def same_space_decoders(db, decoder: dict[str, Any]) -> list[int]:
+    """Ids of the pool's decoders whose vectors live in ``decoder``'s space (itself included)."""
+    space = vector_space(db, decoder)
+    return [d["id"] for d in S.list_decoders(db, decoder["pool_id"]) if d["id"] == decoder["id"] or vector_space(db, d) == space]
+
+
 def source_questions(db, decoder: dict[str, Any], source: str) -> list[int]:
     if source == "unknown":
         return [r["question_id"] for r in Q.load_scores(db, decoder["run_id"]) if r["bise"] == 1]
@@ -114,6 +132,9 @@ class CandidateFilter:
         self.pool_keys = {dedupe_key(q["question"]) for q in pool_q}
         self.corpus_keys = {dedupe_key(t) for t in corpus_texts} - self.pool_keys  # the decoder's extra training questions
         self.cand_keys = {dedupe_key(t) for t in kept_texts}
+        if kept_vectors is not None and kept_vectors.shape[1] != pool_vectors.shape[1]:
+            raise ValueError(f"Candidate vectors of size {kept_vectors.shape[1]} cannot be compared with this decoder's "
+                             f"size-{pool_vectors.shape[1]} vectors: they come from another vector space.")
         self.cand_unit = self.sim.unit(kept_vectors) if kept_vectors is not None else np.zeros((0, pool_vectors.shape[1]), np.float32)
 
     def __call__(self, sources: list[int], texts: list[str], per_question: int, noise: float) -> list[dict[str, Any]]:
@@ -182,7 +203,8 @@ def generate_candidates(cfg: GenerateConfig, progress: Progress | None = None, r
         if state == "done":
             return gen_id
         done = S.generated_sources(db, gen_id)
-        kept_texts, kept_vecs = S.kept_vectors(db, drow["pool_id"])
+        kept_texts = S.kept_texts(db, drow["pool_id"])
+        kept_vecs = S.kept_vectors(db, drow["pool_id"], same_space_decoders(db, drow))
     device = resolve_device(cfg.device)
 
     def update(**fields: Any) -> None:

@@ -107,12 +107,23 @@ def insert_candidates(db: Db, rows: Sequence[dict[str, Any]]) -> None:
             for r in rows)
 
 
-def kept_vectors(db: Db, pool_id: int) -> tuple[list[str], np.ndarray | None]:
-    """Texts and decoder-space vectors of every kept candidate of a pool (for deduplication)."""
-    rows = list(db.query("SELECT text, vector FROM candidates WHERE pool_id = ? AND status = 'kept' AND vector IS NOT NULL ORDER BY id", [pool_id]))
+def kept_texts(db: Db, pool_id: int) -> list[str]:
+    """Texts of every kept candidate of a pool, whatever decoder made them (for text deduplication)."""
+    return [r["text"] for r in db.query("SELECT text FROM candidates WHERE pool_id = ? AND status = 'kept' ORDER BY id", [pool_id])]
+
+
+def kept_vectors(db: Db, pool_id: int, decoder_ids: Iterable[int]) -> np.ndarray | None:
+    """Decoder-space vectors of the kept candidates of a pool made by ``decoder_ids`` (decoders that share
+    one vector space: vectors of other spaces must never be compared with them), oldest first."""
+    ids = [int(i) for i in decoder_ids]
+    if not ids:
+        return None
+    rows = list(db.query(f"""SELECT c.vector FROM candidates c JOIN generations g ON g.id = c.generation_id
+                             WHERE c.pool_id = ? AND c.status = 'kept' AND c.vector IS NOT NULL
+                             AND g.decoder_id IN ({','.join('?' * len(ids))}) ORDER BY c.id""", [pool_id, *ids]))
     if not rows:
-        return [], None
-    return [r["text"] for r in rows], np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows])
+        return None
+    return np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows])
 
 
 _CANDIDATE_VIEW = """
