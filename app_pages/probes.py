@@ -1,6 +1,6 @@
-"""Probes: layer-wise AUROC, the threshold criterion, baselines and threshold robustness."""
+"""Probes: layer-wise AUROC, the threshold criterion, baselines and threshold robustness; a plain
+warning when a split is too small to conclude from."""
 
-import pandas as pd
 import streamlit as st
 
 from ka2l.ui import data
@@ -21,14 +21,21 @@ p = rep.get("probe")
 if p is None:
     st.warning("This run has no probe (too few questions of one label?).")
     st.stop()
-cols[3].metric(f"Probe test AUROC (layer {p['best_layer']})", f"{p['test_auroc']:.3f}",
+counts, shares = data.split_counts(run["id"])
+too_small = data.small_split_warnings(counts, shares)
+cols[3].metric(f"Probe test AUROC (layer {p['best_layer']})", f"{p['test_auroc']:.3f}" + (" (too few to conclude)" if too_small else ""),
                help=f"95% bootstrap interval {p['test_ci'][0]:.3f} – {p['test_ci'][1]:.3f}; layer chosen on validation AUROC")
+for text in too_small:
+    st.warning(text, icon=":material/warning:")
+if counts:
+    st.caption("Questions per split: " + " · ".join(f"{data.SPLIT_NAMES[k]} {c['n']} ({c['unknown']} unknown, {c['known']} known)"
+                                                    for k, c in counts.items()))
 st.subheader("Layer-wise AUROC")
 st.plotly_chart(layer_auroc_figure(p), width="stretch")
 st.subheader("Threshold criterion")
 st.plotly_chart(threshold_figure(data.run_threshold(run["id"])), width="stretch")
-left, right = st.columns(2)
-left.subheader("Baselines (test split)")
-left.dataframe(pd.DataFrame(p["baselines"]), hide_index=True)
-right.subheader("Threshold robustness")
-right.dataframe(pd.DataFrame(p["robustness"]), hide_index=True)
+st.subheader("Baselines (test split)")
+st.dataframe(data.evidence_table(p["baselines"]), hide_index=True, width="stretch")
+st.subheader("Threshold robustness")
+st.caption("The probe retrained at the chosen layer with the threshold γ* shifted by δ.")
+st.dataframe(data.evidence_table(p["robustness"]), hide_index=True, width="stretch")

@@ -160,3 +160,20 @@ def test_map_says_the_curation_set_total(app):
     assert any("Added 4 new question(s); the curation set now has 4." in s.value for s in at.success), [s.value for s in at.success]
     pool_id = at.session_state["ka2l.pool_id"]
     curation.remove(pool_id, ids)
+
+
+# -- item 9: small samples ------------------------------------------------------------------------
+
+def test_probes_page_says_when_a_split_is_too_small_and_what_would_do(app):
+    at = app("probes")
+    test_split = next(w.value for w in at.warning if w.value.startswith("The test split holds"))
+    from ka2l.ui.data import split_counts
+
+    counts, shares = split_counts(1)
+    assert counts["test"]["n"] < 30 and f"holds {counts['test']['n']} questions" in test_split
+    assert "too few to conclude" in test_split and "a pool of about" in test_split and "(this one has 80)" in test_split
+    assert "too few to conclude" in next(m.value for m in at.metric if m.label.startswith("Probe test AUROC"))
+    baselines, robustness = (t.value for t in at.dataframe)
+    assert {"Method", "AUROC vs BiSE"} <= set(baselines.columns) and "auroc_bise" not in baselines.columns
+    assert {"Threshold τ (nats)", "Unknown share"} <= set(robustness.columns)
+    assert not any(len(c.dataframe) for c in at.columns), "tables take the page's width, not half of it in a column"

@@ -51,6 +51,107 @@ def detail(run_id: int, question_id: int) -> dict[str, Any]:
     return question_detail(run_id, question_id)
 
 
+# -- is a split big enough to conclude? -----------------------------------------------------------
+
+MIN_SPLIT_QUESTIONS = 30   # below this an AUROC's bootstrap interval spans most of [0, 1]
+MIN_SPLIT_PER_LABEL = 10   # and each label needs enough questions to be ranked against the other
+SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
+
+
+def split_counts(run_id: int) -> tuple[dict[str, dict[str, int]], tuple[float, float, float]]:
+    """Questions per split of the run's probe and per label, and the split's shares:
+    ({"train": {"n": 42, "known": 25, "unknown": 17}, "val": ..., "test": ...}, (0.7, 0.2, 0.1)).
+    ({}, shares) when the run has no probe."""
+    with connect() as db:
+        run = Q.get_run(db, run_id)
+        probes = Q.list_probes(db, run_id)
+        bise = {r["idx"]: r["bise"] for r in Q.load_scores(db, run_id)}
+    shares = tuple(run["config"]["probe"].get("split", (0.7, 0.2, 0.1)))
+    if not probes:
+        return {}, shares
+    parts = probes[-1]["metrics"]["split"]
+    counts = {}
+    for part in ("train", "val", "test"):
+        labels = [bise.get(i) for i in parts.get(part, [])]
+        counts[part] = {"n": len(labels), "known": labels.count(0), "unknown": labels.count(1)}
+    return counts, shares
+
+
+def small_split_warnings(counts: dict[str, dict[str, int]], shares: tuple[float, float, float]) -> list[str]:
+    """Plain warnings for the validation and test splits too small to conclude from, each with the
+    pool size the run's split shares and label balance would need.
+
+    >>> counts = {"train": {"n": 43, "known": 26, "unknown": 17}, "val": {"n": 12, "known": 7, "unknown": 5},
+    ...           "test": {"n": 6, "known": 4, "unknown": 2}}
+    >>> for w in small_split_warnings(counts, (0.7, 0.2, 0.1)): print(w)  # doctest: +ELLIPSIS
+    The validation split holds 12 questions (5 unknown, 7 known): too few to conclude from. ...
+    The test split holds 6 questions (2 unknown, 4 known): too few to conclude from. ... that takes a pool of about 300 questions (this one has 61).
+    >>> needed_pool_size(counts, (0.7, 0.2, 0.1))
+    300
+    """
+    need = needed_pool_size(counts, shares)
+    total = sum(c["n"] for c in counts.values())
+    out = []
+    for part, share in (("val", shares[1]), ("test", shares[2])):
+        c = counts.get(part)
+        if not c or (c["n"] >= MIN_SPLIT_QUESTIONS and min(c["known"], c["unknown"]) >= MIN_SPLIT_PER_LABEL):
+            continue
+        size = (f"a pool of about {need} questions (this one has {total})" if need is not None
+                else "questions of both labels: this run has none of one label")
+        out.append(f"The {SPLIT_NAMES[part]} split holds {c['n']} questions ({c['unknown']} unknown, {c['known']} known): too few to "
+                   f"conclude from. An AUROC on so few questions can be 1 or 0 by chance, and its interval spans most of 0 to 1. "
+                   f"A conclusion needs at least {MIN_SPLIT_QUESTIONS} {SPLIT_NAMES[part]} questions with at least "
+                   f"{MIN_SPLIT_PER_LABEL} of each label; with this run's split ({share:.0%} {SPLIT_NAMES[part]}) and "
+                   f"{_unknown_share(counts):.0%} unknown questions, that takes {size}.")
+    return out
+
+
+def needed_pool_size(counts: dict[str, dict[str, int]], shares: tuple[float, float, float]) -> int | None:
+    """The smallest pool whose validation and test splits reach MIN_SPLIT_QUESTIONS questions and
+    MIN_SPLIT_PER_LABEL of the rarer label, at the run's shares and label balance (None: one label is missing)."""
+    import math
+
+    minority = min(_unknown_share(counts), 1 - _unknown_share(counts))
+    if minority <= 0:
+        return None
+    need = max(max(MIN_SPLIT_QUESTIONS / s, MIN_SPLIT_PER_LABEL / (s * minority)) for s in shares[1:])
+    return int(math.ceil(need / 10 - 1e-9) * 10)  # a round figure: this is an order of magnitude, not a target
+
+
+def _unknown_share(counts: dict[str, dict[str, int]]) -> float:
+    n = sum(c["n"] for c in counts.values())
+    return sum(c["unknown"] for c in counts.values()) / n if n else 0.0
+
+
+# Column names of the evidence tables (baselines, threshold robustness) as the page shows them;
+# columns not listed here are named by their parts (prr_lo -> "PRR 95% low").
+COLUMN_NAMES = {"method": "Method", "auroc_bise": "AUROC vs BiSE", "auroc_incorrect": "AUROC vs incorrect", "note": "Note",
+                "delta": "Shift δ (nats)", "threshold": "Threshold τ (nats)", "share_unknown": "Unknown share"}
+_WORDS = {"auroc": "AUROC", "prr": "PRR", "bise": "BiSE", "se": "SE", "ci": "CI", "lo": "95% low", "hi": "95% high", "vs": "vs",
+          "n": "n"}
+
+
+def readable_column(name: str) -> str:
+    """A table column's name as the page shows it.
+
+    >>> [readable_column(c) for c in ("auroc_bise", "prr", "prr_lo", "prr_hi", "share_unknown", "n_test")]
+    ['AUROC vs BiSE', 'PRR', 'PRR 95% low', 'PRR 95% high', 'Unknown share', 'N test']
+    """
+    if name in COLUMN_NAMES:
+        return COLUMN_NAMES[name]
+    words = [_WORDS.get(w, w) for w in str(name).split("_")]
+    return (words[0][:1].upper() + words[0][1:] + " " + " ".join(words[1:])).strip()
+
+
+def evidence_table(rows: list[dict[str, Any]]):
+    """Rows of an evidence table as a frame with readable column names, numbers to 3 decimals;
+    whatever columns the rows have (PRR and its interval included) are shown."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    return frame.round(3).rename(columns=readable_column)
+
+
 def run_threshold(run_id: int) -> dict[str, Any]:
     with connect() as db:
         return Q.get_run(db, run_id)["threshold"]
