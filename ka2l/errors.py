@@ -6,6 +6,7 @@ anything else is a bug.
     ├── PoolError            a question pool could not be read or failed validation
     ├── ModelLoadError       a model / tokenizer could not be found or loaded
     ├── JudgeError           an equivalence judge is misconfigured (e.g. NLI labels missing)
+    ├── ScoreError           uncertainty scores cannot be computed (missing or non-finite log-probs)
     ├── ProbeError           probes cannot be trained or applied (too few labels, shape mismatch)
     ├── StoreError           the database or an array file is missing or inconsistent
     │   └── NotFound         a pool / run / probe id does not exist
@@ -44,6 +45,10 @@ class ModelLoadError(Ka2lError):
 
 
 class JudgeError(Ka2lError):
+    pass
+
+
+class ScoreError(Ka2lError, ValueError):
     pass
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from ka2l.probing.entropy import (binarize, cluster_answers, discrete_semantic_entropy, find_threshold, is_correct, lexically_equivalent,
                           mean_log_likelihood, normalize_answer, regular_entropy, tokens, weighted_semantic_entropy)
-from ka2l.errors import ConfigError
+from ka2l.errors import ConfigError, ScoreError
 
 
 def test_discrete_se_worked_example():
@@ -30,7 +30,8 @@ def test_weighted_se_matches_discrete_with_equal_likelihoods_and_follows_weights
 def test_regular_entropy_and_mean_loglik():
     assert regular_entropy([-1.0, -3.0]) == pytest.approx(2.0)
     assert mean_log_likelihood([-0.5, -1.5]) == pytest.approx(-1.0)
-    assert mean_log_likelihood([]) == 0.0
+    with pytest.raises(ScoreError, match="no token log-probs"):
+        mean_log_likelihood([])
 
 
 def test_clustering_merges_exact_duplicates_before_calling_the_judge():

@@ -65,19 +65,53 @@ def test_hidden_states_are_the_last_real_token_whatever_the_padding(tiny_lm):
         assert not np.allclose(batched[i, -1].astype(np.float32), before[-1], atol=1e-2)
 
 
+def manual_logprobs(lm, prompt: str, token_ids) -> list[float]:
+    """Raw log-probs of ``token_ids`` after ``prompt``, from one unpadded forward pass of the model."""
+    prompt_ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]  # (1, p)
+    ids = torch.cat([prompt_ids, torch.tensor([list(token_ids)])], dim=1)  # (1, p + t)
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(input_ids=ids).logits.float(), dim=-1)  # (1, p + t, vocab)
+    p = prompt_ids.shape[1]
+    return [float(logp[0, p - 1 + j, t]) for j, t in enumerate(token_ids)]
+
+
 def test_sampling_returns_k_answers_with_logprobs(tiny_lm):
     prompts = [build_prompt(tiny_lm.tokenizer, q, PromptConfig()) for q in QUESTIONS[:2]]
     cfg = SamplingConfig(k=4, max_new_tokens=6, stop=("Question:",))
     out = generate_answers(tiny_lm, prompts, cfg, temperature=1.0, n=4, seed=0)
     assert [len(x) for x in out] == [4, 4]
-    for gens in out:
+    for prompt, gens in zip(prompts, out):
         for g in gens:
-            assert 0 < len(g.token_logprobs) <= 6 or g.text == ""
-            assert all(lp <= 0 for lp in g.token_logprobs)
+            assert 0 < len(g.token_ids) == len(g.token_logprobs) <= 6
+            assert g.text == tiny_lm.tokenizer.decode(g.token_ids, skip_special_tokens=True).strip()
+            # each stored log-prob is the model's own (temperature-1) log-prob of the token it belongs to
+            np.testing.assert_allclose(g.token_logprobs, manual_logprobs(tiny_lm, prompt, g.token_ids), atol=1e-4)
+            assert g.seq_logprob == pytest.approx(np.mean(g.token_logprobs))
     again = generate_answers(tiny_lm, prompts, cfg, temperature=1.0, n=4, seed=0)
     assert [[g.text for g in x] for x in out] == [[g.text for g in x] for x in again], "seeded sampling is reproducible"
     texts = {g.text for x in out for g in x}
     assert len(texts) > 1, "temperature-1 samples of a random model should differ"
+
+
+def test_an_answer_that_stops_at_once_carries_its_stop_tokens_logprob(tiny_llama_dir):
+    """Farquhar et al.: when only a stop token was generated, its log-prob stands for the answer; an
+    empty answer used to get log-prob 0.0 (probability 1) and dominate the likelihood-weighted scores."""
+    lm = load_model(ModelSpec(name_or_path=str(tiny_llama_dir), device="cpu"))
+    prompt = build_prompt(lm.tokenizer, QUESTIONS[0], PromptConfig())
+    eos = lm.tokenizer.eos_token_id
+    with torch.no_grad():  # make the stop token about as likely as all other tokens together
+        out = lm.model(**lm.tokenizer(prompt, return_tensors="pt"), output_hidden_states=True)
+        h, logits = out.hidden_states[-1][0, -1], out.logits[0, -1]  # (hidden,), (vocab,)
+        others = torch.cat([logits[:eos], logits[eos + 1 :]])
+        lm.model.lm_head.weight[eos] = h * torch.logsumexp(others, 0) / h.dot(h)
+    p_stop = manual_logprobs(lm, prompt, [eos])[0]
+    assert -1.0 < p_stop < -0.4
+    gens = generate_answers(lm, [prompt], SamplingConfig(max_new_tokens=4, stop=()), temperature=1.0, n=16, seed=0)[0]
+    empty = [g for g in gens if g.text == ""]
+    assert 0 < len(empty) < len(gens)
+    for g in empty:
+        assert g.seq_logprob == pytest.approx(p_stop, abs=1e-4)
+        assert g.token_ids == (eos,) and g.token_logprobs == pytest.approx((p_stop,), abs=1e-4)
 
 
 def test_stop_strings_cut_answers(tiny_lm):

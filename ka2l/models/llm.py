@@ -189,13 +189,23 @@ def question_states(lm: LoadedLM, prompts: Sequence[str], questions: Sequence[st
 
 @dataclass(frozen=True)
 class Generation:
+    """One sampled answer. ``token_ids`` are the tokens kept for the answer or, when the model stopped
+    at once (its first token a stop token or stop string), that stop token alone, so an empty answer
+    is weighed by the probability of stopping, as in Farquhar et al. (2024)."""
+
     text: str
-    token_logprobs: tuple[float, ...]  # model log-probs (temperature 1) of the kept tokens
+    token_logprobs: tuple[float, ...]  # model log-probs (temperature 1) of token_ids
+    token_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.token_ids or len(self.token_ids) != len(self.token_logprobs):
+            raise ValueError(f"a Generation needs one log-prob per token and at least one token, got "
+                             f"{len(self.token_logprobs)} log-probs for {len(self.token_ids)} tokens")
 
     @property
     def seq_logprob(self) -> float:
-        """Length-normalised sequence log-prob (0.0 for an empty answer)."""
-        return float(np.mean(self.token_logprobs)) if self.token_logprobs else 0.0
+        """Length-normalised sequence log-prob: the mean token log-prob."""
+        return float(np.mean(self.token_logprobs))
 
 
 def _cut_at_stop(tokenizer, ids: Sequence[int], stops: Sequence[str], special: set[int]) -> tuple[str, int]:
@@ -247,6 +257,7 @@ def generate_answers(lm: LoadedLM, prompts: Sequence[str], cfg: SamplingConfig, 
     for row in range(new_tokens.shape[0]):
         ids = new_tokens[row].tolist()
         text, kept = _cut_at_stop(lm.tokenizer, ids, cfg.stop, special)
+        kept = max(kept, 1)  # nothing kept: the stop token stands for the (empty) answer
         lps = tuple(float(x) for x in logp[row, :kept].tolist())
-        result[row // n].append(Generation(text=text, token_logprobs=lps))
+        result[row // n].append(Generation(text=text, token_logprobs=lps, token_ids=tuple(ids[:kept])))
     return result

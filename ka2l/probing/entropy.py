@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ScoreError
 
 _ARTICLES = {"a", "an", "the"}
 NEG = "\u00ac"  # prefix of a token said under a negation: 'not Paris' -> '\u00acparis'
@@ -249,8 +249,12 @@ def regular_entropy(seq_logprobs: Sequence[float]) -> float:
 
 
 def mean_log_likelihood(token_logprobs: Sequence[float]) -> float:
-    """Mean token log-probability of an answer (higher = more confident). Empty answer -> 0.0."""
-    return float(np.mean(token_logprobs)) if len(token_logprobs) else 0.0
+    """Mean token log-probability of an answer (higher = more confident). An answer that stopped at
+    once carries its stop token's log-prob; one with no log-probs at all has no likelihood."""
+    if not len(token_logprobs):
+        raise ScoreError("The answer has no token log-probs, so it has no likelihood. Answers sampled by ka2l carry at least "
+                         "their stop token's log-prob; answers stored by an older version do not: start a new run (--no-resume).")
+    return float(np.mean(token_logprobs))
 
 
 # -- thresholds ----------------------------------------------------------------------------------
