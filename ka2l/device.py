@@ -39,3 +39,13 @@ def resolve_dtype(name: str, device: str):
             return torch.bfloat16
         return torch.float32
     return getattr(torch, name)
+
+
+def dtype_name(dtype) -> str:
+    """The name a run records and ``--dtype`` accepts: torch.bfloat16 -> 'bfloat16'."""
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_dtype_name(name: str, device: str) -> str:
+    """What ``name`` means on ``device``, by name: 'auto' on a bf16-capable CUDA GPU -> 'bfloat16'."""
+    return dtype_name(resolve_dtype(name, device))

@@ -290,3 +290,83 @@ def test_threshold_robustness_trains_on_the_probe_device(memo_model, capitals, m
     assert len(seen["baselines"]) == len(trained) >= 5, (seen["baselines"], robust)
     assert {d for _, d in seen["baselines"]} == {"cuda:3"}, "robustness probes train where the main probe did"
     assert ("mlp", "cuda:3") in seen["probes"] and {d for _, d in seen["probes"]} == {"cuda:3"}
+
+
+@pytest.fixture
+def bf16_machine():
+    """Inside ``with bf16_machine:`` dtype 'auto' resolves to bfloat16, as on a CUDA GPU, for the
+    project's resolver and loader; outside it is this CPU machine again (where 'auto' is float32).
+    Its own MonkeyPatch: undoing the test's would also undo the isolated data folder."""
+    import torch
+
+    import ka2l.device
+    import ka2l.models.llm
+
+    real = ka2l.device.resolve_dtype
+
+    def resolve(name, device):
+        return torch.bfloat16 if name == "auto" else real(name, device)
+
+    class Machine:
+        def __enter__(self):
+            self.patch = pytest.MonkeyPatch()
+            self.patch.setattr(ka2l.device, "resolve_dtype", resolve)
+            self.patch.setattr(ka2l.models.llm, "resolve_dtype", resolve)
+
+        def __exit__(self, *exc):
+            self.patch.undo()
+
+    return Machine()
+
+
+def test_a_run_is_not_resumed_in_another_dtype(memo_model, capitals, bf16_machine):
+    """Half a run computed where 'auto' means bfloat16, resumed where it means float32: refused with
+    both dtypes and the two ways out, nothing stored changes; --dtype bfloat16 then resumes it."""
+    from ka2l import __version__
+    from ka2l.errors import ConfigError
+
+    import_pool(capitals)
+    cfg = stage1_cfg(memo_model)  # dtype 'auto'
+    with bf16_machine, pytest.raises(Cancelled):
+        run_stage1("caps", cfg, progress=CancelAfter("answers", 16))
+    with connect() as db:
+        run = Q.list_runs(db)[0]
+        first = Q.load_answers(db, run["id"])
+    assert run["versions"]["dtype"] == "bfloat16" and run["versions"]["ka2l"] == __version__
+    with pytest.raises(ConfigError, match=rf"Run {run['id']} .* bfloat16, but .* float32") as err:
+        run_stage1("caps", cfg)
+    assert f"--dtype bfloat16 to resume run {run['id']}" in str(err.value) and "--no-resume" in str(err.value)
+    with connect() as db:
+        assert Q.get_run(db, run["id"])["status"] == "interrupted" and Q.load_answers(db, run["id"]) == first
+    rec = Recorder()
+    as_stored = replace(cfg, model=replace(cfg.model, dtype="bfloat16"))
+    assert run_stage1("caps", as_stored, progress=rec) == run["id"]
+    assert rec.stages["answers"] == (16, 80), "the bfloat16 answers were kept and the rest sampled in bfloat16"
+    fresh = run_stage1("caps", cfg, resume=False)
+    with connect() as db:
+        assert Q.get_run(db, fresh)["versions"]["dtype"] == "float32"
+    assert run_stage1("caps", cfg) == fresh, "the float32 run of this config is found; the bfloat16 one is not refused"
+
+
+def test_triage_runs_in_the_dtype_of_the_stage1_run(memo_model, capitals, bf16_machine, monkeypatch):
+    """A probe trained on bfloat16 states scores a new pool in bfloat16, also on a machine where 'auto'
+    means float32; a model in another dtype handed to triage is refused."""
+    import ka2l.probing.stage1 as stage1
+    from ka2l.errors import ConfigError
+    from ka2l.models.llm import load_model
+
+    import_pool(capitals)
+    with bf16_machine:
+        run_id = run_stage1("caps", stage1_cfg(memo_model))
+    import_pool(capitals, name="fresh", rows=capitals[30:50])
+    loaded = []
+    monkeypatch.setattr(stage1, "load_model", lambda *a, **kw: loaded.append(load_model(*a, **kw)) or loaded[-1])
+    with connect() as db:
+        probe_id = Q.list_probes(db, run_id)[0]["id"]
+    t_id = run_triage("fresh", TriageConfig(probe_id=probe_id, device="cpu"))
+    with connect() as db:
+        assert Q.get_run(db, t_id)["versions"]["dtype"] == "bfloat16"
+    assert [str(lm.model.dtype) for lm in loaded] == ["torch.bfloat16"]
+    fp32 = load_model(stage1_cfg(memo_model).model)
+    with pytest.raises(ConfigError, match=r"float32.*bfloat16"):
+        run_triage("fresh", TriageConfig(probe_id=probe_id, device="cpu"), resume=False, lm=fp32)

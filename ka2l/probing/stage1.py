@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ import numpy as np
 
 from .. import __version__
 from ..config import Stage1Config, TriageConfig, config_hash, from_dict, to_dict
+from ..device import dtype_name, resolve_device, resolve_dtype_name
 from .entropy import discrete_semantic_entropy, find_threshold, binarize, is_correct, mean_log_likelihood, regular_entropy, weighted_semantic_entropy
-from ..errors import Cancelled, ProbeError
+from ..errors import Cancelled, ConfigError, ProbeError
 from ..models.llm import LoadedLM, build_prompt, extract_hidden_states, generate_answers, load_model
 from ..paths import arrays_dir, probes_dir
 from ..progress import NullProgress, Progress
@@ -42,17 +44,53 @@ def versions() -> dict[str, str]:
     return {"ka2l": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _start_run(db, pool_id: int, kind: str, cfg: Any, model: str, resume: bool) -> tuple[int, str]:
-    """(run id, 'new' | 'resumed' | 'done'): a matching finished run is reused, an unfinished one resumed."""
-    h = config_hash(cfg)
+def _run_hash(cfg: Any) -> str:
+    """The hash that identifies a resumable run. Like the device, the dtype setting is left out: a run
+    is tied to the dtype its model actually ran in (``versions['dtype']``), so ``--dtype bfloat16``
+    finds the run that 'auto' resolved to bfloat16 on a GPU."""
+    if isinstance(cfg, Stage1Config):
+        cfg = replace(cfg, model=replace(cfg.model, dtype="auto"))
+    return config_hash(cfg)
+
+
+def _start_run(db, pool_id: int, kind: str, cfg: Any, model: str, resume: bool, dtype: str) -> tuple[int, str]:
+    """(run id, 'new' | 'resumed' | 'done'): a matching finished run is reused, an unfinished one resumed,
+    only if it was computed in ``dtype`` (the torch dtype the model runs in now): one run never holds
+    hidden states and samples of two precisions. A matching run in another dtype is refused."""
+    h = _run_hash(cfg)
     if resume:
-        row = Q.find_matching_run(db, pool_id, kind, h)
+        runs = Q.find_matching_runs(db, pool_id, kind, h)
+        same = [r for r in runs if r["versions"].get("dtype") in (None, dtype)]  # None: made before the dtype was recorded
+        if runs and not same:
+            raise ConfigError(_dtype_conflict(runs[0], dtype, kind, cfg))
+        row = same[0] if same else None
         if row is not None and row["status"] == "done":
             return int(row["id"]), "done"
         if row is not None:
-            Q.update_run(db, row["id"], status="running", error=None)
+            Q.update_run(db, row["id"], status="running", error=None, versions=_resumed_versions(row["versions"], dtype))
             return int(row["id"]), "resumed"
-    return Q.create_run(db, pool_id, kind, to_dict(cfg), h, model, versions()), "new"
+    return Q.create_run(db, pool_id, kind, to_dict(cfg), h, model, {**versions(), "dtype": dtype}), "new"
+
+
+def _resumed_versions(stored: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """A resumed run's record: its dtype (set now for runs made before it was recorded), and the package
+    versions of each resume that ran other versions than the run started with."""
+    out = {**stored, "dtype": stored.get("dtype") or dtype}
+    now = versions()
+    if any(stored.get(k) != v for k, v in now.items()) and now not in out.get("resumed_with", []):
+        out["resumed_with"] = [*out.get("resumed_with", []), now]
+    return out
+
+
+def _dtype_conflict(row: dict[str, Any], dtype: str, kind: str, cfg: Any) -> str:
+    old, verb = row["versions"]["dtype"], "reuse" if row["status"] == "done" else "resume"
+    if kind == "stage1":
+        auto = " ('auto' means bfloat16 on CUDA GPUs that support it, float32 elsewhere)" if cfg.model.dtype == "auto" else ""
+        return (f"Run {row['id']} ({row['status']}) of this pool and config computed its hidden states and answers in {old}, "
+                f"but the model would run in {dtype} here{auto}. One run must not mix {old} and {dtype} results. "
+                f"Pass --dtype {old} to {verb} run {row['id']} in {old}, or --no-resume to start a new run in {dtype}.")
+    return (f"Triage run {row['id']} ({row['status']}) of this pool and probe computed its hidden states in {old}, but they "
+            f"would now be computed in {dtype}. Pass --no-resume to start a new triage run in {dtype}.")
 
 
 class _Timer:
@@ -251,8 +289,6 @@ def _stage_probes(db, run_id: int, cfg: Stage1Config, hidden: np.ndarray, progre
 
 
 def _probe_device(cfg: Stage1Config) -> str:
-    from ..device import resolve_device
-
     return resolve_device(cfg.probe.device)
 
 
@@ -263,7 +299,8 @@ def run_stage1(pool: int | str, cfg: Stage1Config, progress: Progress | None = N
     with connect() as db:
         pool_row = Q.get_pool(db, pool)
         questions = Q.pool_questions(db, pool_row["id"])
-        run_id, state = _start_run(db, pool_row["id"], "stage1", cfg, cfg.model.name_or_path, resume)
+        dtype = dtype_name(lm.model.dtype) if lm is not None else resolve_dtype_name(cfg.model.dtype, resolve_device(cfg.model.device))
+        run_id, state = _start_run(db, pool_row["id"], "stage1", cfg, cfg.model.name_or_path, resume, dtype)
         log.info("run %d on pool %r (%d questions): %s", run_id, pool_row["name"], len(questions), state)
         if state == "done":
             return run_id
@@ -298,23 +335,29 @@ def shift_summary(distances: np.ndarray, reference_q95: float | None) -> dict[st
 
 def run_triage(pool: int | str, cfg: TriageConfig, progress: Progress | None = None, resume: bool = True,
                lm: LoadedLM | None = None) -> int:
-    """Score a pool with a saved probe from one forward pass per question (no sampling)."""
+    """Score a pool with a saved probe from one forward pass per question (no sampling), with the
+    model in the dtype of the probe's Stage 1 run (whatever 'auto' means on this machine)."""
     from .probes import distance_from_training, load_probe, predict_unknown
 
     progress = progress or NullProgress()
     with connect() as db:
         probe_row = Q.get_probe(db, cfg.probe_id)
         net, meta = load_probe(probe_row["path"])
-        source = from_dict(Stage1Config, Q.get_run(db, probe_row["run_id"])["config"])
+        source_run = Q.get_run(db, probe_row["run_id"])
+        source = from_dict(Stage1Config, source_run["config"])
         pool_row = Q.get_pool(db, pool)
         questions = Q.pool_questions(db, pool_row["id"])
-        run_id, state = _start_run(db, pool_row["id"], "triage", cfg, source.model.name_or_path, resume)
+        device = resolve_device(cfg.device)
+        dtype = source_run["versions"].get("dtype") or resolve_dtype_name(source.model.dtype, device)
+        if lm is not None and dtype_name(lm.model.dtype) != dtype:
+            raise ConfigError(f"The model given to triage runs in {dtype_name(lm.model.dtype)}, but probe {cfg.probe_id} was trained on "
+                              f"hidden states computed in {dtype} (Stage 1 run {source_run['id']}). Load the model in {dtype}, "
+                              f"or let triage load it.")
+        run_id, state = _start_run(db, pool_row["id"], "triage", cfg, source.model.name_or_path, resume, dtype)
         if state == "done":
             return run_id
         with _run_status(db, run_id, progress):
-            from ..device import resolve_device
-
-            lm = lm or load_model(source.model, device=resolve_device(cfg.device))
+            lm = lm or load_model(replace(source.model, dtype=dtype), device=device)
             prompts = [build_prompt(lm.tokenizer, q["question"], source.prompt) for q in questions]
             hidden = _stage_hidden(db, run_id, lm, questions, prompts, cfg.batch_size, progress)
             layer = int(meta["layer"])
