@@ -53,6 +53,25 @@ def _train(decoder, texts, vecs, steps=150, lr=3e-3):
     return decoder.eval(), losses
 
 
+def _probe_by_hand(model_dir, probe_path, texts: list[str]) -> np.ndarray:
+    """P(unknown) of each text as the saved probe gives it, from one unpadded forward pass per text through
+    plain transformers: the last prompt token's state at the probe's layer (hidden_states[0] = embeddings)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ka2l.models.llm import build_prompt
+    from ka2l.probing.probes import predict_unknown
+
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    net, meta = load_probe(probe_path)
+    states = []
+    for text in texts:
+        prompt = build_prompt(tok, text, PromptConfig())
+        enc = tok(prompt, return_tensors="pt", add_special_tokens=not (tok.bos_token and prompt.startswith(tok.bos_token)))
+        with torch.no_grad():
+            states.append(model(**enc, output_hidden_states=True).hidden_states[meta["layer"]][0, -1].numpy())
+    return predict_unknown(net, np.stack(states))
+
+
 @pytest.mark.parametrize("kind", ["causal", "seq2seq"])
 def test_decoder_learns_to_reconstruct_questions(kind, tiny_llama_dir, tiny_t5_dir, vectors, tmp_path):
     texts, vecs = vectors
@@ -172,7 +191,17 @@ def test_trained_decoder_is_stored_with_its_evidence(store):
     m = d["metrics"]
     assert m["n_heldout"] == 8 and m["n_train"] == 72
     assert m["after"]["train"]["bleu"] > m["before"]["train"]["bleu"] + 20, "reconstruction of training questions improves"
-    assert m["after"]["heldout"]["n"] == 8 and 0 <= m["after"]["heldout"]["rouge_l"] <= 100
+    from ka2l.augment.train import _heldout
+    from ka2l.metrics import rouge_l
+
+    with connect() as db:
+        pool_q = [q["question"] for q in Q.pool_questions(db, store["pool_id"])]
+    held = m["after"]["heldout"]
+    assert [e["question"] for e in held["examples"]] == [pool_q[i] for i in _heldout(80, 0.1, 0)], "the held-out split is decoded"
+    assert [e["question"] for e in m["before"]["heldout"]["examples"]] == [e["question"] for e in held["examples"]]
+    assert held["n"] == len(held["examples"]) == 8
+    hyps, refs = [e["decoded"] for e in held["examples"]], [e["question"] for e in held["examples"]]
+    assert held["bleu"] == pytest.approx(bleu(hyps, refs)) and held["rouge_l"] == pytest.approx(rouge_l(hyps, refs)), "scores of what was decoded"
     meta = load_decoder(d["path"])[1]
     assert meta["config"]["backbone"] == store["cfg"].backbone and meta["layer"] == d["layer"] and "transformers" in meta["versions"]
     assert train_decoder(store["cfg"]) == d["id"], "the same config reuses the finished decoder"
@@ -245,12 +274,14 @@ def test_generation_filters_and_reprobes_every_candidate(store):
     assert {r["source_question_id"] for r in rows} == set(unknown)
     kept = [r for r in rows if r["status"] == "kept"]
     assert 0 < len(kept) == s["kept"] < len(rows)
-    assert all(0 <= r["p_unknown"] <= 1 and r["flagged_known"] == int(r["p_unknown"] < 0.5) for r in kept)
+    by_hand = _probe_by_hand(store["cfg"].backbone, store["probe"]["path"], [r["text"] for r in kept])
+    assert [r["p_unknown"] for r in kept] == pytest.approx(by_hand, abs=1e-4), "re-probed: the probe on each candidate's own text"
+    assert [r["flagged_known"] for r in kept] == [int(p < 0.5) for p in by_hand]
     assert all(r["nearest_question"] and -1 <= r["nearest_similarity"] <= 1 for r in kept)
     assert not {dedupe_key(r["text"]) for r in kept} & pool_keys, "no kept candidate copies a pool question"
     assert len({dedupe_key(r["text"]) for r in kept}) == len(kept), "no two kept candidates are the same question"
     assert all(r["drop_reason"] for r in rows if r["status"] == "dropped")
-    assert s["unknown_share_of_kept"] == pytest.approx(np.mean([1 - r["flagged_known"] for r in kept]))
+    assert s["unknown_share_of_kept"] == pytest.approx(np.mean(by_hand >= 0.5))
     with pytest.raises(ConfigError, match="curation set is empty"):
         generate_candidates(GenerateConfig(decoder_id=store["decoder_id"], source="curation"))
 
@@ -335,7 +366,8 @@ def test_candidate_filter_drops_copies_and_non_questions(store, tiny_lm):
     sims = pool_c @ centred / (np.linalg.norm(pool_c, axis=1) * np.linalg.norm(centred))
     assert rows[1]["status"] == "kept" and rows[1]["nearest_question_id"] == pool_q[int(sims.argmax())]["id"]
     assert rows[1]["nearest_similarity"] == pytest.approx(sims.max(), abs=1e-5)
-    assert 0 <= rows[1]["p_unknown"] <= 1
+    assert rows[1]["p_unknown"] == pytest.approx(_probe_by_hand(meta["model"]["name_or_path"], store["probe"]["path"], [variant])[0], abs=1e-4)
+    assert rows[1]["flagged_known"] == int(rows[1]["p_unknown"] < 0.5)
     assert [r["source_question_id"] for r in rows] == [pool_q[0]["id"]] * 3 + [pool_q[1]["id"]] * 3 + [pool_q[2]["id"]]
     strict = CandidateFilter(FilterConfig(similarity=0.0), pool_q, vectors, lm, PromptConfig(), d["layer"], pmeta["layer"], "mean", net, [], None)
     assert strict([pool_q[0]["id"]], [variant], 1, 0.1)[0]["drop_reason"].startswith("near-copy of a pool question")
