@@ -114,6 +114,39 @@ def test_an_answer_that_stops_at_once_carries_its_stop_tokens_logprob(tiny_llama
         assert g.token_ids == (eos,) and g.token_logprobs == pytest.approx((p_stop,), abs=1e-4)
 
 
+def test_sampling_ignores_the_models_own_generation_config(tmp_path):
+    """A checkpoint's generation_config.json (repetition penalty, suppressed or banned tokens, ...) must
+    not reshape ka2l's samples: they are drawn from the distribution whose raw log-probs are stored."""
+    from transformers import GenerationConfig
+
+    from tiny import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "lm")
+    lm = load_model(ModelSpec(name_or_path=str(folder), device="cpu"))
+    prompt = build_prompt(lm.tokenizer, QUESTIONS[1], PromptConfig())
+    ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]  # (1, p)
+    greedy = []
+    with torch.no_grad():  # the raw model's most likely continuation, one forward pass per token
+        for _ in range(4):
+            greedy.append(int(lm.model(input_ids=ids).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[greedy[-1]]])], dim=1)
+    assert not set(greedy) & set(lm.tokenizer.all_special_ids)
+
+    own = GenerationConfig.from_pretrained(folder)
+    own.update(do_sample=True, top_k=5, top_p=0.5, repetition_penalty=5.0, suppress_tokens=[greedy[0]], bad_words_ids=[[greedy[1]]],
+               no_repeat_ngram_size=1, min_new_tokens=4)
+    own.save_pretrained(folder)
+    lm = load_model(ModelSpec(name_or_path=str(folder), device="cpu"))
+    enc = lm.tokenizer(prompt, return_tensors="pt")
+    constrained = lm.model.generate(**enc, max_new_tokens=4)[0, enc["input_ids"].shape[1] :].tolist()
+    assert constrained[0] != greedy[0], "the checkpoint's own config does change what generate() picks"
+
+    # a near-zero temperature turns sampling into the raw model's argmax, whatever the checkpoint says
+    g = generate_answers(lm, [prompt], SamplingConfig(max_new_tokens=4, stop=()), temperature=1e-5, n=1, seed=0)[0][0]
+    assert list(g.token_ids) == greedy
+    np.testing.assert_allclose(g.token_logprobs, manual_logprobs(lm, prompt, greedy), atol=1e-4)
+
+
 def test_stop_strings_cut_answers(tiny_lm):
     tok = tiny_lm.tokenizer
     ids = tok(" Paris.\nQuestion: what", add_special_tokens=False)["input_ids"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,9 +224,14 @@ def _cut_at_stop(tokenizer, ids: Sequence[int], stops: Sequence[str], special: s
     return tokenizer.decode(ids[:kept], skip_special_tokens=True).strip(), kept
 
 
-def _generate(lm: LoadedLM, enc: dict, cfg: SamplingConfig, temperature: float, n: int):
-    return lm.model.generate(
-        **enc,
+def _sampling_config(lm: LoadedLM, cfg: SamplingConfig, temperature: float, n: int):
+    """A fresh GenerationConfig holding only what ka2l sets: plain ancestral sampling at ``temperature``
+    (top-p as configured, no top-k, no penalties, no banned or forced tokens). Only the stop and pad
+    tokens come from the model: they end an answer, they do not reshape the distribution."""
+    from transformers import GenerationConfig
+
+    own = lm.model.generation_config
+    return GenerationConfig(
         do_sample=True,
         temperature=temperature,
         top_p=cfg.top_p,
@@ -233,11 +239,32 @@ def _generate(lm: LoadedLM, enc: dict, cfg: SamplingConfig, temperature: float, 
         num_return_sequences=n,
         max_new_tokens=cfg.max_new_tokens,
         stop_strings=[s for s in cfg.stop if s] or None,
-        tokenizer=lm.tokenizer,
+        eos_token_id=own.eos_token_id if own.eos_token_id is not None else lm.tokenizer.eos_token_id,
+        bos_token_id=own.bos_token_id,
         pad_token_id=lm.tokenizer.pad_token_id,
         output_logits=True,
         return_dict_in_generate=True,
     )
+
+
+@contextmanager
+def _generation_config_only(model, gen_cfg) -> Iterator[None]:
+    # generate() fills every field left unset in the config it is given from the checkpoint's own
+    # generation_config (repetition_penalty, suppress_tokens, bad_words_ids, min_new_tokens, ...), so a
+    # fresh config alone is not enough: the model's is swapped out for the call. Not thread-safe: one
+    # generate call per model at a time (ka2l's stages sample from one thread).
+    saved = model.generation_config
+    model.generation_config = gen_cfg
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def _generate(lm: LoadedLM, enc: dict, cfg: SamplingConfig, temperature: float, n: int):
+    gen_cfg = _sampling_config(lm, cfg, temperature, n)
+    with _generation_config_only(lm.model, gen_cfg):
+        return lm.model.generate(**enc, generation_config=gen_cfg, tokenizer=lm.tokenizer)
 
 
 def generate_answers(lm: LoadedLM, prompts: Sequence[str], cfg: SamplingConfig, temperature: float, n: int, seed: int) -> list[list[Generation]]:
