@@ -13,13 +13,32 @@ st.caption("CSV, JSONL, JSON or Parquet with a `question` column; optional `answ
 show_flash("pool")
 
 source = st.radio("Source", ["Upload a file", "Demo pool"], horizontal=True)
-skip = st.checkbox("Leave out invalid rows instead of refusing the file", value=False)
+skip = st.checkbox(actions.SKIP_INVALID_LABEL, value=False)
 pool = None
 try:
     if source == "Upload a file":
-        up = st.file_uploader("Question file", type=["csv", "tsv", "jsonl", "ndjson", "json", "parquet"])
+        # Any file is taken, so a wrong type gets a message on the page instead of a tooltip on the widget.
+        up = st.file_uploader("Question file", help="CSV, TSV, JSONL, JSON or Parquet")
         if up is not None:
-            pool = actions.read_upload(up.name, up.getvalue(), skip_invalid=skip)
+            content = up.getvalue()
+            chosen_key = f"ka2l.question_column.{up.file_id}"  # a plain key: it outlives the selectbox's runs
+            chosen = st.session_state.get(chosen_key)
+            try:
+                pool = actions.read_upload(up.name, content, skip_invalid=skip, question_column=chosen)
+            except PoolError as exc:
+                failed = exc
+            else:
+                failed = None
+            columns = actions.upload_columns(up.name, content) if failed is not None or chosen else []
+            if actions.needs_question_column(columns):
+                if failed is not None and chosen is None:  # "no 'question' column": the selectbox below is the fix
+                    st.error(str(failed).split("\n")[0])
+                    failed = None
+                st.selectbox(actions.QUESTION_COLUMN_LABEL, columns, index=columns.index(chosen) if chosen in columns else None,
+                             placeholder="Choose a column", key=f"{chosen_key}.widget",
+                             on_change=lambda: st.session_state.update({chosen_key: st.session_state[f"{chosen_key}.widget"]}))
+            if failed is not None:
+                raise failed
     else:
         name = st.selectbox("Demo pool", actions.demo_names())
         if name:
@@ -41,7 +60,7 @@ if pool is not None:
     st.dataframe(pd.DataFrame([{"id": r.ext_id, "question": r.question, "answers": " | ".join(r.answers)} for r in pool.rows[:200]]),
                  hide_index=True, width="stretch")
     with st.form("store"):
-        name = st.text_input("Pool name", value=pool.name)
+        name = st.text_input(actions.POOL_NAME_LABEL, value=pool.name)
         if st.form_submit_button("Import pool", type="primary"):
             try:
                 pool_id = actions.store_pool(pool, name)
@@ -51,8 +70,8 @@ if pool is not None:
                 activate_pool(pool_id, "pool", f"Imported pool {name!r} ({len(pool.rows)} questions). It is now the active pool.")
 
 st.subheader("Stored pools")
-pools = data.pools()
-if pools:
-    st.dataframe(pd.DataFrame(pools)[["id", "name", "n_questions", "has_answers", "source", "created_at"]], hide_index=True)
+stored = data.pools_table()
+if len(stored):
+    st.dataframe(stored, hide_index=True, width="stretch")
 else:
     st.caption("None yet.")

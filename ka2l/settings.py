@@ -22,9 +22,18 @@ def save(values: dict[str, Any]) -> dict[str, Any]:
     merged = {**load(), **{k: v for k, v in values.items() if k in DEFAULTS}}
     model_spec(merged)
     judge_config(merged)
+    check_device(merged["device"])
     with connect() as db, db.atomic():
         db["settings"].insert_all(({"key": k, "value": json.dumps(v)} for k, v in merged.items()), replace=True)
     return merged
+
+
+def check_device(name: str) -> None:
+    """Refuse a device this machine does not have (``cuda`` without a GPU), through the one device
+    resolver: saved, it would only fail later, inside every job."""
+    from .device import resolve_device
+
+    resolve_device(name)
 
 
 def model_spec(s: dict[str, Any]) -> ModelSpec:

@@ -177,3 +177,67 @@ def test_probes_page_says_when_a_split_is_too_small_and_what_would_do(app):
     assert {"Method", "AUROC vs BiSE"} <= set(baselines.columns) and "auroc_bise" not in baselines.columns
     assert {"Threshold τ (nats)", "Unknown share"} <= set(robustness.columns)
     assert not any(len(c.dataframe) for c in at.columns), "tables take the page's width, not half of it in a column"
+
+
+# -- item 10: upload messages and settings --------------------------------------------------------
+
+def _pool_page_upload(filename: str, content: bytes) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.get("file_uploader")[0].upload(filename, content, "text/csv")
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_upload_without_a_question_column_names_the_users_file_and_maps_a_column():
+    at = _pool_page_upload("my questions.csv", b"prompt,answer\nCapital of Peru?,Lima\nCapital of Chad?,N'Djamena\n")
+    message = at.error[0].value
+    assert "my questions.csv" in message and "/tmp" not in message and "upload.csv" not in message, message
+    mapping = _selectbox(at, "Column holding the questions")
+    assert list(mapping.options) == ["prompt", "answer"]
+    mapping.set_value("prompt").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert next(m for m in at.metric if m.label == "Questions").value == "2"
+    assert next(m for m in at.metric if m.label == "With gold answers").value == "2"
+    _button(at, "Import pool").click().run()
+    assert any("Imported pool 'my questions'" in s.value for s in at.success)
+    stored = at.dataframe[-1].value
+    assert stored.iloc[0]["file"] == "my questions.csv" and stored.iloc[0]["gold answers"] == "yes", stored.iloc[0].to_dict()
+
+
+def test_upload_messages_name_the_pages_controls_not_cli_flags():
+    at = _pool_page_upload("gaps.csv", b"question,answer\nCapital of Peru?,Lima\n,Paris\n")
+    message = at.error[0].value
+    assert "gaps.csv" in message and "Leave out invalid rows" in message and "--skip-invalid" not in message, message
+    next(c for c in at.checkbox if c.label.startswith("Leave out invalid rows")).check().run()
+    assert next(m for m in at.metric if m.label == "Questions").value == "1"
+    for _ in range(2):  # the second import of the same name is refused
+        next(t for t in at.text_input if t.label == "Pool name").set_value("gaps")
+        _button(at, "Import pool").click().run()
+    message = at.error[0].value
+    assert "already exists" in message and "Pool name" in message and "--name" not in message, message
+
+
+def test_a_txt_file_is_refused_in_a_visible_message():
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.get("file_uploader")[0].proto.type, "the widget takes any file, so a wrong one is explained, not hidden in a tooltip"
+    at = _pool_page_upload("notes.txt", b"Capital of Peru?\nCapital of Chad?\n")
+    message = at.error[0].value
+    assert "notes.txt" in message and "CSV" in message, message
+
+
+def test_settings_refuse_a_device_this_machine_lacks_and_the_sidebar_follows_a_save(tmp_path):
+    torch = pytest.importorskip("torch")
+    missing = "cuda" if not torch.cuda.is_available() else "mps" if not torch.backends.mps.is_available() else None
+    if missing is None:
+        pytest.skip("this machine has every device")
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.switch_page("app_pages/settings.py").run()
+    _selectbox(at, "Device").set_value(missing)
+    _button(at, "Save").click().run()
+    assert any(missing in e.value and "auto" in e.value for e in at.error), [e.value for e in at.error]
+    assert "device `auto`" in at.sidebar.caption[-2].value, "nothing stored"
+    _selectbox(at, "Device").set_value("cpu")
+    _button(at, "Save").click().run()
+    assert not at.exception and any("Saved" in s.value for s in at.success)
+    assert "device `cpu`" in at.sidebar.caption[-2].value, [c.value for c in at.sidebar.caption]

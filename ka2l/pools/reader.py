@@ -30,6 +30,14 @@ ALIAS_COLUMN = "aliases"
 # TriviaQA's answer object (Hugging Face ``trivia_qa``): these fields give gold answers, the rest describe them.
 TRIVIAQA_ANSWER_FIELDS = ("value", "aliases", "normalized_aliases")
 TRIVIAQA_OTHER_FIELDS = ("normalized_value", "matched_wiki_entity_name", "normalized_matched_wiki_entity_name", "type")
+# How a message tells the user to fix a problem. The defaults name the library argument and the CLI
+# flag; the app passes its own wording (a checkbox, a field) through ``read_pool(hints=...)``, and a
+# "question_column" sentence of its own to replace "Rename 'prompt' to 'question'.".
+CLI_HINTS = {
+    "skip_invalid": "import with skip_invalid (--skip-invalid)",
+    "max_mb": "raise the limit (--max-mb) if this machine has the memory",
+    "encoding": "give its encoding (e.g. --encoding cp1252)",
+}
 ACCEPTED_ANSWERS = ("Accepted: a string (aliases separated by '|'), a number, a list of strings (NQ-open), or TriviaQA's answer "
                     "object with value / aliases / normalized_aliases.")
 
@@ -80,8 +88,15 @@ def read_pool(
     skip_invalid: bool = False,
     encoding: str | None = None,
     max_mb: float = DEFAULT_MAX_MB,
+    source: str | None = None,
+    question_column: str | None = None,
+    hints: dict[str, str] | None = None,
 ) -> PoolData:
+    """``source``: what messages and the stored pool call the file (default: its path);
+    ``question_column``: the column holding the questions when none is named 'question';
+    ``hints``: how messages say to fix a problem, overriding ``CLI_HINTS`` by key."""
     path = Path(path)
+    hints = {**CLI_HINTS, **(hints or {})}
     if not path.is_file():
         raise PoolError(f"{path} does not exist or is not a file.")
     fmt = FORMATS.get(path.suffix.lower())
@@ -93,10 +108,18 @@ def read_pool(
     if size > max_mb * 1024 * 1024:
         raise PoolError(
             f"{path.name} is {size / 1024 / 1024:.0f} MB, over the {max_mb:g} MB limit for one pool. "
-            "Split it into smaller pools, or raise the limit (--max-mb) if this machine has the memory."
+            f"Split it into smaller pools, or {hints['max_mb']}."
         )
-    records = _read_records(path, fmt, encoding)
-    return validate_records(records, name=name or path.stem, source=str(path), skip_invalid=skip_invalid)
+    records = _read_records(path, fmt, encoding, hints)
+    return validate_records(records, name=name or path.stem, source=source or str(path), skip_invalid=skip_invalid,
+                            question_column=question_column, hints=hints)
+
+
+def read_columns(path: Path | str, encoding: str | None = None) -> list[str]:
+    """The column names of a pool file, in order (for choosing the question column)."""
+    path = Path(path)
+    records = _read_records(path, FORMATS.get(path.suffix.lower(), "csv"), encoding)
+    return [str(c) for c in dict.fromkeys(k for r in records for k in r)]
 
 
 def read_corpus(path: Path | str, name: str | None = None, encoding: str | None = None, max_mb: float = DEFAULT_MAX_MB) -> PoolData:
@@ -120,7 +143,7 @@ def read_corpus(path: Path | str, name: str | None = None, encoding: str | None 
     return validate_records(records, name=name or path.stem, source=str(path), skip_invalid=True)
 
 
-def _read_text(path: Path, encoding: str | None) -> str:
+def _read_text(path: Path, encoding: str | None, hints: dict[str, str] = CLI_HINTS) -> str:
     raw = path.read_bytes()
     head = raw[:8192]
     if head.startswith(b"PAR1"):
@@ -136,11 +159,11 @@ def _read_text(path: Path, encoding: str | None) -> str:
         line = raw[: exc.start].count(b"\n") + 1
         raise PoolError(
             f"{path.name} is not valid {enc} text: byte 0x{raw[exc.start]:02x} at line {line} cannot be decoded. "
-            "Re-save the file as UTF-8, or give its encoding (e.g. --encoding cp1252)."
+            f"Re-save the file as UTF-8, or {hints['encoding']}."
         ) from exc
 
 
-def _read_records(path: Path, fmt: str, encoding: str | None) -> list[dict[str, Any]]:
+def _read_records(path: Path, fmt: str, encoding: str | None, hints: dict[str, str] = CLI_HINTS) -> list[dict[str, Any]]:
     import pandas as pd
 
     if fmt == "parquet":
@@ -149,7 +172,7 @@ def _read_records(path: Path, fmt: str, encoding: str | None) -> list[dict[str, 
         except Exception as exc:  # pyarrow raises several unrelated types
             raise PoolError(f"{path.name} is not a readable Parquet file: {exc}") from exc
         return frame.to_dict(orient="records")
-    text = _read_text(path, encoding)
+    text = _read_text(path, encoding, hints)
     if not text.strip():
         raise PoolError(f"{path.name} contains only whitespace. It needs a 'question' column and at least one row.")
     if fmt in ("csv", "tsv"):
@@ -245,16 +268,24 @@ def parse_answers(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(str(v).strip() for v in value if not _is_missing(v) and str(v).strip()))
 
 
-def validate_records(records: Sequence[dict[str, Any]], name: str, source: str, skip_invalid: bool = False) -> PoolData:
+def validate_records(records: Sequence[dict[str, Any]], name: str, source: str, skip_invalid: bool = False,
+                     question_column: str | None = None, hints: dict[str, str] | None = None) -> PoolData:
+    hints = {**CLI_HINTS, **(hints or {})}
     if not records:
         raise PoolError(f"{source} has no rows. Add at least one question.")
     columns = list(dict.fromkeys(k for r in records for k in r))
     lower = {str(c).strip().lower(): c for c in columns}
+    if question_column is not None:
+        chosen = next((c for c in columns if str(c) == question_column), None)
+        if chosen is None:
+            raise PoolError(f"{source} has no column {question_column!r}. Columns found: {', '.join(map(str, columns)) or '(none)'}.")
+        lower = {k: c for k, c in lower.items() if c != chosen and k != "question"} | {"question": chosen}
     if "question" not in lower:
         hint = next((c for c in columns if str(c).strip().lower() in ("prompt", "query", "text", "q", "questions")), None)
         raise PoolError(
             f"{source} has no 'question' column. Columns found: {', '.join(map(str, columns)) or '(none)'}. "
-            + (f"Rename {hint!r} to 'question'." if hint else "Rename the column holding the questions to 'question'.")
+            + (hints["question_column"] if "question_column" in hints
+               else f"Rename {hint!r} to 'question'." if hint else "Rename the column holding the questions to 'question'.")
         )
     qcol, idcol = lower["question"], lower.get("id")
     acol = next((lower[c] for c in ANSWER_COLUMNS if c in lower), None)
@@ -302,7 +333,7 @@ def validate_records(records: Sequence[dict[str, Any]], name: str, source: str, 
     if problems and not skip_invalid:
         raise PoolError(
             f"{source}: {len(bad)} of {len(records)} rows are invalid, so nothing was imported. "
-            "Fix them, or import with skip_invalid (--skip-invalid) to leave them out:",
+            f"Fix them, or {hints['skip_invalid']} to leave them out:",
             problems,
         )
     if not rows:

@@ -19,6 +19,16 @@ def pools() -> list[dict[str, Any]]:
         return Q.list_pools(db)
 
 
+def pools_table():
+    """Stored pools as the Pool page lists them: gold answers as yes / no, the file's name, not a server path."""
+    import pandas as pd
+    from pathlib import PurePath
+
+    rows = [{"id": p["id"], "name": p["name"], "questions": p["n_questions"], "gold answers": "yes" if p["has_answers"] else "no",
+             "file": PurePath(p["source"]).name if p["source"] else "", "imported": p["created_at"]} for p in pools()]
+    return pd.DataFrame(rows, columns=["id", "name", "questions", "gold answers", "file", "imported"])
+
+
 def runs() -> list[dict[str, Any]]:
     with connect() as db:
         return Q.list_runs(db)
