@@ -92,3 +92,43 @@ def test_non_finite_hidden_states_are_refused_with_the_layer_named(kind):
     hidden[[3, 7], 2, 5] = np.inf
     with pytest.raises(ProbeError, match=r"Layer 2: 2 of 120 questions have non-finite hidden states"):
         probe_layers(hidden, y, ProbeConfig(kind=kind, epochs=2, bootstrap=0))
+
+
+# -- prediction rejection ratio ------------------------------------------------------------------
+
+def test_prr_against_hand_computed_values():
+    from ka2l.probing.rejection import prediction_rejection_ratio as prr, rejection_curve
+
+    right = [1, 1, 0, 0]
+    # oracle ordering: the wrong answers are the most uncertain
+    assert prr([0.1, 0.2, 0.8, 0.9], right) == pytest.approx(1.0)
+    # reversed oracle: the right answers are the most uncertain
+    assert prr([0.9, 0.8, 0.2, 0.1], right) == pytest.approx(-1.0)
+    # by hand: ranked right, wrong, right, wrong -> kept means 1/2, 2/3, 1/2, 1 (area 2/3);
+    # oracle 1/2, 2/3, 1, 1 (area 19/24); random 1/2 -> (2/3 - 1/2) / (19/24 - 1/2) = 4/7
+    np.testing.assert_allclose(rejection_curve([0.2, 0.6, 0.4, 0.9], right), [1 / 2, 2 / 3, 1 / 2, 1])
+    assert prr([0.2, 0.6, 0.4, 0.9], right) == pytest.approx(4 / 7)
+    # 5 answers, 2 right, not symmetric: ranked (right, wrong, wrong, right, wrong)
+    # kept means: 2/5, 2/4, 1/3, 1/2, 1 -> area 0.54667; oracle 2/5, 2/4, 2/3, 1, 1 -> 0.71333; random 0.4
+    assert prr([1, 2, 3, 4, 5], [1, 0, 0, 1, 0]) == pytest.approx((0.54667 - 0.4) / (0.71333 - 0.4), abs=1e-4)
+    # graded quality works the same way: (0.9, 0.5, 0.1) ranked in the oracle's order
+    assert prr([0, 1, 2], [0.9, 0.5, 0.1]) == pytest.approx(1.0)
+
+
+def test_prr_ties_random_scores_and_degenerate_quality():
+    from ka2l.probing.rejection import bootstrap_prr, prediction_rejection_ratio as prr
+
+    right = np.array([1, 0, 1, 1, 0, 0, 1, 0])
+    assert prr(np.zeros(8), right) == 0.0, "a constant score rejects at random"
+    # a tie is broken in expectation, whatever the row order: ties between a right and a wrong answer
+    a = prr([0.1, 0.5, 0.5, 0.9], [1, 1, 0, 0])
+    assert a == prr([0.1, 0.5, 0.5, 0.9], [1, 0, 1, 0]) and 0 < a < 1
+    assert np.isnan(prr([0.1, 0.2, 0.3], [1, 1, 1])) and np.isnan(prr([], []))
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 2, 4000)
+    assert abs(prr(rng.random(4000), q)) < 0.05, "a random score is about 0"
+    noisy = 1 - q + rng.normal(0, 0.8, 4000)  # uncertain where wrong, noisily
+    value = prr(noisy, q)
+    lo, hi = bootstrap_prr(noisy[:400], q[:400], n=300)
+    assert 0.3 < value < 0.9 and lo < prr(noisy[:400], q[:400]) < hi and hi - lo < 0.3
+    assert bootstrap_prr(noisy, np.ones(4000)) == (pytest.approx(np.nan, nan_ok=True),) * 2

@@ -3,7 +3,9 @@
 - ``baseline_table``: the probe against the SE probe (logistic on BiSE), the accuracy probe
   (logistic on correctness), mean log-likelihood, regular entropy and SE itself. AUROC orientation:
   positive = unknown / incorrect, score = 'how unknown'. SE against BiSE is circular (BiSE is
-  thresholded SE) and is shown only for completeness.
+  thresholded SE) and is shown only for completeness. Where gold answers exist every row also has
+  the prediction rejection ratio against correctness of the low-temperature answer (``prr``, with
+  its bootstrap interval ``prr_lo`` / ``prr_hi``; None without gold answers; see rejection.py).
 - ``threshold_robustness``: retrain the probe at the chosen layer with labels from gamma* + delta.
 """
 
@@ -20,13 +22,26 @@ from .entropy import binarize
 from ..errors import ProbeError
 from .probes import ProbeResult, Split, auroc, masked_auroc, predict_unknown, probe_layers, layer_features, train_probe
 from ..progress import NullProgress, Progress
+from .rejection import bootstrap_prr, prediction_rejection_ratio
 
 DELTAS = (-0.20, -0.10, -0.05, 0.0, 0.05, 0.10, 0.20)
 
 
-def _row(method: str, y_bise: np.ndarray, wrong: np.ndarray | None, score: np.ndarray, note: str = "") -> dict[str, Any]:
+def prr_columns(wrong: np.ndarray | None, score: np.ndarray, n_boot: int, seed: int) -> dict[str, float | None]:
+    """PRR of ``score`` (how unknown) against correctness over the rows with a gold answer
+    (``wrong``: 1 wrong, 0 right, -1 no gold), with its bootstrap interval; None without gold."""
+    if wrong is None:
+        return {"prr": None, "prr_lo": None, "prr_hi": None}
+    keep = wrong >= 0
+    quality, u = 1 - wrong[keep], score[keep]
+    lo, hi = bootstrap_prr(u, quality, n_boot, seed)
+    return {"prr": prediction_rejection_ratio(u, quality), "prr_lo": lo, "prr_hi": hi}
+
+
+def _row(method: str, y_bise: np.ndarray, wrong: np.ndarray | None, score: np.ndarray, cfg: ProbeConfig, note: str = "") -> dict[str, Any]:
     return {"method": method, "auroc_bise": auroc(y_bise, score),
-            "auroc_incorrect": None if wrong is None else masked_auroc(wrong, score), "note": note}
+            "auroc_incorrect": None if wrong is None else masked_auroc(wrong, score),
+            **prr_columns(wrong, score, cfg.bootstrap, cfg.seed), "note": note}
 
 
 def baseline_table(
@@ -45,23 +60,24 @@ def baseline_table(
     test = main.split.test
     yb = bise[test]
     yw = None if incorrect is None else incorrect[test]
-    rows = [_row(f"KA2L probe ({main.kind}, layer {main.best_layer})", yb, yw, main.test_scores)]
+    rows = [_row(f"KA2L probe ({main.kind}, layer {main.best_layer})", yb, yw, main.test_scores, cfg)]
     if main.kind != "logistic":
         sep = probe_layers(hidden, bise, cfg, split=main.split, kind="logistic", device=device, progress=progress)
-        rows.append(_row(f"SE probe (logistic, layer {sep.best_layer})", yb, yw, sep.test_scores))
+        rows.append(_row(f"SE probe (logistic, layer {sep.best_layer})", yb, yw, sep.test_scores, cfg))
     if incorrect is not None:
         known_rows = incorrect >= 0
         try:
             acc = probe_layers(hidden, np.where(known_rows, incorrect, 0), cfg, split=_restrict(main.split, known_rows), kind="logistic",
                                target="incorrect", device=device, progress=progress)
-            rows.append(_row(f"Accuracy probe (logistic, layer {acc.best_layer})", bise[acc.split.test], incorrect[acc.split.test], acc.test_scores))
+            rows.append(_row(f"Accuracy probe (logistic, layer {acc.best_layer})", bise[acc.split.test], incorrect[acc.split.test], acc.test_scores, cfg))
         except (ProbeError, ValueError) as exc:
-            rows.append({"method": "Accuracy probe (logistic)", "auroc_bise": math.nan, "auroc_incorrect": math.nan, "note": f"skipped: {exc}"})
+            rows.append({"method": "Accuracy probe (logistic)", "auroc_bise": math.nan, "auroc_incorrect": math.nan,
+                         "prr": math.nan, "prr_lo": math.nan, "prr_hi": math.nan, "note": f"skipped: {exc}"})
     rows += [
-        _row("Mean log-likelihood (low-T answer)", yb, yw, -scores["mean_loglik"][test]),
-        _row("Regular (naive) entropy", yb, yw, scores["regular_entropy"][test]),
-        _row("Semantic entropy (likelihood-weighted)", yb, yw, scores["se_weighted"][test]),
-        _row("Semantic entropy (discrete)", yb, yw, scores["se"][test], note="circular against BiSE"),
+        _row("Mean log-likelihood (low-T answer)", yb, yw, -scores["mean_loglik"][test], cfg),
+        _row("Regular (naive) entropy", yb, yw, scores["regular_entropy"][test], cfg),
+        _row("Semantic entropy (likelihood-weighted)", yb, yw, scores["se_weighted"][test], cfg),
+        _row("Semantic entropy (discrete)", yb, yw, scores["se"][test], cfg, note="circular against BiSE"),
     ]
     return rows
 

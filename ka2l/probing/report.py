@@ -100,10 +100,13 @@ def format_report(rep: dict[str, Any]) -> str:
             mark = " <- chosen" if L["layer"] == p["best_layer"] else ""
             lines.append(f"  {L['layer']:>5}  {_f(L['val_auroc'])}  {_f(L['test_auroc'])}  [{_f(L['test_ci_low'])}, {_f(L['test_ci_high'])}]"
                          f"  {_f(L['test_auroc_correct']):>12}  {_bar(L['test_auroc'])}{mark}")
-        lines.append("\nBaselines on the test split (AUROC; positive = unknown / incorrect)")
-        lines.append(f"  {'method':<44} {'vs BiSE':>8} {'vs incorrect':>13}")
+        lines.append("\nBaselines on the test split (AUROC: positive = unknown / incorrect; PRR: prediction rejection ratio")
+        lines.append("against correctness of the low-temperature answer, 1 = oracle, 0 = random rejection)")
+        lines.append(f"  {'method':<44} {'vs BiSE':>8} {'vs incorrect':>13} {'PRR':>6}  [95% CI]")
         for b in p["baselines"]:
-            lines.append(f"  {b['method']:<44} {_f(b['auroc_bise']):>8} {_f(b['auroc_incorrect']):>13}  {b.get('note', '')}".rstrip())
+            ci = f"[{_f(b.get('prr_lo'))}, {_f(b.get('prr_hi'))}]" if b.get("prr") is not None else ""
+            lines.append(f"  {b['method']:<44} {_f(b['auroc_bise']):>8} {_f(b['auroc_incorrect']):>13} {_f(b.get('prr')):>6}  "
+                         f"{ci:<16}  {b.get('note', '')}".rstrip())
         lines.append("\nThreshold robustness (probe retrained at the chosen layer)")
         lines.append(f"  {'delta':>6} {'tau':>7} {'unknown':>8} {'vs BiSE':>8} {'vs incorrect':>13}")
         for r in p["robustness"]:
