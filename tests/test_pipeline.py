@@ -406,3 +406,23 @@ def test_triage_runs_in_the_dtype_of_the_stage1_run(memo_model, capitals, bf16_m
     fp32 = load_model(stage1_cfg(memo_model).model)
     with pytest.raises(ConfigError, match=r"float32.*bfloat16"):
         run_triage("fresh", TriageConfig(probe_id=probe_id, device="cpu"), resume=False, lm=fp32)
+
+
+def test_judge_calls_for_a_known_answer_set():
+    """Six answers with three meanings through the default (lexical) judge: answers equal after
+    normalisation (question words dropped) cost no call; 'Lyon' is compared with 'Paris' (2 directional
+    calls) and 'Nice' with both representatives (4): 6 calls, where the naive k(k-1) is 30."""
+    from ka2l.config import JudgeConfig
+    from ka2l.probing.judges import make_judge
+    from ka2l.probing.stage1 import score_question
+
+    question = {"id": 7, "question": "What is the capital of France?", "answers": ["Paris"]}
+    texts = ["Paris", "Paris.", "Lyon", "The capital of France is Paris", "Nice", "Lyon"]
+    answers = {"sample": [{"text": t, "seq_logprob": -1.0} for t in texts], "low": [{"text": "Paris.", "token_logprobs": [-0.1, -0.2]}]}
+    r = score_question(make_judge(JudgeConfig()), question, answers)
+    assert r["judge_calls"] == 6 and r["n_clusters"] == 3
+    assert r["cluster_ids"] == [0, 0, 1, 0, 2, 1]
+    assert r["verdicts"] == [[2, 0, False], [4, 0, False], [4, 2, False]]
+    p = np.array([3, 2, 1]) / 6
+    assert r["se"] == pytest.approx(float(-(p * np.log(p)).sum()))  # 1.0114 nats
+    assert r["correct"] == 1
