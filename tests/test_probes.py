@@ -47,13 +47,24 @@ def test_split_is_stratified_7_2_1_and_refuses_tiny_classes():
 def test_planted_signal_found_in_its_layer(kind):
     hidden, y = planted()
     cfg = ProbeConfig(kind=kind, intermediate_size=64, epochs=30 if kind == "mlp" else 0, lr=3e-4 if kind == "llama-mlp" else 0.0, bootstrap=100)
-    res = probe_layers(hidden, y, cfg, incorrect=y)
+    rng = np.random.default_rng(1)
+    incorrect = np.where(rng.random(len(y)) < 0.1, 1 - y, y)  # correctness agrees with the label 90% of the time
+    incorrect[rng.random(len(y)) < 0.3] = -1  # and a third of the questions have no gold answer
+    res = probe_layers(hidden, y, cfg, incorrect=incorrect)
     assert res.best_layer == 2
     assert res.best.test_auroc > 0.9
-    assert res.best.test_auroc_correct == res.best.test_auroc
     others = [s.test_auroc for s in res.layers if s.layer != 2]
     assert max(others) < 0.75, others
-    assert res.best.test_ci_low <= res.best.test_auroc <= res.best.test_ci_high
+    # the reported numbers are the chosen probe's, on the held-out test rows only
+    test = res.split.test
+    assert not set(test) & (set(res.split.train) | set(res.split.val))
+    np.testing.assert_allclose(res.test_scores, predict_unknown(res.net, hidden[test, 2].astype(np.float32)))
+    graded = incorrect[test] >= 0
+    assert res.best.test_auroc_correct == pytest.approx(auroc(incorrect[test][graded], res.test_scores[graded]))
+    assert res.best.test_auroc_correct < res.best.test_auroc, "the noisy, partial correctness labels are harder to rank"
+    lo, hi = bootstrap_auroc(y[test], res.test_scores, n=100, seed=cfg.seed)
+    assert (res.best.test_ci_low, res.best.test_ci_high) == pytest.approx((lo, hi))
+    assert 0.75 < lo < res.best.test_auroc and hi - lo < 0.25
 
 
 def test_shuffled_labels_give_chance():
