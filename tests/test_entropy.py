@@ -34,6 +34,34 @@ def test_regular_entropy_and_mean_loglik():
         mean_log_likelihood([])
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_non_finite_logprobs_are_refused_naming_the_answer(bad):
+    """NaN / -inf log-probs (e.g. float16 overflow) used to make weighted SE NaN, which failed the whole
+    run later inside roc_auc_score with no hint of where it came from."""
+    where = "question 7 ('Who wrote Hamlet?')"
+    with pytest.raises(ScoreError, match=rf"Sampled answer 2 of 3 to question 7 \('Who wrote Hamlet\?'\) has log-probability {bad}"):
+        weighted_semantic_entropy([0, 1, 0], [-1.0, bad, -2.0], where=where)
+    with pytest.raises(ScoreError, match=rf"Sampled answer 3 of 3 to question 7 .* {bad}.*float32 or bfloat16"):
+        regular_entropy([-1.0, -2.0, bad], where=where)
+    with pytest.raises(ScoreError, match=rf"Token 2 of 2 of the answer to question 7 .* {bad}"):
+        mean_log_likelihood([-0.5, bad], where=where)
+    with pytest.raises(ScoreError, match=rf"^Sampled answer 1 of 2 has log-probability {bad}"):
+        weighted_semantic_entropy([0, 1], [bad, -1.0])
+
+
+def test_scoring_a_question_with_a_broken_logprob_names_the_question():
+    from ka2l.probing.judges import LexicalJudge
+    from ka2l.probing.stage1 import score_question
+
+    question = {"id": 41, "question": "What is the capital of Italy?", "answers": ["Rome"]}
+    answers = {"low": [{"text": "Rome", "token_logprobs": [-0.1]}],
+               "sample": [{"text": t, "seq_logprob": lp} for t, lp in [("Rome", -0.2), ("Milan", float("-inf")), ("Rome", -0.3)]]}
+    with pytest.raises(ScoreError, match=r"Sampled answer 2 of 3 to question 41 \('What is the capital of Italy\?'\) has log-probability -inf"):
+        score_question(LexicalJudge(), question, answers)
+    answers["sample"][1]["seq_logprob"] = -4.0
+    assert score_question(LexicalJudge(), question, answers)["se_weighted"] > 0
+
+
 def test_clustering_merges_exact_duplicates_before_calling_the_judge():
     calls = []
 

@@ -227,34 +227,51 @@ def _logsumexp(x: np.ndarray) -> float:
     return m + math.log(float(np.exp(x - m).sum()))
 
 
-def weighted_semantic_entropy(cluster_ids: Sequence[int], seq_logprobs: Sequence[float]) -> float:
+def _finite(values: Sequence[float], item: str, where: str | None) -> np.ndarray:
+    """``values`` as float64, or a ScoreError naming the first NaN / inf one (``item`` i of n ``where``)."""
+    arr = np.asarray(values, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        i = int(bad[0])
+        more = f" ({bad.size} of them are not finite)" if bad.size > 1 else ""
+        raise ScoreError(
+            f"{item} {i + 1} of {arr.size}{' ' + where if where else ''} has log-probability {arr[i]}{more}. The model produced "
+            "non-finite logits, as float16 weights do when they overflow: load it in float32 or bfloat16 (ModelSpec.dtype, "
+            "--dtype) and start a new run (--no-resume).")
+    return arr
+
+
+def weighted_semantic_entropy(cluster_ids: Sequence[int], seq_logprobs: Sequence[float], where: str | None = None) -> float:
     """Likelihood-weighted SE (Farquhar et al. 2024): sequence log-probs (length-normalised) are
     normalised over the samples, summed per cluster with logsumexp, then -sum p(c) log p(c).
 
     Equal log-probs reduce it to the discrete SE: ids [0, 1, 2, 1], lp [0, 0, 0, 0] -> 1.0397.
+    A NaN or infinite log-prob is refused (ScoreError), naming the answer and ``where`` (e.g. the question).
     """
     ids = np.asarray(cluster_ids)
     lp = np.asarray(seq_logprobs, dtype=np.float64)
     if ids.shape != lp.shape or ids.size == 0:
         raise ValueError(f"need one log-prob per answer, got {lp.shape} for {ids.shape}")
+    lp = _finite(lp, "Sampled answer", f"to {where}" if where else None)
     lp = lp - _logsumexp(lp)
     log_pc = np.array([_logsumexp(lp[ids == c]) for c in np.unique(ids)])
     return float(-(np.exp(log_pc) * log_pc).sum())
 
 
-def regular_entropy(seq_logprobs: Sequence[float]) -> float:
+def regular_entropy(seq_logprobs: Sequence[float], where: str | None = None) -> float:
     """Naive predictive entropy: Monte-Carlo estimate -mean(log p(s)) over the sampled answers."""
-    lp = np.asarray(seq_logprobs, dtype=np.float64)
+    lp = _finite(seq_logprobs, "Sampled answer", f"to {where}" if where else None)
     return float(-lp.mean())
 
 
-def mean_log_likelihood(token_logprobs: Sequence[float]) -> float:
+def mean_log_likelihood(token_logprobs: Sequence[float], where: str | None = None) -> float:
     """Mean token log-probability of an answer (higher = more confident). An answer that stopped at
     once carries its stop token's log-prob; one with no log-probs at all has no likelihood."""
     if not len(token_logprobs):
-        raise ScoreError("The answer has no token log-probs, so it has no likelihood. Answers sampled by ka2l carry at least "
-                         "their stop token's log-prob; answers stored by an older version do not: start a new run (--no-resume).")
-    return float(np.mean(token_logprobs))
+        raise ScoreError(f"The answer{' to ' + where if where else ''} has no token log-probs, so it has no likelihood. Answers "
+                         "sampled by ka2l carry at least their stop token's log-prob; answers stored by an older version do not: "
+                         "start a new run (--no-resume).")
+    return float(_finite(token_logprobs, "Token", f"of the answer to {where}" if where else None).mean())
 
 
 # -- thresholds ----------------------------------------------------------------------------------

@@ -189,6 +189,7 @@ def score_question(judge, question: dict, answers: dict[str, list[dict]]) -> dic
     lps = [a["seq_logprob"] for a in samples]
     low = answers["low"][0]
     golds = question["answers"]
+    where = f"question {question['id']} ({question['question']!r})"  # named by the scores' errors
     return {
         "question_id": question["id"],
         "cluster_ids": list(clustering.ids),
@@ -196,9 +197,9 @@ def score_question(judge, question: dict, answers: dict[str, list[dict]]) -> dic
         "judge_calls": clustering.judge_calls,
         "verdicts": [list(v) for v in clustering.verdicts],
         "se": discrete_semantic_entropy(clustering.ids),
-        "se_weighted": weighted_semantic_entropy(clustering.ids, lps),
-        "regular_entropy": regular_entropy(lps),
-        "mean_loglik": mean_log_likelihood(low["token_logprobs"]),
+        "se_weighted": weighted_semantic_entropy(clustering.ids, lps, where=where),
+        "regular_entropy": regular_entropy(lps, where=where),
+        "mean_loglik": mean_log_likelihood(low["token_logprobs"], where=where),
         "correct": int(is_correct(low["text"], golds, question["question"])) if golds else None,
     }
 
