@@ -245,6 +245,98 @@ def test_cancelled_training_resumes_from_its_checkpoint(store):
     assert not folder.exists(), "the checkpoint is removed once the decoder is saved"
 
 
+class FakeClock:
+    """Seconds that pass only when work is charged to them (``costs`` per call of the wrapped steps)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recorder:
+    """Progress that records every stage and advance, with the fake time it happened at."""
+
+    def __init__(self, clock):
+        self.clock, self.stages, self.advances = clock, [], []
+
+    def stage(self, name, total=None, done=0):
+        self.stages.append((name, total, done))
+
+    def advance(self, n=1, message=None):
+        self.advances.append((self.stages[-1][0], n, self.clock()))
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def charged(monkeypatch):
+    """A fake clock that every costly step moves on: encoding 0.05 s a question, decoding 2 s a question,
+    a training step 1 s, saving the decoder 3 s. The job's real work runs; only time is simulated."""
+    import ka2l.augment.decoder as D
+    import ka2l.augment.train as T
+
+    clock = FakeClock()
+
+    def charging(fn, cost):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            clock.now += cost(*args, **kwargs)
+            return out
+        return wrapped
+
+    monkeypatch.setattr(T, "encode_questions", charging(T.encode_questions, lambda lm, texts, *a, **k: 0.05 * len(texts)))
+    monkeypatch.setattr(D.HiddenStateDecoder, "generate", charging(D.HiddenStateDecoder.generate, lambda self, v, *a, **k: 2.0 * len(v)))
+    monkeypatch.setattr(D.HiddenStateDecoder, "loss", charging(D.HiddenStateDecoder.loss, lambda *a, **k: 1.0))
+    monkeypatch.setattr(D, "save_decoder", charging(D.save_decoder, lambda *a, **k: 3.0))
+    return clock
+
+
+def test_time_budget_bounds_the_whole_job(scratch, charged):
+    """'Time budget 1 min' is the job's time: vectors, both reconstruction reports, training and saving.
+    Unbounded, the two reports alone (2 x 24 questions at 2 s) would take 96 s."""
+    cfg = DecoderConfig(probe_id=scratch["probe"]["id"], backbone=scratch["cfg"].backbone, epochs=50, lr=3e-3, eval_size=16, seed=21,
+                        max_minutes=1.0, device="cpu")
+    progress = Recorder(charged)
+    start = charged.now
+    decoder_id = train_decoder(cfg, progress=progress, clock=charged)
+    assert charged.now - start <= 60.0, f"the job took {charged.now - start:.1f} s of a 60 s budget"
+    with connect() as db:
+        d = S.get_decoder(db, decoder_id)
+    m = d["metrics"]
+    assert d["status"] == "done" and m["stopped"] == "time budget" and m["job_seconds"] == pytest.approx(charged.now - start)
+    assert 20 <= m["steps"] < 450, "most of the budget went to training, which stopped before its 50 epochs"
+    for when in ("before", "after"):
+        assert m[when]["heldout"]["n"] >= 1 and m[when]["train"]["n"] >= 1, "both reports kept held-out and training questions"
+    assert [e["question"] for e in m["before"]["heldout"]["examples"]] == [e["question"] for e in m["after"]["heldout"]["examples"]]
+    decoded = m["after"]["heldout"]["n"] + m["after"]["train"]["n"]
+    assert 3 <= decoded < 24, "the reports were cut to fit"
+
+    # every phase reports at its own grain: questions encoded, questions decoded, steps
+    names = [name for name, *_ in progress.stages]
+    assert names == ["question vectors", "baseline reconstruction", "training", "held-out reconstruction"]
+    totals = {name: total for name, total, _ in progress.stages}
+    assert totals["question vectors"] == 80 and totals["baseline reconstruction"] == 8 + 16, "8 held-out and 16 training questions"
+    assert totals["held-out reconstruction"] == decoded, "the final report decodes what the baseline decoded"
+    per = {name: [n for stage, n, _ in progress.advances if stage == name] for name in names}
+    assert sum(per["question vectors"]) == 80 and len(per["question vectors"]) >= 2
+    assert per["baseline reconstruction"][0] == 1 and sum(per["baseline reconstruction"]) == decoded, "the first question measures the rate"
+    assert per["training"] == [1] * m["steps"]
+    assert sum(per["held-out reconstruction"]) == decoded
+
+
+def test_a_budget_too_small_for_the_vectors_fails_at_once_with_an_estimate(scratch, charged):
+    cfg = DecoderConfig(probe_id=scratch["probe"]["id"], backbone=scratch["cfg"].backbone, epochs=5, seed=22, max_minutes=0.05, device="cpu")
+    start = charged.now
+    with pytest.raises(ConfigError, match=r"Encoding the 80 training questions would take about 4 s.*over half of the 3 s time budget"):
+        train_decoder(cfg, progress=Recorder(charged), clock=charged)
+    assert charged.now - start < 1.0, "it stopped after the first batch, not at the end"
+    with connect() as db:
+        assert S.find_decoder(db, config_hash(cfg))["status"] == "failed"
+
+
 def test_extra_corpus_adds_training_questions_only(store, capitals):
     from ka2l.pools.reader import PoolData, QuestionRow
 

@@ -4,11 +4,19 @@
               (mean-pooled question tokens, or the last prompt token), cached in the decoder folder
     baseline  reconstruction BLEU / ROUGE-L of the untrained decoder (held-out and training questions)
     training  AdamW over (vector, question) pairs; loss per step in ``decoder_losses``; a checkpoint
-              every few minutes and on cancel; stops after ``epochs`` or the ``max_minutes`` budget
-    report    the same reconstruction metrics after training; the decoder saved with its config
+              every few minutes and on cancel; stops after ``epochs`` or when the time budget says so
+    report    the same reconstruction metrics after training, on the same questions; the decoder saved
+              with its config
 
 The pool's questions are split into training and held-out (never trained on); extra corpora only
 add training questions. A re-run with the same config continues from the last checkpoint.
+
+The time budget (``max_minutes``) bounds the whole job, not only training: from the job's start
+(earlier attempts of the same decoder included), vectors may take at most half of it (the job fails
+early, with an estimate, when they would take more); the baseline report decodes only as many
+questions as fit in a share of what is left, the final report decodes the same ones, and training
+stops early enough to leave time for that report and for saving. Each phase reports its own
+progress: questions encoded, questions decoded, training steps.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,20 +70,66 @@ def _heldout(n: int, share: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
 
 
-def evaluate(decoder, vectors: np.ndarray, texts: list[str], rows: np.ndarray, batch_size: int = 16) -> dict[str, Any]:
-    """Greedy reconstruction of ``texts[rows]`` from their own vectors."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) == 0:
+def score(hyps: list[str], refs: list[str]) -> dict[str, Any]:
+    """Reconstruction metrics of decoded ``hyps`` against their source questions ``refs``."""
+    if not refs:
         return {"n": 0}
+    return {"n": len(refs), "bleu": bleu(hyps, refs), "rouge_l": rouge_l(hyps, refs), "exact": exact_match(hyps, refs),
+            "examples": [{"question": r, "decoded": h} for r, h in list(zip(refs, hyps))[:8]]}
+
+
+class Budget:
+    """A job's wall-clock budget in seconds (None: no limit), read from an injectable clock. ``spent``
+    is time earlier attempts of the same work used (a cancelled job that is resumed).
+
+    >>> t = [100.0]; b = Budget(60, lambda: t[0], spent=15); t[0] += 5
+    >>> b.elapsed(), b.left()
+    (20.0, 40.0)
+    """
+
+    def __init__(self, seconds: float | None, clock: Callable[[], float] = time.monotonic, spent: float = 0.0):
+        self.seconds, self.clock = seconds, clock
+        self.start = clock() - spent
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def left(self) -> float:
+        return math.inf if self.seconds is None else self.seconds - self.elapsed()
+
+
+def reconstruct(decoder, vectors: np.ndarray, rows: np.ndarray, budget: Budget, until: float = math.inf,
+                progress: Progress | None = None, batch_size: int = 16) -> list[str]:
+    """Greedy decodes of ``rows`` (in order) from their own vectors, batch by batch, stopping before a
+    batch that would end after ``until`` seconds of the budget's elapsed time (the rate is measured as
+    it goes; the first batch is one question, to measure it). Returns the decodes made: a prefix of ``rows``."""
+    progress = progress or NullProgress()
+    rows = np.asarray(rows, dtype=np.int64)
     was_training = decoder.training
     decoder.eval()
     hyps: list[str] = []
-    for b in range(0, len(rows), batch_size):
-        hyps += decoder.generate(vectors[rows[b : b + batch_size]], temperature=0.0)
+    per_question = None  # seconds, measured
+    while len(hyps) < len(rows):
+        size = min(batch_size if per_question is not None else 1, len(rows) - len(hyps))
+        room = until - budget.elapsed()
+        if per_question is not None and room < math.inf:
+            size = min(size, int(room // per_question) if per_question > 0 else size)
+        if size <= 0 or room <= 0:
+            break
+        t0 = budget.clock()
+        hyps += decoder.generate(vectors[rows[len(hyps) : len(hyps) + size]], temperature=0.0)
+        took = budget.clock() - t0
+        per_question = took / size if per_question is None else max(per_question, took / size)
+        progress.advance(size, f"{len(hyps)} of {len(rows)} questions decoded · {per_question:.1f} s per question")
     decoder.train(was_training)
-    refs = [texts[i] for i in rows]
-    return {"n": len(rows), "bleu": bleu(hyps, refs), "rouge_l": rouge_l(hyps, refs), "exact": exact_match(hyps, refs),
-            "examples": [{"question": r, "decoded": h} for r, h in list(zip(refs, hyps))[:8]]}
+    return hyps
+
+
+def _interleave(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a0 b0 a1 b1 ... (then the longer one's rest): a report cut short keeps both kinds of question."""
+    out = [x for pair in zip(a, b) for x in pair]
+    n = min(len(a), len(b))
+    return np.array(out + list(a[n:]) + list(b[n:]), dtype=np.int64)
 
 
 def _start(db, cfg: DecoderConfig, resume: bool) -> tuple[int, str]:
@@ -100,8 +155,8 @@ def _start(db, cfg: DecoderConfig, resume: bool) -> tuple[int, str]:
 class _Trainer:
     """One decoder's training state, so a cancel at any point can checkpoint it."""
 
-    def __init__(self, decoder_id: int, cfg: DecoderConfig, progress: Progress, lm: LoadedLM | None):
-        self.id, self.cfg, self.progress, self.lm = decoder_id, cfg, progress, lm
+    def __init__(self, decoder_id: int, cfg: DecoderConfig, progress: Progress, lm: LoadedLM | None, budget: Budget):
+        self.id, self.cfg, self.progress, self.lm, self.budget = decoder_id, cfg, progress, lm, budget
         self.folder = decoders_dir() / f"decoder-{decoder_id}"
         with connect() as db:
             self.row = S.get_decoder(db, decoder_id)
@@ -142,10 +197,21 @@ class _Trainer:
                "texts": hashlib.sha256("\n".join(self.texts).encode()).hexdigest()[:16]}
         if path.is_file() and side.is_file() and json.loads(side.read_text()).get("key") == key:
             return np.load(path)
+        lm = self._model()
         self.progress.stage("question vectors", total=len(self.texts))
-        mean, last = encode_questions(self._model(), self.texts, self.stage1.prompt, [self.layer],
-                                      self.stage1.sampling.hidden_batch_size, self.progress)
-        vec = decoder_vectors(mean, last, self.cfg.pooling)
+        batch, parts = self.stage1.sampling.hidden_batch_size, []
+        t0 = self.budget.elapsed()
+        for b in range(0, len(self.texts), batch):
+            mean, last = encode_questions(lm, self.texts[b : b + batch], self.stage1.prompt, [self.layer], batch, self.progress)
+            parts.append(decoder_vectors(mean, last, self.cfg.pooling))
+            done = b + len(parts[-1])
+            projected = t0 + (self.budget.elapsed() - t0) * len(self.texts) / done  # when encoding would end
+            if self.budget.seconds is not None and done < len(self.texts) and projected > ENCODE_SHARE * self.budget.seconds:
+                raise ConfigError(
+                    f"Encoding the {len(self.texts)} training questions would take about {_minutes(projected - t0)} at this rate, "
+                    f"over half of the {_minutes(self.budget.seconds)} time budget. Raise the time budget (0 = none), or train "
+                    f"with fewer extra questions.")
+        vec = np.concatenate(parts)
         self.folder.mkdir(parents=True, exist_ok=True)
         np.save(path, vec)
         side.write_text(json.dumps({"key": key, "question_ids": self.pool_ids}))
@@ -198,19 +264,46 @@ class _Trainer:
         save_decoder(decoder, self.folder / "checkpoint", self.meta(state.get("metrics")), extra)
         log.info("decoder %d checkpoint at step %d", self.id, state["step"])
 
-    def eval_rows(self) -> tuple[np.ndarray, np.ndarray]:
+    def eval_rows(self) -> np.ndarray:
+        """Questions the reports decode: up to ``eval_size`` held-out and as many training ones, interleaved."""
         n = self.cfg.eval_size
         rng = np.random.default_rng(self.cfg.seed + 1)
         train = self.train_rows if len(self.train_rows) <= n else np.sort(rng.choice(self.train_rows, n, replace=False))
-        return self.heldout[:n], train
+        return _interleave(self.heldout[:n], train)
 
-    def report(self, decoder, vectors: np.ndarray) -> dict[str, Any]:
-        held, train = self.eval_rows()
-        return {"heldout": evaluate(decoder, vectors, self.texts, held), "train": evaluate(decoder, vectors, self.texts, train)}
+    def saved_state(self) -> dict[str, Any]:
+        """The checkpoint's training state, if there is one (read before anything else, for the time already spent)."""
+        path = self.folder / "checkpoint" / "state.json"
+        return json.loads(path.read_text()) if path.is_file() and (self.folder / "checkpoint" / "decoder.json").is_file() else {}
+
+    def metrics(self, baseline: dict[str, Any], after_rows: list[int], after_hyps: list[str]) -> dict[str, Any]:
+        """Before / after reports by split, on the questions both decoded (the final report may be cut short)."""
+        held = set(self.heldout.tolist())
+        before_of = dict(zip(baseline["rows"], baseline["hyps"]))
+        rows = [r for r in after_rows if r in before_of]
+        after_of = dict(zip(after_rows, after_hyps))
+        out: dict[str, Any] = {}
+        for when, hyp in (("before", before_of), ("after", after_of)):
+            out[when] = {split: score([hyp[r] for r in rows if (r in held) == (split == "heldout")],
+                                      [self.texts[r] for r in rows if (r in held) == (split == "heldout")])
+                         for split in ("heldout", "train")}
+        return out
 
 
-def train_decoder(cfg: DecoderConfig, progress: Progress | None = None, resume: bool = True, lm: LoadedLM | None = None) -> int:
-    """Train (or resume, or reuse) a decoder for ``cfg``; returns its id. A cancel keeps a checkpoint."""
+ENCODE_SHARE = 0.5     # vectors may take at most this share of a time budget
+BASELINE_SHARE = 0.2   # the baseline report may take this share of the time left after the vectors
+SAVE_SHARE = 0.05      # kept back for saving the decoder at the end
+REPORT_MARGIN = 1.25   # the final report is given this much more time than the baseline took
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def train_decoder(cfg: DecoderConfig, progress: Progress | None = None, resume: bool = True, lm: LoadedLM | None = None,
+                  clock: Callable[[], float] = time.monotonic) -> int:
+    """Train (or resume, or reuse) a decoder for ``cfg``; returns its id. A cancel keeps a checkpoint.
+    ``clock`` (seconds) measures the time budget; tests pass a fake one."""
     import torch
 
     progress = progress or NullProgress()
@@ -218,65 +311,85 @@ def train_decoder(cfg: DecoderConfig, progress: Progress | None = None, resume: 
         decoder_id, state = _start(db, cfg, resume)
     if state == "done":
         return decoder_id
+
     def update(**fields: Any) -> None:
         with connect() as db:
             S.update_decoder(db, decoder_id, **fields)
 
     with marks_status(update, progress):
-        t = _Trainer(decoder_id, cfg, progress, lm)
+        budget = Budget(cfg.max_minutes * 60 if cfg.max_minutes else None, clock)
+        t = _Trainer(decoder_id, cfg, progress, lm, budget)
+        budget.start -= float(t.saved_state().get("job_seconds", 0.0))  # time earlier attempts spent counts too
         vectors = t.vectors()
         decoder, opt, st = t.build(vectors)
         with connect() as db:
             S.update_decoder(db, decoder_id, n_train=len(t.train_rows), n_heldout=len(t.heldout), path=None)
             S.trim_losses(db, decoder_id, st["step"])  # steps after the checkpoint are trained again
-        if "before" not in st["metrics"]:
-            progress.stage("baseline reconstruction", total=1)
-            st["metrics"]["before"] = t.report(decoder, vectors)
-            progress.advance(1)
+        limit = budget.seconds if budget.seconds is not None else math.inf
+        save_reserve = SAVE_SHARE * limit if budget.seconds is not None else 0.0
+        if budget.left() <= save_reserve:
+            raise ConfigError(f"The {_minutes(limit)} time budget was used up before training could start (vectors and models "
+                              f"took {_minutes(budget.elapsed())}). Raise the time budget (0 = none) and resume; the vectors are kept.")
+        if "baseline" not in st:
+            rows = t.eval_rows()
+            progress.stage("baseline reconstruction", total=len(rows))
+            t0 = budget.elapsed()
+            until = t0 + BASELINE_SHARE * (limit - save_reserve - t0)
+            hyps = reconstruct(decoder, vectors, rows, budget, until, progress)
+            st["baseline"] = {"rows": rows[: len(hyps)].tolist(), "hyps": hyps, "seconds": budget.elapsed() - t0}
+        report_reserve = REPORT_MARGIN * st["baseline"]["seconds"]
+        train_until = limit - save_reserve - report_reserve
         bs = cfg.batch_size
         per_epoch = math.ceil(len(t.train_rows) / bs)
         total = cfg.epochs * per_epoch
-        budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         progress.stage("training", total=total, done=st["step"])
         with connect() as db:
             S.update_decoder(db, decoder_id, total_steps=total, step=st["step"])
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if t.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
         pending: list[tuple[int, int, float]] = []
-        last_write = last_ckpt = time.time()
+        last_write, last_ckpt = time.monotonic(), clock()
+        step_seconds = 0.0  # the slowest step so far
         try:
-            while st["step"] < total and st["seconds"] < budget:
+            while st["step"] < total and budget.elapsed() + step_seconds <= train_until:
                 epoch, b = divmod(st["step"], per_epoch)
                 order = np.random.default_rng(cfg.seed * 7919 + epoch).permutation(t.train_rows)
                 rows = order[b * bs : (b + 1) * bs]
-                t0 = time.perf_counter()
+                t0 = clock()
                 with autocast:
                     loss = decoder.loss(torch.as_tensor(vectors[rows]), [t.texts[i] for i in rows], cfg.max_length)
                 opt.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
                 opt.step()
-                st["seconds"] += time.perf_counter() - t0
+                took = clock() - t0
+                step_seconds = max(step_seconds, took)
+                st["seconds"] += took
                 st["step"] += 1
                 pending.append((st["step"], epoch, float(loss.detach())))
-                if time.time() - last_write >= 1.0 or st["step"] >= total:
+                if time.monotonic() - last_write >= 1.0 or st["step"] >= total:
                     _flush(decoder_id, pending, st)
-                    last_write = time.time()
+                    last_write = time.monotonic()
                 progress.advance(1, f"epoch {epoch + 1}/{cfg.epochs} · loss {pending[-1][2] if pending else float(loss.detach()):.3f}")
-                if time.time() - last_ckpt >= cfg.checkpoint_minutes * 60:
+                if clock() - last_ckpt >= cfg.checkpoint_minutes * 60:
+                    st["job_seconds"] = budget.elapsed()
                     t.checkpoint(decoder, opt, st)
-                    last_ckpt = time.time()
+                    last_ckpt = clock()
         except (Cancelled, KeyboardInterrupt):
             _flush(decoder_id, pending, st)
+            st["job_seconds"] = budget.elapsed()
             t.checkpoint(decoder, opt, st)
             raise
         _flush(decoder_id, pending, st)
-        progress.stage("held-out reconstruction", total=1)
-        metrics = {**st["metrics"], "after": t.report(decoder, vectors), "steps": st["step"], "train_seconds": st["seconds"],
-                   "stopped": "time budget" if st["step"] < total else "epochs", "n_train": len(t.train_rows), "n_heldout": len(t.heldout)}
-        progress.advance(1)
+        rows = np.array(st["baseline"]["rows"], dtype=np.int64)
+        progress.stage("held-out reconstruction", total=len(rows))
+        hyps = reconstruct(decoder, vectors, rows, budget, limit - save_reserve, progress)
+        metrics = {**t.metrics(st["baseline"], rows[: len(hyps)].tolist(), hyps), "steps": st["step"], "train_seconds": st["seconds"],
+                   "stopped": "time budget" if st["step"] < total else "epochs", "n_train": len(t.train_rows), "n_heldout": len(t.heldout),
+                   "budget_seconds": budget.seconds}
         from .decoder import save_decoder
 
         path = save_decoder(decoder, t.folder / "model", t.meta(metrics))
+        metrics["job_seconds"] = budget.elapsed()
         shutil.rmtree(t.folder / "checkpoint", ignore_errors=True)
         with connect() as db:
             S.update_decoder(db, decoder_id, status="done", path=str(path), metrics=metrics)
