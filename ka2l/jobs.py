@@ -125,7 +125,9 @@ def refresh() -> None:
         with db.atomic():
             for row in db.query("SELECT * FROM jobs WHERE status IN (?, ?)", ACTIVE):
                 started = row["started_at"] or row["created_at"]
-                young = row["status"] == "starting" and time.time() - _ts(started) < 30
+                # 'starting' with no pid yet: the worker is being spawned. Once its pid is known, a
+                # missing process means it ended (e.g. cancelled before it got going).
+                young = row["status"] == "starting" and not row["pid"] and time.time() - _ts(started) < 30
                 if not young and not _alive(row["pid"], row["id"]):
                     status = "cancelled" if row["cancel_requested"] else "failed"
                     error = None if row["cancel_requested"] else "The worker process ended without finishing (killed or crashed). Resume to continue where it stopped."

@@ -145,3 +145,11 @@ def test_cli_background_submits_once(memo_model, capitals, tmp_path):
     assert "already job 1" in second.stdout, second.stderr
     wait_for(lambda: jobs.get(1)["status"] == "done")
     assert len(jobs.list_jobs()) == 1
+
+
+def test_cancelling_a_job_that_is_still_starting_ends_it_at_once(memo_model, capitals):
+    import_pool(capitals)
+    job_id = jobs.submit("stage1", job_config(memo_model))
+    assert jobs.get(job_id)["status"] == "starting"  # the worker is still importing
+    jobs.cancel(job_id, wait=True)
+    assert jobs.get(job_id)["status"] == "cancelled", "not 'starting' for another 30 s"
