@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -201,12 +202,35 @@ def resume(job_id: int) -> int:
 
 
 def tail(job_id: int, lines: int = 20) -> str:
+    """The last ``lines`` lines of a job's log, progress-bar redraws folded into their last state."""
     path = log_path(job_id)
     if not path.is_file():
         return ""
+    size = path.stat().st_size
     with path.open("rb") as f:
-        f.seek(max(0, path.stat().st_size - 16384))
-        return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+        f.seek(max(0, size - 65536))
+        text = f.read().decode("utf-8", "replace")
+    if size > 65536:
+        text = text.split("\n", 1)[-1]  # the first line was cut
+    return "\n".join(clean_log(text)[-lines:])
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def clean_log(text: str) -> list[str]:
+    """Log lines as a person reads them: a progress bar (tqdm) redraws its line with carriage returns,
+    so each line keeps only its last drawing; terminal colour codes and blank lines go.
+
+    >>> clean_log("Loading: 10%\\rLoading: 100%\\nstage answers: 0/61\\n")
+    ['Loading: 100%', 'stage answers: 0/61']
+    """
+    out = []
+    for line in text.split("\n"):
+        drawn = [part for part in _ANSI.sub("", line).split("\r") if part.strip()]
+        if drawn:
+            out.append(drawn[-1].rstrip())
+    return out
 
 
 def rate_and_eta(job: dict[str, Any]) -> tuple[float | None, float | None]:

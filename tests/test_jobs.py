@@ -147,6 +147,24 @@ def test_cli_background_submits_once(memo_model, capitals, tmp_path):
     assert len(jobs.list_jobs()) == 1
 
 
+# -- the log as a person reads it ------------------------------------------------------------------
+
+def test_the_log_tail_keeps_only_the_last_drawing_of_each_progress_bar(tmp_path):
+    from tqdm import tqdm
+
+    path = jobs.log_path(7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        f.write("INFO stage hidden states: 0/80\n")
+        for _ in tqdm(range(272), desc="Loading weights", file=f, mininterval=0):
+            pass
+        f.write("\nINFO stage answers: 0/80\n")
+    assert b"\r" in path.read_bytes()
+    lines = jobs.tail(7, 12).splitlines()
+    assert lines[0] == "INFO stage hidden states: 0/80" and lines[-1] == "INFO stage answers: 0/80"
+    assert len(lines) == 3 and lines[1].startswith("Loading weights: 100%") and "272/272" in lines[1]
+
+
 def test_cancelling_a_job_that_is_still_starting_ends_it_at_once(memo_model, capitals):
     import_pool(capitals)
     job_id = jobs.submit("stage1", job_config(memo_model))
