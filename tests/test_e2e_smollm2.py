@@ -59,7 +59,15 @@ def test_stage1_with_smollm2_through_the_cli(embedded_model):
     se_wrong = sum(s["se"] for s in scores if not s["correct"]) / (32 - sum(correct))
     assert se_right < se_wrong
     out = cli("report", "--pool", "caps32", "--json")
-    assert out.returncode == 0 and '"best_layer"' in out.stdout
+    assert out.returncode == 0, out.stderr
+    import json
+
+    rep = json.loads(out.stdout)
+    assert rep["probe"]["best_layer"] == probe["layer"] and rep["run"]["id"] == run["id"]
+    # the pool has gold answers, so every baseline has a prediction rejection ratio (NaN only when the
+    # few test answers are all right or all wrong)
+    assert all(b["prr"] is not None and {"prr_lo", "prr_hi"} <= set(b) for b in rep["probe"]["baselines"])
+    assert "PRR" in report
 
 
 def test_gguf_file_loads_directly_and_matches_the_converted_copy(embedded_model):
@@ -82,7 +90,8 @@ def test_gguf_file_loads_directly_and_matches_the_converted_copy(embedded_model)
 
 def test_smollm2_soft_prefix_decoder_trains_and_its_states_find_paraphrases(embedded_model):
     """The offline default decoder: SmolLM2 reads the questions and, as backbone, learns from a soft
-    prefix for a few steps; its mean-pooled states place a paraphrase nearest to its original."""
+    prefix; its mean-pooled states place a paraphrase nearest to its original, and after a few steps
+    the decoder gives back each training question from its own vector."""
     import numpy as np
     import torch
 
@@ -108,13 +117,14 @@ def test_smollm2_soft_prefix_decoder_trains_and_its_states_find_paraphrases(embe
     opt = torch.optim.AdamW(decoder.parameters(), lr=2e-4)
     decoder.train()
     losses = []
-    for _ in range(6):
+    for _ in range(16):  # exact reconstruction from about step 11 (lr 2e-4, seed 0)
         loss = decoder.loss(torch.as_tensor(vecs[:4]), pool[:4])
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    assert losses[-1] < losses[0] * 0.8, losses
-    out = decoder.eval().generate(vecs[:2], max_new_tokens=12)
-    assert len(out) == 2 and all(isinstance(t, str) for t in out)
-    assert np.isfinite(losses).all()
+    assert losses[-1] < losses[0] * 0.1, losses
+    # The decoder reads the vector: greedy decoding of each vector gives back its own question
+    # (a decoder that ignored its input would write one question for all four).
+    out = decoder.eval().generate(vecs[:4], max_new_tokens=16)
+    assert out == pool[:4], out
