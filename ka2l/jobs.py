@@ -2,7 +2,9 @@
 
     submit(kind, config) -> job id     row 'queued'; the queue starts it when no job is running
     python -m ka2l job run ID          the worker: runs the library call with a progress adapter that
-                                       writes stage / done / total / message to the row
+                                       writes the whole job's progress to the row: its phases (planned
+                                       per kind, see ``plan``), each stage's done / total, the overall
+                                       fraction; ``progress_view`` turns it into an ETA for the job
     cancel(id)                         flag + SIGTERM to the worker's process group (SIGKILL after a
                                        grace period): stored work is kept, the run resumes later
     refresh()                          a 'running' row whose process is gone becomes 'failed' (never
@@ -30,6 +32,7 @@ from typing import Any
 
 from .errors import Cancelled, ConfigError, Ka2lError, NotFound
 from .paths import PROJECT_ROOT, data_dir
+from .progress import PhaseSpec, PhaseTracker, overall_eta
 from .store.db import connect, now
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,8 @@ CANCEL_GRACE_S = 10.0
 def _decode(row: dict[str, Any] | None) -> dict[str, Any] | None:
     if row is None:
         return None
-    return {**row, "config": json.loads(row["config"]), "result": json.loads(row["result"]) if row["result"] else None}
+    return {**row, "config": json.loads(row["config"]), "result": json.loads(row["result"]) if row["result"] else None,
+            "phases": json.loads(row.get("phases") or "[]")}
 
 
 def get(job_id: int) -> dict[str, Any]:
@@ -233,8 +237,22 @@ def clean_log(text: str) -> list[str]:
     return out
 
 
+def format_duration(seconds: float | None) -> str:
+    """'45 s', '3 min 05 s', '2 h 04 min'; '' for None."""
+    if seconds is None:
+        return ""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m} min {s:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
+
+
 def rate_and_eta(job: dict[str, Any]) -> tuple[float | None, float | None]:
-    """Items per second in the current stage and seconds left, when they can be estimated."""
+    """Items per second in the current stage and seconds left in it, when they can be estimated."""
     if job["status"] != "running" or not job["stage_started_at"] or not job["total"]:
         return None, None
     elapsed = time.time() - job["stage_started_at"]
@@ -245,30 +263,151 @@ def rate_and_eta(job: dict[str, Any]) -> tuple[float | None, float | None]:
     return rate, max(0.0, (job["total"] - job["done"]) / rate)
 
 
-class JobProgress:
-    """Progress adapter for a worker: writes to the job row (at most every 0.5 s) and honours cancel."""
+def progress_view(job: dict[str, Any], clock: Callable[[], float] = time.time) -> dict[str, Any]:
+    """The whole job at a glance, for a page or the command line:
 
-    def __init__(self, job_id: int, clock: Callable[[], float] = time.time):
+    fraction   share of the whole job done (phases weighed by their expected time), 0..1
+    eta_s      seconds left for the whole job (None until it can be estimated)
+    elapsed_s  seconds since the job started (to its end once finished)
+    started    start time (ISO, UTC) or None
+    phases     [{name, status, rows: [{name, done, total, status, elapsed_s, rate, eta_s, note}]}]
+    """
+    t = clock()
+    start = _ts(job["started_at"]) if job.get("started_at") else None
+    end = _ts(job["finished_at"]) if job.get("finished_at") else None
+    elapsed = None if start is None else max(0.0, (end or t) - start)
+    fraction = 1.0 if job["status"] == "done" else float(job.get("fraction") or 0.0)
+    eta = None
+    if job["status"] in ACTIVE and job.get("progress_started_at"):
+        eta = overall_eta(fraction, float(job.get("credited") or 0.0), t - job["progress_started_at"])
+    phases = []
+    for phase in job.get("phases") or []:
+        rows = []
+        for row in phase["rows"]:
+            ran = ((row["finished_at"] or t) - row["started_at"]) if row.get("started_at") else None
+            worked = row["done"] - row.get("start_done", 0)
+            rate = worked / ran if ran and worked > 0 else None
+            left = (row["total"] - row["done"]) / rate if rate and row["total"] and row["status"] == "running" else None
+            rows.append({**row, "elapsed_s": ran, "rate": rate, "eta_s": left})
+        phases.append({**phase, "rows": rows})
+    return {"fraction": fraction, "eta_s": eta, "elapsed_s": elapsed, "started": job.get("started_at"), "phases": phases}
+
+
+# -- phases of each kind of job ----------------------------------------------------------------------
+# Weights are rough seconds on a 2-core CPU with SmolLM2-135M (48 capitals questions, k = 10: hidden
+# states 0.13 s a question, answers 2.2 s, a layer's probe 0.7 s); only their ratios matter, and the
+# ETA, measured on the job itself, corrects them as it runs.
+
+def plan(kind: str, config: dict[str, Any]) -> list[PhaseSpec]:
+    """The phases a job of ``kind`` goes through with ``config``, in order, with rough weights."""
+    from .config import from_dict
+
+    cfg = from_dict(_config_class(kind), config.get(kind, {}))
+    if kind == "stage1":
+        return _stage1_plan(cfg, *_pool_facts(config.get("pool")))
+    if kind == "triage":
+        return [PhaseSpec("hidden states", 1.0, note=f"reports after every batch of {cfg.batch_size} questions")]
+    if kind == "decoder":
+        return _decoder_plan(cfg)
+    return [PhaseSpec("generating candidates", 1.0, note=f"reports after every {max(1, cfg.batch_size // cfg.per_question)} source questions")]
+
+
+def _pool_facts(pool: Any) -> tuple[int, bool]:
+    """(questions, has gold answers) of a pool; a guess when it cannot be read."""
+    from .store import queries as Q
+
+    try:
+        with connect() as db:
+            row = Q.get_pool(db, pool)
+        return int(row["n_questions"]), bool(row["has_answers"])
+    except Ka2lError:
+        return 100, False
+
+
+def _stage1_plan(cfg, n: int, has_gold: bool) -> list[PhaseSpec]:
+    s, layers = cfg.sampling, 30
+    judge = {"lexical": 0.002}.get(cfg.judge.kind, 0.02 * (s.k - 1) / 2)  # model judges compare pairs
+    probe_set = layers * (0.5 + 0.004 * n) * (3.0 if cfg.probe.kind == "llama-mlp" else 1.0)
+    baselines = ((("SE probe (logistic)",) if cfg.probe.kind != "logistic" else ())
+                 + (("accuracy probe (logistic)",) if has_gold else ()))
+    phases = [
+        PhaseSpec("hidden states", 0.13 * n, note=f"reports after every batch of {s.hidden_batch_size} questions"),
+        PhaseSpec("answers", 0.0063 * n * (s.k + 1) * s.max_new_tokens,
+                  note=f"reports after every batch of {s.batch_size} questions (1 + {s.k} answers each)"),
+        PhaseSpec("semantic entropy", judge * s.k * n + 0.5),
+        PhaseSpec("probes", probe_set, match="probes (", note="one probe per layer"),
+    ]
+    if baselines:
+        phases.append(PhaseSpec("baselines", len(baselines) * layers * (0.5 + 0.004 * n), match="probes (", count=len(baselines),
+                                labels=baselines, note="one logistic probe per layer"))
+    return phases + [PhaseSpec("threshold robustness", 1.0)]
+
+
+def _decoder_plan(cfg) -> list[PhaseSpec]:
+    import math
+
+    n = 100
+    try:
+        from .store import queries as Q
+
+        with connect() as db:
+            run = Q.get_run(db, Q.get_probe(db, cfg.probe_id)["run_id"])
+            n = int(Q.get_pool(db, run["pool_id"])["n_questions"])
+            n_all = n + sum(int(Q.get_pool(db, name)["n_questions"]) for name in cfg.extra_pools)
+    except Ka2lError:
+        n_all = n
+    heldout = max(1, round(cfg.heldout_share * n)) if cfg.heldout_share > 0 and n >= 5 else 0
+    n_eval = min(cfg.eval_size, heldout) + min(cfg.eval_size, n_all - heldout)
+    steps = cfg.epochs * math.ceil(max(1, n_all - heldout) / cfg.batch_size)
+    training = steps * 2.5 * cfg.batch_size
+    if cfg.max_minutes:
+        training = min(training, cfg.max_minutes * 60)
+    return [PhaseSpec("question vectors", 0.15 * n_all),
+            PhaseSpec("baseline reconstruction", 7.0 * n_eval, note=f"decodes {n_eval} questions"),
+            PhaseSpec("training", training, note=f"{steps} steps" + (f", at most {cfg.max_minutes:g} min" if cfg.max_minutes else "")),
+            PhaseSpec("held-out reconstruction", 2.5 * n_eval, note=f"decodes {n_eval} questions")]
+
+
+class JobProgress:
+    """Progress adapter for a worker: tracks the whole job's phases (``PhaseTracker``), writes them to
+    the job row (at most every 0.5 s, and at every stage change and note) and honours cancel."""
+
+    def __init__(self, job_id: int, phases: list[PhaseSpec] | None = None, clock: Callable[[], float] = time.time):
         self.job_id, self.clock = job_id, clock
+        self.tracker = PhaseTracker(phases or [], clock)
         self.done, self.total, self._last = 0, None, 0.0
+        self._write(stage=None, message=None)
 
     def _check_cancel(self) -> None:
         if get(self.job_id)["cancel_requested"]:
             raise Cancelled(f"job {self.job_id} cancelled")
 
+    def _write(self, **fields: Any) -> None:
+        snap = self.tracker.snapshot()
+        _update(self.job_id, phases=json.dumps(snap["phases"]), fraction=snap["fraction"], credited=snap["credited"],
+                progress_started_at=snap["started_at"], **fields)
+
     def stage(self, name: str, total: int | None = None, done: int = 0) -> None:
+        row = self.tracker.stage(name, total, done)
         self.done, self.total = done, total
-        _update(self.job_id, stage=name, done=done, total=total, stage_started_at=self.clock(), stage_start_done=done, message=None)
-        log.info("stage %s: %s/%s", name, done, total)
+        self._write(stage=row["name"], done=done, total=total, stage_started_at=row["started_at"], stage_start_done=done, message=None)
+        self._last = self.clock()
+        log.info("stage %s: %s/%s", row["name"], done, total)
         self._check_cancel()
 
     def advance(self, n: int = 1, message: str | None = None) -> None:
+        """``n`` more items done; ``advance(0, note)`` reports what the stage is doing between items."""
         self.done += n
+        self.tracker.advance(n)
         t = self.clock()
-        if t - self._last >= 0.5 or (self.total and self.done >= self.total):
+        if n == 0 or t - self._last >= 0.5 or (self.total and self.done >= self.total):
             self._last = t
-            _update(self.job_id, done=self.done, message=message)
+            self._write(done=self.done, message=message)
             self._check_cancel()
+
+    def finish(self) -> None:
+        self.tracker.finish()
+        self._write()
 
     def close(self) -> None:
         pass
@@ -307,7 +446,11 @@ def run_worker(job_id: int) -> int:
     """Body of ``python -m ka2l job run ID``. Exit code 0 done, 1 failed, 130 cancelled."""
     job = get(job_id)
     _update(job_id, status="running", pid=os.getpid(), started_at=job["started_at"] or now())
-    progress = JobProgress(job_id)
+    try:
+        phases = plan(job["kind"], job["config"])
+    except Ka2lError:  # the job itself will say what is wrong; its phases are then found as they start
+        phases = []
+    progress = JobProgress(job_id, phases)
     try:
         result = _run(job["kind"], job["config"], progress)
     except (Cancelled, KeyboardInterrupt):
@@ -321,6 +464,7 @@ def run_worker(job_id: int) -> int:
         _update(job_id, status="failed", finished_at=now(), error=f"{type(exc).__name__}: {exc} (see the log)")
         code = 1
     else:
+        progress.finish()
         _update(job_id, status="done", finished_at=now(), result=json.dumps(result), message="done")
         code = 0
     refresh()  # start the next queued job

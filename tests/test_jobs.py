@@ -147,6 +147,109 @@ def test_cli_background_submits_once(memo_model, capitals, tmp_path):
     assert len(jobs.list_jobs()) == 1
 
 
+# -- whole-job progress ------------------------------------------------------------------------------
+
+def _rows(job):
+    return [(p["name"], r["name"], r["done"], r["total"], r["status"]) for p in job["phases"] for r in p["rows"]]
+
+
+def test_a_job_reports_its_whole_progress_with_every_phase_under_it(memo_model, capitals):
+    import_pool(capitals)  # gold answers, mlp probe: both baselines train logistic probes, one stage name twice
+    job_id = jobs.submit("stage1", {**job_config(memo_model), "stage1": to_dict(stage1_cfg(memo_model, kind="mlp", epochs=5))})
+    seen = []  # (overall fraction, {row: done}) as a polling page sees them
+
+    def finished():
+        job = jobs.get(job_id)
+        seen.append((job["fraction"], {name: done for _, name, done, _, _ in _rows(job)}))
+        return job["status"] in ("done", "failed")
+
+    wait_for(finished, every=0.05)
+    job = jobs.get(job_id)
+    assert job["status"] == "done", job["error"]
+    assert [p["name"] for p in job["phases"]] == ["hidden states", "answers", "semantic entropy", "probes", "baselines", "threshold robustness"]
+    assert all(p["status"] == "done" for p in job["phases"]) and job["fraction"] == 1.0
+    rows = _rows(job)
+    assert [r[1] for r in rows if r[0] == "baselines"] == ["SE probe (logistic)", "accuracy probe (logistic)"]
+    assert all(done == total and status == "done" for _, _, done, total, status in rows), rows
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions), "the whole job's progress never goes back"
+    assert len(set(fractions)) >= 3, "it moves during the job, not only at its end"
+    for (_, before), (_, after) in zip(seen, seen[1:]):
+        assert all(after.get(name, 0) >= done for name, done in before.items()), (before, after)
+    view = jobs.progress_view(job)
+    assert view["eta_s"] is None and view["elapsed_s"] > 0 and view["fraction"] == 1.0
+
+
+def test_the_eta_is_for_the_whole_job_not_the_current_phase():
+    from ka2l.progress import PhaseSpec, PhaseTracker, overall_eta
+
+    now = [0.0]
+    tracker = PhaseTracker([PhaseSpec("load", 1.0), PhaseSpec("work", 3.0)], clock=lambda: now[0])
+    tracker.stage("load", total=10)
+    now[0] = 10.0
+    tracker.advance(10)  # the first phase is over after 10 s: a quarter of the job
+    assert tracker.fraction == 0.25
+    assert overall_eta(tracker.fraction, tracker.credited, now[0] - tracker.started_at) == 30.0  # not 0 s "left"
+    tracker.stage("work", total=4)
+    now[0] = 25.0
+    tracker.advance(2)  # half the second phase: (1 + 3 * 0.5) / 4 done
+    assert tracker.fraction == 0.625
+    assert overall_eta(tracker.fraction, tracker.credited, now[0]) == pytest.approx(15.0)
+
+
+def test_work_stored_before_a_resume_does_not_speed_up_the_eta():
+    from ka2l.progress import PhaseSpec, PhaseTracker, overall_eta
+
+    now = [0.0]
+    tracker = PhaseTracker([PhaseSpec("hidden states", 1.0), PhaseSpec("answers", 1.0)], clock=lambda: now[0])
+    tracker.stage("answers", total=10, done=6)  # hidden states and 6 answers were stored by an earlier run
+    assert [p["status"] for p in tracker.phases] == ["skipped", "running"]
+    assert tracker.fraction == pytest.approx(0.8) and tracker.credited == pytest.approx(0.8)
+    now[0] = 20.0
+    tracker.advance(2)  # 2 answers in 20 s, 2 left
+    assert overall_eta(tracker.fraction, tracker.credited, now[0]) == pytest.approx(20.0)
+
+
+def test_a_stage_that_runs_again_gets_its_own_row_and_no_counter_goes_back():
+    from ka2l.progress import PhaseSpec, PhaseTracker
+
+    tracker = PhaseTracker([PhaseSpec("probes", 1.0, match="probes (")])
+    tracker.stage("probes (logistic)", total=30)
+    tracker.advance(27)
+    before = tracker.fraction
+    tracker.advance(3)
+    tracker.stage("probes (logistic)", total=30)  # not in the plan a second time
+    tracker.advance(22)
+    rows = [(r["name"], r["done"]) for p in tracker.phases for r in p["rows"]]
+    assert rows == [("probes (logistic)", 30), ("probes (logistic) (2)", 22)]
+    assert tracker.fraction >= before
+
+
+def test_the_job_row_shows_the_plan_while_the_model_loads_and_the_rate_of_the_running_phase():
+    from ka2l.progress import PhaseSpec
+
+    with connect() as db:
+        job_id = int(db["jobs"].insert({"kind": "stage1", "config": "{}", "status": "running", "created_at": "2025-01-01T00:00:00+00:00",
+                                        "started_at": "2025-01-01T00:00:00+00:00"}).last_pk)
+    now = [1000.0]
+    progress = jobs.JobProgress(job_id, [PhaseSpec("hidden states", 1.0), PhaseSpec("answers", 9.0, note="reports after every batch of 16 questions")],
+                                clock=lambda: now[0])
+    job = jobs.get(job_id)
+    assert [p["name"] for p in job["phases"]] == ["hidden states", "answers"] and job["fraction"] == 0
+    progress.stage("hidden states", total=10)
+    now[0] += 10
+    progress.advance(10)
+    progress.stage("answers", total=10)
+    now[0] += 30
+    progress.advance(0, "sampling the first batch")  # a note between batches is written at once
+    job = jobs.get(job_id)
+    assert job["message"] == "sampling the first batch"
+    view = jobs.progress_view({**job, "status": "running"}, clock=lambda: now[0])
+    answers = view["phases"][1]
+    assert answers["rows"][0]["elapsed_s"] == 30 and answers["note"].startswith("reports after every batch")
+    assert view["fraction"] == pytest.approx(0.1) and view["eta_s"] == pytest.approx(40 * 0.9 / 0.1)
+
+
 # -- the log as a person reads it ------------------------------------------------------------------
 
 def test_the_log_tail_keeps_only_the_last_drawing_of_each_progress_bar(tmp_path):

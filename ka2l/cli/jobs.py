@@ -26,11 +26,16 @@ def _cmd_job_cancel(args: argparse.Namespace) -> int:
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    from ..jobs import list_jobs, refresh
+    from ..jobs import ACTIVE, format_duration, list_jobs, progress_view, refresh
 
     refresh()
     for j in list_jobs():
-        print(f"{j['id']:>4}  {j['kind']:<9} {j['status']:<10} {j['stage'] or '':<18} {j['done']}/{j['total'] or '?'}  {j['error'] or j['message'] or ''}")
+        view = progress_view(j)
+        overall = f"{view['fraction']:>4.0%}" if j["status"] != "queued" else "   -"
+        timing = (f"about {format_duration(view['eta_s'])} left" if view["eta_s"] is not None
+                  else ("" if j["status"] in ACTIVE or view["elapsed_s"] is None else f"took {format_duration(view['elapsed_s'])}"))
+        print(f"{j['id']:>4}  {j['kind']:<9} {j['status']:<10} {overall}  {j['stage'] or '':<26} {j['done']}/{j['total'] or '?'}  "
+              f"{timing:<22} {j['error'] or j['message'] or ''}".rstrip())
     return 0
 
 

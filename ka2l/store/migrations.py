@@ -238,6 +238,29 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX review_log_action ON review_log (pool_id, action_id);
     """,
+    # 5: whole-job progress: the job's phases with their stages (JSON), the overall fraction, the share
+    #    already done when the worker started (resumed work) and when it started reporting.
+    """
+    ALTER TABLE jobs ADD COLUMN phases TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE jobs ADD COLUMN fraction REAL NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN credited REAL NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN progress_started_at REAL;
+    """,
+    # 6: a curator's edit of a candidate is re-probed: P(unknown) and the nearest pool question of the
+    #    edited text, one row per (candidate, text), so an undone edit finds its values again.
+    """
+    CREATE TABLE candidate_edits (
+        candidate_id INTEGER NOT NULL REFERENCES candidates(id) ON DELETE CASCADE,
+        text TEXT NOT NULL,
+        p_unknown REAL NOT NULL,
+        flagged_known INTEGER NOT NULL,
+        nearest_question_id INTEGER REFERENCES questions(id) ON DELETE SET NULL,
+        nearest_similarity REAL,
+        vector BLOB,
+        probed_at TEXT NOT NULL,
+        PRIMARY KEY (candidate_id, text)
+    );
+    """,
 ]
 
 
