@@ -242,12 +242,18 @@ class FilterConfig:
     require_question: bool = _f(True, "Drop candidates that are not questions (no '?' and no question word at the start).")
     similarity: float = _f(0.97, "Cosine similarity (of centred decoder input vectors) at or above which a candidate duplicates "
                                  "an existing question or an earlier candidate.")
+    word_overlap: float = _f(0.9, "Lexical near-duplicate check beside the vector one: the share of the shorter question's content "
+                                  "words (case, punctuation and function words ignored; question words, negations and numbers kept) "
+                                  "found in the other, at or above which a candidate duplicates a pool question, an extra-corpus "
+                                  "question or an earlier candidate. 1 = only when all of them are.")
 
     def __post_init__(self) -> None:
         _positive("FilterConfig.max_chars", self.max_chars)
         _positive("FilterConfig.min_words", self.min_words, allow_zero=True)
         if not -1 <= self.similarity <= 1:
             raise ConfigError(f"FilterConfig.similarity is a cosine similarity in [-1, 1], got {self.similarity}.")
+        if not 0 < self.word_overlap <= 1:
+            raise ConfigError(f"FilterConfig.word_overlap is a share of words in (0, 1], got {self.word_overlap}.")
 
 
 GENERATE_SOURCES = ("unknown", "curation")

@@ -3,6 +3,9 @@ loader), resumable training, generation with noise, the candidate filters and th
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 
 import numpy as np
@@ -446,7 +449,7 @@ def test_candidate_filter_drops_copies_and_non_questions(store, tiny_lm):
     keep = CandidateFilter(FilterConfig(), pool_q, vectors, lm, PromptConfig(), d["layer"], pmeta["layer"], "mean", net, [], None,
                            corpus_texts=["Who painted the Mona Lisa?"])
     first = pool_q[0]["question"]  # "What is the capital of X?"
-    variant = first.replace("capital of", "capital city of")
+    variant = first.replace("What is the capital of", "Which river flows through the capital of")  # a new question
     texts = [first.upper(), variant, variant.lower().rstrip("?"), "Lagos.", "", "The answer is Paris and nothing else",
              "who painted the mona lisa"]
     rows = keep([pool_q[0]["id"], pool_q[1]["id"], pool_q[2]["id"]], texts, 3, 0.1)
@@ -463,6 +466,48 @@ def test_candidate_filter_drops_copies_and_non_questions(store, tiny_lm):
     assert [r["source_question_id"] for r in rows] == [pool_q[0]["id"]] * 3 + [pool_q[1]["id"]] * 3 + [pool_q[2]["id"]]
     strict = CandidateFilter(FilterConfig(similarity=0.0), pool_q, vectors, lm, PromptConfig(), d["layer"], pmeta["layer"], "mean", net, [], None)
     assert strict([pool_q[0]["id"]], [variant], 1, 0.1)[0]["drop_reason"].startswith("near-copy of a pool question")
+
+
+def test_lexical_near_duplicates_are_dropped_beside_the_vector_check(store):
+    """Vectors missed "Who wrote '1984'?" beside the pool's "Who wrote the novel '1984'?": a word check catches it."""
+    from ka2l.augment.candidates import content_words, word_overlap
+    from ka2l.config import ModelSpec
+    from ka2l.models.llm import load_model
+
+    assert content_words("Who wrote '1984'?") == {"who", "wrote", "1984"}
+    assert word_overlap(content_words("Who wrote '1984'?"), content_words("Who wrote the novel '1984'?")) == 1.0
+    same = ("Who is the first President of the United States?", "Who was the first president of the United States?")
+    assert word_overlap(*map(content_words, same)) == 1.0
+    second = content_words("Who was the second President of the United States?")
+    assert word_overlap(second, content_words(same[0])) == 0.8, "one content word apart: another question"
+    assert "not" in content_words("Which city is not Paris?"), "negation is meaning, not a function word"
+
+    with connect() as db:
+        pool_q = Q.pool_questions(db, store["pool_id"])
+        d = S.get_decoder(db, store["decoder_id"])
+    _, meta = load_decoder(d["path"])
+    lm = load_model(ModelSpec(**meta["model"]))
+    net, pmeta = load_probe(store["probe"]["path"])
+    vectors = np.load(store["folder"] / "decoders" / f"decoder-{d['id']}" / "vectors.npy")[: len(pool_q)]
+
+    def make(**cfg):
+        return CandidateFilter(FilterConfig(similarity=1.0, **cfg), pool_q, vectors, lm, PromptConfig(), d["layer"], pmeta["layer"], "mean",
+                               net, ["Who wrote the novel '1984'?"], None, corpus_texts=["Who painted the Mona Lisa?"])
+
+    first = pool_q[0]["question"]  # "What is the capital of Algeria?"
+    river = first.replace("What is the capital of", "Which river flows through the capital of")
+    texts = [first.replace("capital of", "capital city of"), river, "Which river flows through " + first.split()[-1].rstrip("?") + "'s capital?",
+             "Who painted Mona Lisa?", "Who wrote '1984'?", "What is the capital of Atlantis?"]
+    rows = make()([pool_q[0]["id"]], texts, len(texts), 0.1)
+    assert [r["drop_reason"] for r in rows] == [
+        f"near-copy of a pool question (word overlap 1.00 with {first!r})", None,
+        f"near-copy of another candidate (word overlap 1.00 with {river!r})",
+        "near-copy of an extra-corpus training question (word overlap 1.00 with 'Who painted the Mona Lisa?')",
+        "near-copy of another candidate (word overlap 1.00 with \"Who wrote the novel '1984'?\")", None]
+    loose = make(word_overlap=0.6)([pool_q[0]["id"]], ["What is the capital of Atlantis?"], 1, 0.1)[0]
+    assert loose["drop_reason"].startswith("near-copy of a pool question (word overlap 0.67 with 'What is the capital of"), loose
+    with pytest.raises(ConfigError, match="word_overlap"):
+        FilterConfig(word_overlap=0)
 
 
 # -- review -----------------------------------------------------------------------------------------
@@ -489,6 +534,23 @@ def test_review_decisions_persist_edits_keep_the_original_and_undo(store):
     assert rows[b]["edited_text"] == "What is the capital of Atlantis?" and rows[b]["text"] == queue[1]["text"], "the decoder's text is kept"
     assert rows[c]["decision"] == "rejected"
     assert review.counts(pool)["approved"] == 2
+    # the edit is re-probed: its P(unknown) and nearest pool question are those of the edited text
+    atlantis = "What is the capital of Atlantis?"
+    by_hand = _probe_by_hand(store["cfg"].backbone, store["probe"]["path"], [atlantis])[0]
+    assert rows[b]["p_unknown"] == pytest.approx(by_hand, abs=1e-4) and rows[b]["flagged_known"] == int(by_hand < 0.5)
+    assert rows[b]["decoded_p_unknown"] == queue[1]["p_unknown"] and rows[b]["p_unknown"] != queue[1]["p_unknown"]
+    vectors = np.load(store["folder"] / "decoders" / f"decoder-{store['decoder_id']}" / "vectors.npy")[:80]
+    with connect() as db:
+        pool_q = Q.pool_questions(db, pool)
+    from ka2l.config import ModelSpec
+    from ka2l.models.llm import load_model
+
+    mean, _ = encode_questions(load_model(ModelSpec(name_or_path=store["cfg"].backbone, device="cpu")), [atlantis], PromptConfig(),
+                               [store["probe"]["layer"]])
+    centred, pool_c = mean[0, 0] - vectors.mean(0), vectors - vectors.mean(0)
+    sims = pool_c @ centred / (np.linalg.norm(pool_c, axis=1) * np.linalg.norm(centred))
+    assert rows[b]["nearest_similarity"] == pytest.approx(sims.max(), abs=1e-5)
+    assert rows[b]["nearest_question"] == pool_q[int(sims.argmax())]["question"]
 
     assert [r["candidate_id"] for r in review.undo(pool)] == [c]
     assert _candidate(c)["decision"] == "pending"
@@ -496,9 +558,22 @@ def test_review_decisions_persist_edits_keep_the_original_and_undo(store):
     assert len(review.last_action(pool)) == 2
     review.undo(pool)
     assert {_candidate(c)["decision"], _candidate(d)["decision"]} == {"pending"}
-    review.undo(pool)  # now the edit is undone
+    review.undo(pool)  # now the edit is undone, and the candidate's values are the decoder's text's again
     assert _candidate(b)["decision"] == "pending" and _candidate(b)["edited_text"] is None
-    review.decide(pool, [b], "approved", edited_text="What is the capital of Atlantis?")
+    assert _candidate(b)["p_unknown"] == queue[1]["p_unknown"] and _candidate(b)["nearest_similarity"] == queue[1]["nearest_similarity"]
+
+    def not_again(candidate, text):
+        raise AssertionError("this text was probed already")
+
+    review.decide(pool, [b], "approved", edited_text="What is the capital of Atlantis?", reprobe=not_again)
+    assert _candidate(b)["p_unknown"] == pytest.approx(by_hand, abs=1e-4)
+
+    def failing(candidate, text):
+        raise ConfigError("the probed model is gone")
+
+    with pytest.raises(ConfigError, match="gone"):
+        review.decide(pool, [d], "approved", edited_text="What is the capital of Lemuria?", reprobe=failing)
+    assert _candidate(d)["decision"] == "pending" and _candidate(d)["edited_text"] is None, "a failed re-probe changes nothing"
 
     with pytest.raises(ConfigError, match="empty"):
         review.decide(pool, [b], "approved", edited_text="   ")
@@ -510,9 +585,26 @@ def test_review_decisions_persist_edits_keep_the_original_and_undo(store):
         unknown_q = [r["question_id"] for r in Q.load_scores(db, store["run_id"]) if r["bise"] == 1][:3]
     curation.add(pool, unknown_q, source="test")
     approved = review.approved_set(pool)
-    assert [r["kind"] for r in approved] == ["original"] * 3 + ["decoded"] * 2
-    assert {r["question"] for r in approved if r["kind"] == "decoded"} == {queue[0]["text"], "What is the capital of Atlantis?"}
-    assert next(r for r in approved if r["candidate_id"] == b)["decoded_text"] == queue[1]["text"]
+    assert list(approved["kind"]) == ["original"] * 3 + ["decoded"] * 2
+    decoded = approved[approved["kind"] == "decoded"].set_index("candidate_id")
+    assert set(decoded["question"]) == {queue[0]["text"], atlantis}
+    assert decoded.loc[b, "decoded_text"] == queue[1]["text"] and decoded.loc[b, "p_unknown"] == pytest.approx(by_hand, abs=1e-4)
+    assert decoded.loc[a, "p_unknown"] == queue[0]["p_unknown"]
+    ext = {q["id"]: q for q in pool_q}
+    assert list(decoded["source_ext_id"]) == [ext[q["source_question_id"]]["ext_id"] for q in queue[:2]]
+    originals = approved[approved["kind"] == "original"]
+    assert list(originals["ext_id"]) == [ext[i]["ext_id"] for i in unknown_q], "originals keep their pool id"
+    assert list(originals["answers"]) == [ext[i]["answers"] for i in unknown_q] and all(originals["answers"].map(len)), "and gold answers"
+
+    from ka2l.pools.reader import parse_answers
+    from ka2l.views.export import to_jsonl, to_safe_csv
+
+    lines = [json.loads(line) for line in to_jsonl(approved).decode().splitlines()]
+    assert [r["question_id"] for r in lines] == unknown_q + [None, None] and [r["candidate_id"] for r in lines[3:]] == [a, b]
+    assert all(type(r["question_id"]) is int for r in lines[:3]) and lines[0]["answers"] == ext[unknown_q[0]]["answers"]
+    table = list(csv.DictReader(io.StringIO(to_safe_csv(approved).decode())))
+    assert [r["question_id"] for r in table] == [str(i) for i in unknown_q] + ["", ""], "ids are integers, not 44.0"
+    assert parse_answers(table[0]["answers"]) == tuple(ext[unknown_q[0]]["answers"]), "gold answers read back by the pool reader"
 
 
 def test_cli_lists_decoders_and_exports_the_approved_set(store, tmp_path, capsys):

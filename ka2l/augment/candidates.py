@@ -4,6 +4,8 @@ passes before a curator sees it (beyond the paper):
     screen     normalise; drop empty, non-question, too short and over-long outputs
     exact      drop copies of a pool question, of an extra-corpus question the decoder trained on, or of
                another candidate (case and punctuation ignored)
+    words      drop lexical near-copies of the same: most of the shorter question's content words are in
+               the other ("Who wrote '1984'?" beside "Who wrote the novel '1984'?")
     similar    drop near-copies: cosine similarity of centred decoder-space vectors at or above a threshold
     re-probe   the saved probe scores each kept candidate from one forward pass: P(unknown) is stored
                and candidates it calls known are flagged
@@ -15,6 +17,8 @@ committed per batch of source questions; a re-run of the same batch continues wh
 'What is the capital of Peru?'
 >>> screen('the capital of Peru', FilterConfig())
 ('The capital of Peru', 'not a question')
+>>> word_overlap(content_words("Who wrote '1984'?"), content_words("Who wrote the novel '1984'?"))
+1.0
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from typing import Any
 
 import numpy as np
@@ -76,6 +80,58 @@ def dedupe_key(text: str) -> str:
     return " ".join(re.sub(r"[^\w]+", " ", text.casefold()).split())
 
 
+# Words that change no question's meaning. Question words, negations and numbers are content: "Who
+# wrote X?" and "When was X written?" differ, and so do "... Paris?" and "... not Paris?".
+FUNCTION_WORDS = frozenset("""
+    a an the of in on at to for from by with as into onto about over under than then
+    and or but nor so is are was were be been being am do does did has have had will would shall should can could may might
+    it its this that these those there here their his her hers him he she they them we us our you your i me my mine
+    s very also just please tell me
+""".split()) - QUESTION_WORDS
+
+
+def content_words(text: str) -> frozenset[str]:
+    """The words of a question that carry its meaning: casefolded, possessive 's and punctuation dropped,
+    function words left out."""
+    t = re.sub(r"['’]s\b", "", text.casefold())
+    return frozenset(w for w in re.findall(r"\w+", t) if w not in FUNCTION_WORDS)
+
+
+def word_overlap(a: frozenset[str], b: frozenset[str]) -> float:
+    """Share of the smaller word set found in the other (1.0: one question's words all in the other)."""
+    if not a or not b:
+        return 0.0
+    return len(a & b) / min(len(a), len(b))
+
+
+class WordIndex:
+    """Questions by content word, to find the one that shares the most of a new question's words."""
+
+    def __init__(self, texts: list[str] = ()):
+        self.texts: list[str] = []
+        self.words: list[frozenset[str]] = []
+        self.by_word: dict[str, list[int]] = defaultdict(list)
+        for t in texts:
+            self.add(t)
+
+    def add(self, text: str) -> None:
+        words = content_words(text)
+        for w in words:
+            self.by_word[w].append(len(self.texts))
+        self.texts.append(text)
+        self.words.append(words)
+
+    def nearest(self, words: frozenset[str]) -> tuple[str | None, float]:
+        """(text, overlap) of the indexed question with the highest word overlap, or (None, 0.0)."""
+        shared = Counter(i for w in words for i in self.by_word.get(w, ()))
+        best, score = None, 0.0
+        for i, n in shared.items():
+            s = n / min(len(words), len(self.words[i]))
+            if s > score:
+                best, score = self.texts[i], s
+        return best, score
+
+
 class Similarity:
     """Cosine similarity after removing the pool's mean vector (raw LLM states all point one way)."""
 
@@ -112,6 +168,50 @@ def same_space_decoders(db, decoder: dict[str, Any]) -> list[int]:
     return [d["id"] for d in S.list_decoders(db, decoder["pool_id"]) if d["id"] == decoder["id"] or vector_space(db, d) == space]
 
 
+def probe_texts(texts: list[str], lm, prompt: PromptConfig, layer: int, probe_layer: int, pooling: str, probe_net,
+                sim: Similarity, pool_q: list[dict]) -> list[dict[str, Any]]:
+    """What generation stores of each text: its decoder-space vector, the saved probe's P(unknown) (last
+    prompt token at the probe's layer) and the nearest pool question by centred cosine."""
+    from .train import decoder_vectors, encode_questions
+    from ..probing.probes import predict_unknown
+
+    mean, last = encode_questions(lm, texts, prompt, [layer, probe_layer])  # (n, 2, hidden) each
+    vectors = decoder_vectors(mean, last, pooling)  # (n, hidden) at the decoder's layer
+    p_unknown = predict_unknown(probe_net, last[:, 1])
+    nearest, near_sim = sim.nearest_pool(vectors)
+    return [{"p_unknown": float(p), "flagged_known": int(p < 0.5), "nearest_question_id": pool_q[int(n)]["id"],
+             "nearest_similarity": float(s), "vector": v} for v, p, n, s in zip(vectors, p_unknown, nearest, near_sim)]
+
+
+class Reprober:
+    """Re-probes a curator's edited candidate text as generation probed the decoder's: with the saved
+    probe, in the space of the decoder that made the candidate. Loads the probed model once."""
+
+    def __init__(self, generation_id: int, device: str = "auto", lm=None):
+        from .decoder import read_meta
+        from ..device import resolve_device
+        from ..models.llm import load_model
+        from ..paths import decoders_dir
+        from ..probing.probes import load_probe
+
+        with connect() as db:
+            drow = S.get_decoder(db, S.get_generation(db, generation_id)["decoder_id"])
+            self.pool_q = Q.pool_questions(db, drow["pool_id"])
+            probe_row = Q.get_probe(db, drow["probe_id"])
+        if not drow["path"]:
+            raise ConfigError(f"Decoder {drow['id']} has no saved model to re-probe with; it is {drow['status']}.")
+        meta = read_meta(drow["path"])
+        self.net, probe_meta = load_probe(probe_row["path"])
+        vectors = np.load(decoders_dir() / f"decoder-{drow['id']}" / "vectors.npy")[: len(self.pool_q)]  # pool questions come first
+        self.sim = Similarity(vectors)
+        self.prompt, self.layer, self.pooling = from_dict(PromptConfig, meta["prompt"]), int(meta["layer"]), meta["pooling"]
+        self.probe_layer = int(probe_meta["layer"])
+        self.lm = lm or load_model(from_dict(ModelSpec, meta["model"]), device=resolve_device(device))
+
+    def __call__(self, texts: list[str]) -> list[dict[str, Any]]:
+        return probe_texts(texts, self.lm, self.prompt, self.layer, self.probe_layer, self.pooling, self.net, self.sim, self.pool_q)
+
+
 def source_questions(db, decoder: dict[str, Any], source: str) -> list[int]:
     if source == "unknown":
         return [r["question_id"] for r in Q.load_scores(db, decoder["run_id"]) if r["bise"] == 1]
@@ -127,11 +227,14 @@ class CandidateFilter:
                  layer: int, probe_layer: int, pooling: str, probe_net, kept_texts: list[str], kept_vectors: np.ndarray | None,
                  corpus_texts: list[str] = ()):
         self.cfg, self.pool_q, self.lm, self.prompt, self.pooling, self.net = cfg, pool_q, lm, prompt, pooling, probe_net
-        self.layers = [layer, probe_layer]
+        self.layer, self.probe_layer = layer, probe_layer
         self.sim = Similarity(pool_vectors)
         self.pool_keys = {dedupe_key(q["question"]) for q in pool_q}
         self.corpus_keys = {dedupe_key(t) for t in corpus_texts} - self.pool_keys  # the decoder's extra training questions
         self.cand_keys = {dedupe_key(t) for t in kept_texts}
+        self.pool_words = WordIndex([q["question"] for q in pool_q])
+        self.corpus_words = WordIndex([t for t in corpus_texts if dedupe_key(t) not in self.pool_keys])
+        self.cand_words = WordIndex(kept_texts)  # every kept candidate of the pool, whatever decoder made it
         if kept_vectors is not None and kept_vectors.shape[1] != pool_vectors.shape[1]:
             raise ValueError(f"Candidate vectors of size {kept_vectors.shape[1]} cannot be compared with this decoder's "
                              f"size-{pool_vectors.shape[1]} vectors: they come from another vector space.")
@@ -139,9 +242,6 @@ class CandidateFilter:
 
     def __call__(self, sources: list[int], texts: list[str], per_question: int, noise: float) -> list[dict[str, Any]]:
         """One row per text (sources[j // per_question] made texts[j]); kept or dropped with a reason."""
-        from .train import decoder_vectors, encode_questions
-        from ..probing.probes import predict_unknown
-
         rows, fresh = [], []
         for j, raw in enumerate(texts):
             text, reason = screen(raw, self.cfg)
@@ -149,6 +249,13 @@ class CandidateFilter:
                 reason = "same as a pool question"
             elif reason is None and dedupe_key(text) in self.corpus_keys:
                 reason = "same as an extra-corpus training question"
+            if reason is None:
+                words = content_words(text)
+                for index, what in ((self.pool_words, "a pool question"), (self.corpus_words, "an extra-corpus training question")):
+                    near, overlap = index.nearest(words)
+                    if overlap >= self.cfg.word_overlap:
+                        reason = f"near-copy of {what} (word overlap {overlap:.2f} with {near!r})"
+                        break
             row = {"source_question_id": sources[j // per_question], "sample": j % per_question, "noise": noise, "raw_text": raw,
                    "text": text, "status": "dropped", "drop_reason": reason}
             rows.append(row)
@@ -156,17 +263,17 @@ class CandidateFilter:
                 fresh.append(row)
         if not fresh:
             return rows
-        mean, last = encode_questions(self.lm, [r["text"] for r in fresh], self.prompt, self.layers)
-        dvec = decoder_vectors(mean, last, self.pooling)
-        p_unknown = predict_unknown(self.net, last[:, 1])
-        nearest, near_sim = self.sim.nearest_pool(dvec)
-        for r, v, p, n, s in zip(fresh, dvec, p_unknown, nearest, near_sim):
-            u = self.sim.unit(v)
-            r.update(p_unknown=float(p), flagged_known=int(p < 0.5), nearest_question_id=self.pool_q[int(n)]["id"],
-                     nearest_similarity=float(s), vector=v)
+        probed = probe_texts([r["text"] for r in fresh], self.lm, self.prompt, self.layer, self.probe_layer, self.pooling, self.net,
+                             self.sim, self.pool_q)
+        for r, values in zip(fresh, probed):
+            r.update(values)
+            s, u = values["nearest_similarity"], self.sim.unit(values["vector"])
             key = dedupe_key(r["text"])
+            near, overlap = self.cand_words.nearest(content_words(r["text"]))
             if key in self.cand_keys:
                 r["drop_reason"] = "same as another candidate"
+            elif overlap >= self.cfg.word_overlap:
+                r["drop_reason"] = f"near-copy of another candidate (word overlap {overlap:.2f} with {near!r})"
             elif s >= self.cfg.similarity:
                 r["drop_reason"] = f"near-copy of a pool question (similarity {s:.3f})"
             elif len(self.cand_unit) and float((self.cand_unit @ u.T).max()) >= self.cfg.similarity:
@@ -174,6 +281,7 @@ class CandidateFilter:
             else:
                 r["status"], r["drop_reason"] = "kept", None
                 self.cand_keys.add(key)
+                self.cand_words.add(r["text"])
                 self.cand_unit = np.concatenate([self.cand_unit, u])
         return rows
 
@@ -244,7 +352,7 @@ def generation_summary(db, gen_id: int) -> dict[str, Any]:
     rows = list(db.query("SELECT status, drop_reason, flagged_known FROM candidates WHERE generation_id = ?", [gen_id]))
     seconds = S.get_generation(db, gen_id)["seconds"] or 0.0
     kept = [r for r in rows if r["status"] == "kept"]
-    reasons = Counter(re.sub(r" \(similarity .*\)$", "", r["drop_reason"]) for r in rows if r["status"] == "dropped")
+    reasons = Counter(re.sub(r" \((similarity|word overlap) .*\)$", "", r["drop_reason"]) for r in rows if r["status"] == "dropped")
     return {"generated": len(rows), "kept": len(kept), "survival_share": len(kept) / len(rows) if rows else 0.0,
             "unknown_share_of_kept": sum(1 - r["flagged_known"] for r in kept) / len(kept) if kept else 0.0,
             "dropped": dict(reasons), "seconds": seconds, "candidates_per_s": len(rows) / seconds if seconds else None}
