@@ -126,11 +126,20 @@ def kept_vectors(db: Db, pool_id: int, decoder_ids: Iterable[int]) -> np.ndarray
     return np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows])
 
 
+# A candidate's probe values are those of its current text: the curator's edit once re-probed (None
+# before), else the decoder's; the decoder's own values stay beside them as decoded_*.
 _CANDIDATE_VIEW = """
-    SELECT c.id, c.generation_id, c.pool_id, c.source_question_id, s.question AS source_question, c.sample, c.noise, c.raw_text, c.text,
-           c.status, c.drop_reason, c.p_unknown, c.flagged_known, n.question AS nearest_question, c.nearest_similarity,
+    SELECT c.id, c.generation_id, c.pool_id, c.source_question_id, s.question AS source_question, s.ext_id AS source_ext_id,
+           c.sample, c.noise, c.raw_text, c.text, c.status, c.drop_reason,
+           CASE WHEN c.edited_text IS NULL THEN c.p_unknown ELSE e.p_unknown END AS p_unknown,
+           CASE WHEN c.edited_text IS NULL THEN c.flagged_known ELSE e.flagged_known END AS flagged_known,
+           CASE WHEN c.edited_text IS NULL THEN n.question ELSE en.question END AS nearest_question,
+           CASE WHEN c.edited_text IS NULL THEN c.nearest_similarity ELSE e.nearest_similarity END AS nearest_similarity,
+           c.p_unknown AS decoded_p_unknown, c.nearest_similarity AS decoded_nearest_similarity,
            c.decision, c.edited_text, c.decided_at
     FROM candidates c JOIN questions s ON s.id = c.source_question_id LEFT JOIN questions n ON n.id = c.nearest_question_id
+         LEFT JOIN candidate_edits e ON e.candidate_id = c.id AND e.text = c.edited_text
+         LEFT JOIN questions en ON en.id = e.nearest_question_id
 """
 
 
@@ -148,6 +157,20 @@ def get_candidates(db: Db, candidate_ids: Iterable[int]) -> list[dict[str, Any]]
     if not ids:
         return []
     return _rows(db, _CANDIDATE_VIEW + f" WHERE c.id IN ({','.join('?' * len(ids))}) ORDER BY c.id", ids)
+
+
+def has_edit_probe(db: Db, candidate_id: int, text: str) -> bool:
+    return db.execute("SELECT 1 FROM candidate_edits WHERE candidate_id = ? AND text = ?", [candidate_id, text]).fetchone() is not None
+
+
+def save_edit_probe(db: Db, candidate_id: int, text: str, values: dict[str, Any]) -> None:
+    """Re-probe values (p_unknown, flagged_known, nearest_question_id, nearest_similarity, vector) of an edited text."""
+    vector = values.get("vector")
+    db["candidate_edits"].insert({"candidate_id": candidate_id, "text": text, "p_unknown": values["p_unknown"],
+                                  "flagged_known": values["flagged_known"], "nearest_question_id": values.get("nearest_question_id"),
+                                  "nearest_similarity": values.get("nearest_similarity"),
+                                  "vector": None if vector is None else np.asarray(vector, dtype=np.float32).tobytes(),
+                                  "probed_at": now()}, replace=True)
 
 
 # -- review log ------------------------------------------------------------------------------------
