@@ -49,11 +49,16 @@ def test_model_judges_see_the_sign_of_a_number(tmp_path):
     (("ENTAILMENT", "NEUTRAL", "CONTRADICTION"), {"entailment": 0, "neutral": 1, "contradiction": 2}),
 ])
 def test_nli_label_ids_come_from_the_model_config(tmp_path, order, expected):
+    import torch
+
     folder = save_tiny_nli(tmp_path / "nli", label_order=order)
     judge = NLIJudge(str(folder), device="cpu")
     assert judge.labels == expected
-    rels = judge.relations(["a b", "c d", "e"], ["b a", "d c", "f"])
-    assert len(rels) == 3 and set(rels) <= {ENTAILMENT, NEUTRAL, CONTRADICTION}
+    for idx, label in enumerate(order):  # make the model predict each label id in turn
+        with torch.no_grad():
+            judge.model.classifier.weight.zero_()
+            judge.model.classifier.bias.copy_(torch.nn.functional.one_hot(torch.tensor(idx), 3).float() * 5)
+        assert judge.relations(["a b", "c d", "e"], ["b a", "d c", "f"]) == [label.lower()] * 3
 
 
 def test_nli_judge_maps_argmax_through_the_config(tmp_path, monkeypatch):
@@ -83,8 +88,13 @@ def test_embedding_judge_threshold(tiny_nli_dir):
     judge = EmbeddingJudge(str(tiny_nli_dir), threshold=0.999999, device="cpu")
     c = judge.cluster("q?", ["Paris", "Lyon premise hypothesis", "Paris"])
     assert c.ids == (0, 1, 0) and c.judge_calls == 1
-    loose = EmbeddingJudge(str(tiny_nli_dir), threshold=-1.0, device="cpu")
-    assert loose.cluster("q?", ["Paris", "Lyon premise hypothesis"]).ids == (0, 0)
+    vecs = judge.embed(["Lyon premise hypothesis", "Paris"])  # as the judge compares them: (2, hidden)
+    sim = float((vecs[1:] @ vecs[0])[0])
+    assert -1 < sim < 0.999999
+    at = EmbeddingJudge(str(tiny_nli_dir), threshold=sim, device="cpu")  # 'at or above the threshold' merges
+    assert at.cluster("q?", ["Paris", "Lyon premise hypothesis"]).ids == (0, 0)
+    above = EmbeddingJudge(str(tiny_nli_dir), threshold=min(sim + 1e-4, 1.0), device="cpu")
+    assert above.cluster("q?", ["Paris", "Lyon premise hypothesis"]).ids == (0, 1)
 
 
 def test_embedding_cache_is_bounded_and_survives_eviction(tiny_nli_dir):

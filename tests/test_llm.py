@@ -144,6 +144,7 @@ def test_sampling_ignores_the_models_own_generation_config(tmp_path):
     # a near-zero temperature turns sampling into the raw model's argmax, whatever the checkpoint says
     g = generate_answers(lm, [prompt], SamplingConfig(max_new_tokens=4, stop=()), temperature=1e-5, n=1, seed=0)[0][0]
     assert list(g.token_ids) == greedy
+    assert lm.model.generation_config.repetition_penalty == 5.0, "the checkpoint's own config is put back"
     np.testing.assert_allclose(g.token_logprobs, manual_logprobs(lm, prompt, greedy), atol=1e-4)
 
 
