@@ -38,6 +38,9 @@ with tab_stage1, st.form("stage1"):
         try:
             job_id = jobs.submit("stage1", {"pool": pool["name"], "stage1": cfg})
             st.success(f"Job {job_id} submitted. Reloading this page or closing the tab does not stop it.")
+        except jobs.JobPending as exc:
+            st.info(str(exc))
+            st.page_link("app_pages/jobs.py", label=f"Follow job {exc.job_id} on the Jobs page", icon=":material/work_history:")
         except Ka2lError as exc:
             st.error(str(exc))
 
@@ -54,6 +57,9 @@ with tab_triage:
                 try:
                     job_id = jobs.submit("triage", {"pool": pool["name"], "triage": {"probe_id": int(probe_id), "device": s["device"]}})
                     st.success(f"Job {job_id} submitted.")
+                except jobs.JobPending as exc:
+                    st.info(str(exc))
+                    st.page_link("app_pages/jobs.py", label=f"Follow job {exc.job_id} on the Jobs page", icon=":material/work_history:")
                 except Ka2lError as exc:
                     st.error(str(exc))
 

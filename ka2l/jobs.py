@@ -1,6 +1,8 @@
 """Background jobs: long work runs in its own process, the UI polls the ``jobs`` row.
 
-    submit(kind, config) -> job id     row 'queued'; the queue starts it when no job is running
+    submit(kind, config) -> job id     row 'queued'; the queue starts it when no job is running. The
+                                       same kind and config already queued or running is not queued
+                                       twice: JobPending names that job
     python -m ka2l job run ID          the worker: runs the library call with a progress adapter that
                                        writes the whole job's progress to the row: its phases (planned
                                        per kind, see ``plan``), each stage's done / total, the overall
@@ -41,6 +43,18 @@ KINDS = ("stage1", "triage", "decoder", "generate")
 ACTIVE = ("starting", "running")  # a worker process exists (or is being started)
 PENDING = ("queued",) + ACTIVE
 CANCEL_GRACE_S = 10.0
+KIND_NAMES = {"stage1": "Stage 1", "triage": "Triage", "decoder": "Decoder training", "generate": "Candidate generation"}
+
+
+class JobPending(Ka2lError):
+    """The same job (kind and config) is already queued or running; ``job_id`` names it."""
+
+    def __init__(self, job: dict[str, Any]):
+        self.job_id, self.status = int(job["id"]), job["status"]
+        pool = job["config"].get("pool")
+        what = KIND_NAMES.get(job["kind"], job["kind"]) + (f" on pool {pool!r}" if pool else "")
+        super().__init__(f"{what} with these settings is already job {self.job_id} ({self.status}); it was not queued again. "
+                         f"Follow job {self.job_id} on the Jobs page, or change a setting to launch a different job.")
 
 
 def _decode(row: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -69,15 +83,59 @@ def _update(job_id: int, **fields: Any) -> None:
 
 
 def submit(kind: str, config: dict[str, Any]) -> int:
-    """Queue a job and start it if nothing else runs. Returns at once."""
+    """Queue a job and start it if nothing else runs. Returns at once.
+
+    Raises ``JobPending`` (with the job's id) when the same kind and config, on the same pool, is
+    already queued or running: a second copy would only wait to find the first one's work done."""
     if kind not in KINDS:
         raise ConfigError(f"Unknown job kind {kind!r}. Allowed: {', '.join(KINDS)}.")
     _validate(kind, config)
+    refresh()  # a job whose worker died is not pending any more
     with connect() as db:
-        job_id = int(db["jobs"].insert({"kind": kind, "config": json.dumps(config), "status": "queued", "created_at": now(),
-                                        "updated_at": now(), "message": "waiting for the running job to finish"}).last_pk)
+        key = _identity(db, kind, config)
+        db.conn.execute("BEGIN IMMEDIATE")  # two clicks at once must not both find no twin and both insert
+        try:
+            twin = _pending_twin(db, key)
+            if twin is not None:
+                raise JobPending(twin)
+            job_id = int(db["jobs"].insert({"kind": kind, "config": json.dumps(config), "status": "queued", "created_at": now(),
+                                            "updated_at": now(), "message": "waiting for the running job to finish"}).last_pk)
+            db.conn.execute("COMMIT")
+        except BaseException:
+            db.conn.execute("ROLLBACK")
+            raise
     refresh()
     return job_id
+
+
+def find_pending(kind: str, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The queued or running job doing the same work as ``kind`` + ``config``, if any."""
+    with connect() as db:
+        return _pending_twin(db, _identity(db, kind, config))
+
+
+def _pending_twin(db, key: tuple[str, int | None, str]) -> dict[str, Any] | None:
+    rows = list(db.query(f"SELECT * FROM jobs WHERE kind = ? AND status IN ({', '.join('?' * len(PENDING))}) ORDER BY id", [key[0], *PENDING]))
+    for job in map(_decode, rows):
+        try:
+            if _identity(db, job["kind"], job["config"]) == key:
+                return job
+        except Ka2lError:  # a job whose pool was deleted since is nobody's twin
+            continue
+    return None
+
+
+def _identity(db, kind: str, config: dict[str, Any]) -> tuple[str, int | None, str]:
+    """What makes two jobs the same work: kind, pool (by id, so a name and an id agree) and the
+    config's hash (defaults filled in, the device left out, as for runs)."""
+    from .config import config_hash, from_dict
+
+    pool_id = None
+    if kind in ("stage1", "triage"):
+        from .store import queries as Q
+
+        pool_id = int(Q.get_pool(db, config["pool"])["id"])
+    return kind, pool_id, config_hash(from_dict(_config_class(kind), config.get(kind, {})))
 
 
 def _config_class(kind: str):

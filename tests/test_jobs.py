@@ -108,7 +108,7 @@ def test_jobs_queue_one_at_a_time(memo_model, capitals):
     cfg["stage1"]["sampling"]["k"] = 4
     second = jobs.submit("stage1", cfg)
     assert jobs.get(second)["status"] == "queued"
-    third = jobs.submit("stage1", cfg)
+    third = jobs.submit("stage1", {**cfg, "stage1": {**cfg["stage1"], "sampling": {**cfg["stage1"]["sampling"], "k": 5}}})
     jobs.cancel(third)
     assert jobs.get(third)["status"] == "cancelled"
     wait_for(lambda: jobs.get(second)["status"] == "done", timeout=300)
@@ -248,6 +248,32 @@ def test_the_job_row_shows_the_plan_while_the_model_loads_and_the_rate_of_the_ru
     answers = view["phases"][1]
     assert answers["rows"][0]["elapsed_s"] == 30 and answers["note"].startswith("reports after every batch")
     assert view["fraction"] == pytest.approx(0.1) and view["eta_s"] == pytest.approx(40 * 0.9 / 0.1)
+
+
+# -- one job per piece of work -------------------------------------------------------------------------
+
+def test_the_same_job_is_not_queued_twice_and_the_caller_learns_which_it_is(memo_model, capitals):
+    import_pool(capitals)
+    config = job_config(memo_model, batch_size=2)
+    first = jobs.submit("stage1", config)
+    pool_id = jobs.get(first)["config"]["pool"]
+    with connect() as db:
+        pool_id = Q.get_pool(db, pool_id)["id"]
+    same = {**config, "pool": str(pool_id), "stage1": {**config["stage1"], "model": {**config["stage1"]["model"], "device": "auto"}}}
+    with pytest.raises(jobs.JobPending, match=f"already job {first}") as raised:
+        jobs.submit("stage1", same)  # the pool by id, another device: the same run
+    assert raised.value.job_id == first and "Jobs page" in str(raised.value)
+    assert jobs.find_pending("stage1", config)["id"] == first
+    other = {**config, "stage1": {**config["stage1"], "sampling": {**config["stage1"]["sampling"], "k": 3}}}
+    second = jobs.submit("stage1", other)  # different work is queued behind it
+    with pytest.raises(jobs.JobPending, match=f"already job {second} \\(queued\\)"):
+        jobs.submit("stage1", other)
+    jobs.cancel(second)
+    jobs.cancel(first, wait=True)
+    assert len(jobs.list_jobs()) == 2
+    again = jobs.resume(first)  # once it has stopped, the same work may be queued again
+    assert again not in (first, second)
+    jobs.cancel(again, wait=True)
 
 
 # -- the log as a person reads it ------------------------------------------------------------------

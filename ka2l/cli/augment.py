@@ -18,9 +18,15 @@ def _options(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any
 
 
 def _submit(kind: str, config: dict[str, Any]) -> int:
+    """Queue a Stage 2 job, unless the same one is already queued or running."""
     from .. import jobs
 
-    print(f"submitted job {jobs.submit(kind, config)}: follow it on the app's Augment or Jobs page, or with `python -m ka2l jobs`")
+    try:
+        job_id = jobs.submit(kind, config)
+    except jobs.JobPending as exc:
+        print(f"{exc} (Or list jobs with `python -m ka2l jobs`.)")
+        return 0
+    print(f"submitted job {job_id}: follow it on the app's Augment or Jobs page, or with `python -m ka2l jobs`")
     return 0
 
 

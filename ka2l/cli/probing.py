@@ -77,13 +77,12 @@ def _submit_background(pool: str, cfg: Stage1Config) -> int:
     from .. import jobs
     from ..config import to_dict
 
-    config = {"pool": pool, "stage1": to_dict(cfg)}
-    jobs.refresh()
-    same = [j for j in jobs.list_jobs() if j["status"] in jobs.PENDING and j["config"] == config]
-    if same:
-        print(f"Stage 1 on {pool!r} is already job {same[0]['id']} ({same[0]['status']})")
+    try:
+        job_id = jobs.submit("stage1", {"pool": pool, "stage1": to_dict(cfg)})
+    except jobs.JobPending as exc:
+        print(f"{exc} (Or list jobs with `python -m ka2l jobs`.)")
         return 0
-    print(f"submitted job {jobs.submit('stage1', config)}: follow it on the app's Jobs page or with `python -m ka2l jobs`")
+    print(f"submitted job {job_id}: follow it on the app's Jobs page or with `python -m ka2l jobs`")
     return 0
 
 
