@@ -309,6 +309,59 @@ def format_duration(seconds: float | None) -> str:
     return f"{h} h {m:02d} min"
 
 
+_SUMMARY = {  # the settings a person tells jobs apart by, per kind (the full config is shown beside them)
+    "stage1": [("model", "model.name_or_path"), ("k", "sampling.k"), ("temperature", "sampling.temperature"),
+               ("low temperature", "sampling.low_temperature"), ("max new tokens", "sampling.max_new_tokens"),
+               ("judge", "judge.kind"), ("threshold rule", "threshold.rule"), ("probe", "probe.kind"), ("device", "model.device")],
+    "triage": [("probe", "probe_id"), ("device", "device")],
+    "decoder": [("probe", "probe_id"), ("backbone", "backbone"), ("pooling", "pooling"), ("layer", "layer"), ("epochs", "epochs"),
+                ("time budget (min)", "max_minutes"), ("learning rate", "lr"), ("batch size", "batch_size"), ("extra pools", "extra_pools")],
+    "generate": [("decoder", "decoder_id"), ("source", "source"), ("per question", "per_question"), ("noise", "noise"),
+                 ("temperature", "temperature"), ("seed", "seed")],
+}
+
+
+def describe_config(job: dict[str, Any]) -> list[tuple[str, str]]:
+    """[(setting, value)]: the job's main settings, defaults filled in (pool first when it has one)."""
+    from .config import from_dict, to_dict
+
+    cfg = job["config"]
+    try:
+        full = to_dict(from_dict(_config_class(job["kind"]), cfg.get(job["kind"], {})))
+    except (Ka2lError, KeyError):
+        full = cfg.get(job["kind"], {})
+    out = [("pool", str(cfg["pool"]))] if cfg.get("pool") is not None else []
+    for label, dotted in _SUMMARY.get(job["kind"], []):
+        value: Any = full
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value in (None, "", [], ()) or (dotted == "layer" and value == -1) or (dotted == "max_minutes" and not value):
+            continue
+        out.append((label, ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)))
+    return out
+
+
+def result_refs(job: dict[str, Any]) -> dict[str, int]:
+    """What a finished job made, with the pool it belongs to: {'pool_id', 'run_id' | 'decoder_id' | 'generation_id'}."""
+    result = dict(job.get("result") or {})
+    if not result:
+        return {}
+    from .store import augment as S
+    from .store import queries as Q
+
+    try:
+        with connect() as db:
+            if "run_id" in result:
+                result["pool_id"] = int(Q.get_run(db, result["run_id"])["pool_id"])
+            elif "decoder_id" in result:
+                result["pool_id"] = int(S.get_decoder(db, result["decoder_id"])["pool_id"])
+            elif "generation_id" in result:
+                result["pool_id"] = int(S.get_generation(db, result["generation_id"])["pool_id"])
+    except Ka2lError:  # deleted since: say what it made, link nowhere
+        pass
+    return {k: int(v) for k, v in result.items()}
+
+
 def rate_and_eta(job: dict[str, Any]) -> tuple[float | None, float | None]:
     """Items per second in the current stage and seconds left in it, when they can be estimated."""
     if job["status"] != "running" or not job["stage_started_at"] or not job["total"]:
