@@ -101,6 +101,11 @@ def map_figure(frame, color: str, contour: bool):
             fig.add_trace(go.Contour(x=gx, y=gy, z=z, name=f"{name} density", hoverinfo="skip", showscale=False, showlegend=True,
                                      contours={"coloring": "none", "start": 0.15, "end": 0.95, "size": 0.2},
                                      line={"color": CATEGORY_COLOURS[name], "width": 1.5}))
+    # the view frames the points; the density grid reaches past them, so contour lines run off the edge instead of stopping at it
+    for ax, update in (("x", fig.update_xaxes), ("y", fig.update_yaxes)):
+        lo, hi = float(frame[ax].min()), float(frame[ax].max())
+        margin = max(0.05 * (hi - lo), 1e-3)
+        update(range=[lo - margin, hi + margin])
     fig.update_layout(height=560, dragmode="lasso", margin={"t": 30}, hovermode="closest", xaxis_title="x", yaxis_title="y",
                       legend={"orientation": "h", "title": {"text": title if color in CATEGORIES else ""}})
     return fig

@@ -36,7 +36,7 @@ def category_labels(values, column: str) -> list[str]:
     return out
 
 
-def density_grid(x, y, size: int = 60, pad: float = 0.15) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def density_grid(x, y, size: int = 60, pad: float = 0.35) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """A Gaussian kernel density of the points (x, y) on a size x size grid spanning them, padded by
     ``pad`` of their range on each side; the density is scaled to a maximum of 1. Computed from the
     very coordinates the points are drawn at, so a contour sits on its points whatever the projection
