@@ -11,10 +11,14 @@ from ka2l.ui.jobs_panel import job_panel
 from ka2l.ui.review_card import review_queue
 from ka2l.ui.state import require_run
 
+STEPS = {"decoder": "1 · Decoder", "generate": "2 · Generate", "review": "3 · Review", "approved": "4 · Approved set"}
+LIVE_SECONDS = 2  # how often the loss curve of a decoder in training is redrawn
+
 st.title("Augment: decode new unknown questions")
 pool, run = require_run()
-section = st.segmented_control("Step", ["1 · Decoder", "2 · Generate", "3 · Review", "4 · Approved set"], default="1 · Decoder",
-                               key="augment-section", label_visibility="collapsed") or "1 · Decoder"
+# The step lives in the URL (?step=review), so a reload or a shared link opens the same step.
+section = st.segmented_control("Step", list(STEPS), format_func=STEPS.get, default="decoder", required=True, key="step",
+                               bind="query-params", label_visibility="collapsed") or "decoder"
 decoders = data.decoders(pool["id"])
 done = [d for d in decoders if d["status"] == "done"]
 
@@ -25,6 +29,18 @@ def _label(d: dict) -> str:
     return f"Decoder {d['id']} · {d['backbone'].split('/')[-1]} · layer {d['layer']} ({d['pooling']}) · {d['status']}{score}"
 
 
+def _loss_curve(decoder_id: int, was_training: bool) -> None:
+    """The decoder's loss curve; while it trains, a fragment redraws it every LIVE_SECONDS without a reload."""
+    d = next(x for x in data.decoders(pool["id"]) if x["id"] == decoder_id)
+    losses = data.decoder_losses(decoder_id)
+    if losses:
+        st.line_chart(pd.DataFrame(losses).set_index("step")["loss"], height=220)
+    if d["status"] == "training":
+        st.caption(f"Training: step {d['step']} of {d['total_steps'] or '?'} · the curve updates every {LIVE_SECONDS} s.")
+    elif was_training:
+        st.rerun(scope="app")  # it just finished: redraw the page with its report
+
+
 def _submit(kind: str, cfg: dict) -> None:
     try:
         job_id = jobs.submit(kind, {"pool": pool["name"], kind: cfg})
@@ -33,7 +49,7 @@ def _submit(kind: str, cfg: dict) -> None:
         st.error(str(exc))
 
 
-if section.startswith("1"):
+if section == "decoder":
     probes = actions.probes_of_run(run["id"])
     s = actions.settings.load()
     with st.expander("Train a new decoder", expanded=not decoders):
@@ -58,7 +74,10 @@ if section.startswith("1"):
             pooling = c[2].selectbox("Input vector", POOLINGS, format_func={"mean": "mean-pooled question states", "last": "last prompt token"}.get)
             c = st.columns(4)
             epochs = c[0].number_input("Epochs", 1, 200, 10)
-            minutes = c[1].number_input("Time budget (min, 0 = none)", 0.0, 1440.0, 10.0)
+            minutes = c[1].number_input("Time budget (min, 0 = none)", 0.0, 1440.0, 10.0,
+                                        help="The whole job's time: question vectors, the reconstruction reports before and after, "
+                                             "training and saving. Reports decode only as many questions as fit, and training stops "
+                                             "in time for the last one. Counted across resumes.")
             lr = c[2].number_input("Learning rate", 1e-6, 1e-1, 2e-4, format="%.0e")
             batch = c[3].number_input("Batch size", 1, 256, 8)
             extra = st.multiselect("Extra training questions (stored pools)", others)
@@ -71,9 +90,8 @@ if section.startswith("1"):
     if decoders:
         chosen = st.selectbox("Decoder", [d["id"] for d in reversed(decoders)], format_func=lambda i: _label(next(d for d in decoders if d["id"] == i)))
         d = next(d for d in decoders if d["id"] == chosen)
-        losses = data.decoder_losses(d["id"])
-        if losses:
-            st.line_chart(pd.DataFrame(losses).set_index("step")["loss"], height=220)
+        training = d["status"] == "training"
+        st.fragment(_loss_curve, run_every=LIVE_SECONDS if training else None)(d["id"], training)
         m = d["metrics"]
         rows = [{"when": w, "questions": sp, "n": r["n"], "BLEU": r["bleu"], "ROUGE-L": r["rouge_l"], "exact %": r["exact"]}
                 for w in ("before", "after") for sp in ("heldout", "train") if (r := m.get(w, {}).get(sp)) and r.get("n")]
@@ -86,7 +104,7 @@ if section.startswith("1"):
         if d["error"]:
             st.error(d["error"])
 
-elif section.startswith("2"):
+elif section == "generate":
     if not done:
         st.info("No trained decoder for this pool yet: train one in step 1.")
     else:
@@ -98,14 +116,20 @@ elif section.startswith("2"):
             source = c[1].radio("Augment", GENERATE_SOURCES, format_func={"unknown": f"unknown questions of run {run['id']} ({n_unknown})",
                                                                           "curation": f"the curation set ({n_curated})"}.get)
             per_q = c[2].number_input("Candidates per question", 1, 32, 4)
-            c = st.columns(4)
+            c = st.columns(5)
             noise = c[0].number_input("Noise (share of vector norm)", 0.0, 2.0, 0.1, step=0.05)
             temperature = c[1].number_input("Temperature (0 = greedy)", 0.0, 2.0, 0.8, step=0.1)
-            similarity = c[2].number_input("Near-duplicate similarity", 0.5, 1.0, 0.97, step=0.01)
-            seed = c[3].number_input("Seed (new seed = new batch)", 0, 10**6, len(gens))
+            similarity = c[2].number_input("Near-duplicate similarity", 0.5, 1.0, 0.97, step=0.01,
+                                           help="Cosine similarity of centred vectors at or above which a candidate copies a pool "
+                                                "question or an earlier candidate.")
+            overlap = c[3].number_input("Near-duplicate word overlap", 0.05, 1.0, 0.9, step=0.05,
+                                        help="Share of the shorter question's content words found in the other at or above which a "
+                                             "candidate copies one (\"Who wrote '1984'?\" beside \"Who wrote the novel '1984'?\": 1.0).")
+            seed = c[4].number_input("Seed (new seed = new batch)", 0, 10**6, len(gens))
             if st.form_submit_button("Generate candidates", type="primary"):
                 _submit("generate", {"decoder_id": int(decoder_id), "source": source, "per_question": int(per_q), "noise": float(noise),
-                                     "temperature": float(temperature), "seed": int(seed), "filters": {"similarity": float(similarity)},
+                                     "temperature": float(temperature), "seed": int(seed),
+                                     "filters": {"similarity": float(similarity), "word_overlap": float(overlap)},
                                      "device": actions.settings.load()["device"]})
         job_panel(kinds=("generate",), key="generate")
         if gens:
@@ -119,13 +143,11 @@ elif section.startswith("2"):
                                                          "re-probed unknown": st.column_config.NumberColumn(format="percent"),
                                                          "candidates/s": st.column_config.NumberColumn(format="%.1f")})
 
-elif section.startswith("3"):
+elif section == "review":
     review_queue(pool["id"])
 
 else:
-    rows = actions.review.approved_set(pool["id"])
-    frame = pd.DataFrame(rows, columns=["kind", "question", "question_id", "candidate_id", "source_question", "decoded_text", "edited",
-                                        "p_unknown", "added_from"])
+    frame = actions.review.approved_set(pool["id"])
     n_orig, n_dec = int((frame["kind"] == "original").sum()), int((frame["kind"] == "decoded").sum())
     c = st.columns(3)
     c[0].metric("Original (curation set)", n_orig)
@@ -140,7 +162,11 @@ else:
     if frame.empty:
         st.info("Nothing approved yet: add unknown questions to the curation set (Scores or Map) and approve candidates in step 3.")
     else:
-        st.dataframe(frame, hide_index=True, column_config={"question_id": None, "candidate_id": None})
+        st.dataframe(frame, hide_index=True, column_config={"question_id": None, "candidate_id": None, "source_question_id": None,
+                                                            "ext_id": "pool id", "source_ext_id": "source pool id",
+                                                            "answers": st.column_config.ListColumn("gold answers"),
+                                                            "p_unknown": st.column_config.NumberColumn("P(unknown)", format="%.2f"),
+                                                            "nearest_similarity": st.column_config.NumberColumn("similarity", format="%.3f")})
         c = st.columns(2)
         # Built eagerly: the approved set is small, and the file is then ready the moment it is clicked.
         c[0].download_button("Download JSONL", actions.export.to_jsonl(frame), file_name=f"{pool['name']}-approved.jsonl", mime="application/jsonl")

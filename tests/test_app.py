@@ -173,7 +173,7 @@ def test_augment_page_shows_the_decoder_and_its_evidence(app):
 
 
 def test_augment_page_generates_a_new_batch_as_a_job(app):
-    at = _section(app("augment"), "2 · Generate")
+    at = _section(app("augment"), "generate")
     batches = next(t.value for t in at.dataframe)
     assert list(batches["batch"]) == [1] and batches["kept"].iloc[0] > 0
     assert next(n for n in at.number_input if n.label.startswith("Seed")).value == 1, "the next batch gets a new seed"
@@ -186,12 +186,12 @@ def test_augment_page_generates_a_new_batch_as_a_job(app):
         jobs.refresh()
         time.sleep(0.5)
     assert jobs.get(job["id"])["status"] == "done", jobs.get(job["id"])
-    at = _section(app("augment"), "2 · Generate")
+    at = _section(app("augment"), "generate")
     assert list(next(t.value for t in at.dataframe)["batch"]) == [2, 1]
 
 
 def test_augment_review_queue_approve_edit_reject_undo_and_export(app):
-    at = _section(app("augment"), "3 · Review")
+    at = _section(app("augment"), "review")
     pending = int(next(m for m in at.metric if m.label == "Pending").value)
     first = next(t for t in at.text_input if t.label.startswith("Candidate"))
     original = first.value
@@ -199,7 +199,7 @@ def test_augment_review_queue_approve_edit_reject_undo_and_export(app):
     assert int(next(m for m in at.metric if m.label == "Approved").value) == 1
     assert next(t for t in at.text_input if t.label.startswith("Candidate")).value != original, "the next candidate is shown"
 
-    at = _section(app("augment"), "3 · Review")  # a reload: the decision is stored, not in the session
+    at = _section(app("augment"), "review")  # a reload: the decision is stored, not in the session
     assert int(next(m for m in at.metric if m.label == "Pending").value) == pending - 1
     next(t for t in at.text_input if t.label.startswith("Candidate")).set_value("What is the capital of Atlantis?").run()
     next(b for b in at.button if b.label == "Approve edited").click().run()
@@ -208,7 +208,110 @@ def test_augment_review_queue_approve_edit_reject_undo_and_export(app):
     next(b for b in at.button if b.label.startswith("Undo last (rejected")).click().run()
     assert [int(next(m for m in at.metric if m.label == k).value) for k in ("Approved", "Rejected")] == [2, 0]
 
-    at = _section(at, "4 · Approved set")
+    at = _section(at, "approved")
     frame = at.dataframe[0].value
     assert list(frame["kind"]) == ["decoded", "decoded"] and "What is the capital of Atlantis?" in set(frame["question"])
     assert [d.label for d in at.get("download_button")] == ["Download JSONL", "Download CSV"]
+    edited = frame[frame["question"] == "What is the capital of Atlantis?"].iloc[0]
+    assert edited["edited"] and edited["source_ext_id"] and str(frame["candidate_id"].dtype) == "Int64", "ids are integers, sources named"
+    next(b for b in at.button if b.label.startswith("Add the")).click().run()  # the run's unknown questions join the curation set
+    originals = at.dataframe[0].value.query("kind == 'original'")
+    assert len(originals) > 0 and originals["ext_id"].notna().all() and originals["answers"].map(len).all(), "pool ids and gold answers"
+
+
+def _open(folder, page: str, **query) -> AppTest:
+    """A fresh session (a reload) of ``page`` over the data in ``folder``, its URL carrying ``query``."""
+    os.environ["KA2L_DATA_DIR"] = str(folder)
+    at = AppTest.from_file(APP, default_timeout=90).run()
+    at.switch_page(f"app_pages/{page}.py")
+    at.query_params.update(query)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+@pytest.fixture
+def app_copy(app_data, tmp_path, monkeypatch):
+    """A copy of the app's store, for tests whose writes the other tests must not see."""
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(app_data, folder)
+    monkeypatch.setenv("KA2L_DATA_DIR", str(folder))
+    return folder
+
+
+def test_augment_step_is_kept_in_the_url_so_a_reload_returns_to_it(app_copy):
+    at = _open(app_copy, "augment")
+    steps = at.get("button_group")[0]
+    assert steps.value == "decoder" and steps.proto.query_param_key == "step", "the step is bound to ?step= in the URL"
+    at = _open(app_copy, "augment", step="3 · Review")  # what the browser's URL holds after picking step 3, then a reload
+    assert at.get("button_group")[0].value == "review" and any(m.label == "Pending" for m in at.metric)
+    at = _open(app_copy, "augment", step="4 · Approved set")
+    assert any(m.label == "Approved set" for m in at.metric)
+
+
+def test_review_queue_opens_the_candidate_picked_in_its_table(app_copy):
+    at = _section(_open(app_copy, "augment"), "review")
+    table = next(t for t in at.dataframe if t.key and t.key.startswith("ka2l.review.table"))
+    rows = table.value
+    assert next(t for t in at.text_input if t.label.startswith("Candidate")).value == rows.iloc[0]["text"], "the queue's first"
+    at.session_state[table.key] = {"selection": {"rows": [5], "columns": []}}  # a click on the sixth row
+    at.run()
+    assert next(t for t in at.text_input if t.label.startswith("Candidate")).value == rows.iloc[5]["text"]
+    assert any(c.value.startswith("picked from the table (6 of") and f"candidate {rows.iloc[5]['id']} " in c.value for c in at.caption)
+    next(b for b in at.button if b.label == "Reject").click().run()
+    from ka2l.augment import review
+
+    with connect() as db:
+        pool_id = Q.get_pool(db, "caps")["id"]
+    assert {c["id"] for c in review.queue(pool_id, "rejected")} == {int(rows.iloc[5]["id"])}, "the picked candidate was decided"
+    assert next(t for t in at.text_input if t.label.startswith("Candidate")).value == rows.iloc[0]["text"], "then the queue goes on"
+    assert not any(c.value.startswith("picked from the table") for c in at.caption), "the pick does not stick to another row"
+
+
+def _rerun_fragments(at: AppTest) -> AppTest:
+    """What the browser does every ``run_every`` seconds: rerun only the page's fragments, not the page.
+    AppTest has no call for it, so the run is asked for the fragments as Streamlit's runtime asks."""
+    import functools
+
+    import streamlit.testing.v1.local_script_runner as runner
+
+    real = runner.RerunData
+    runner.RerunData = functools.partial(real, fragment_id_queue=list(at._fragment_storage._fragments), is_auto_rerun=True)
+    try:
+        at.run()
+    finally:
+        runner.RerunData = real
+    assert not at.exception, at.exception
+    return at
+
+
+def _chart_rows(at: AppTest) -> int:
+    from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
+
+    (chart,) = at.get("vega_lite_chart")
+    return len(convert_arrow_bytes_to_pandas_df(chart.proto.datasets[0].data.data))
+
+
+def test_augment_loss_chart_updates_live_while_the_decoder_trains(app_copy):
+    from ka2l.store import augment as S
+
+    with connect() as db:
+        done = S.list_decoders(db)[0]
+        training = S.create_decoder(db, {**{k: done[k] for k in ("probe_id", "run_id", "pool_id", "layer", "pooling", "backbone", "config")},
+                                         "config_hash": "live", "status": "training"})
+        S.update_decoder(db, training, total_steps=100, step=3)
+        S.add_losses(db, training, [(i, 0, 5.0 - 0.1 * i) for i in range(1, 4)])
+    at = _open(app_copy, "augment")
+    assert _chart_rows(at) == 3 and any(c.value.startswith("Training: step 3 of 100") for c in at.caption)
+    with connect() as db:  # the worker trains on
+        S.add_losses(db, training, [(i, 0, 5.0 - 0.1 * i) for i in range(4, 9)])
+        S.update_decoder(db, training, step=8)
+    at = _rerun_fragments(at)
+    assert _chart_rows(at) == 8 and any(c.value.startswith("Training: step 8 of 100") for c in at.caption), "redrawn without a reload"
+    assert not at.title, "only the fragment ran, not the page"
+    with connect() as db:
+        S.update_decoder(db, training, status="done")
+    at = _rerun_fragments(at)  # finished: the page is redrawn with the decoder's report
+    assert at.title and not any(c.value.startswith("Training:") for c in at.caption)
