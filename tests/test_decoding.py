@@ -616,7 +616,10 @@ def test_cli_lists_decoders_and_exports_the_approved_set(store, tmp_path, capsys
     lines = (tmp_path / "a.jsonl").read_text().splitlines()
     assert main(["approved", "--pool", "caps", "--out", str(tmp_path / "a.txt")]) == 2
     assert "must end in .jsonl or .csv" in capsys.readouterr().err
-    assert all('"kind"' in line for line in lines)
+    rows = [json.loads(line) for line in lines]
+    assert {r["kind"] for r in rows} == {"original", "decoded"}
+    assert all(type(r["candidate_id"]) is int and r["source_ext_id"] for r in rows if r["kind"] == "decoded"), "ids are integers"
+    assert all(type(r["question_id"]) is int and r["ext_id"] and r["answers"] for r in rows if r["kind"] == "original")
 
 
 def test_stage2_jobs_are_refused_at_once_when_what_they_need_is_missing(store):
