@@ -203,14 +203,14 @@ class DecoderConfig:
     probe_id: int = _f(0, "Saved probe whose Stage 1 run supplies the language model, the layer and the pool questions.")
     layer: int = _f(-1, "Layer whose states are decoded; -1 means the probe's layer.")
     pooling: str = _f("mean", "Input vector: mean (mean-pooled question-token states, the authors' code) or last (last prompt token, the paper's text).")
-    backbone: str = _f(EMBEDDED_MODEL, f"Text generator: a causal LM (fed a soft prefix) or a seq2seq model such as t5-base (fed encoder outputs), "
+    backbone: str = _f(EMBEDDED_MODEL, f"Text generator: a causal LM (fed a soft prefix) or a seq2seq model such as t5-base (pseudo-tokens fed through its encoder as inputs_embeds), "
                                        f"as a hub id or folder; or {T5_SCRATCH!r}, a small T5 built from config with the probed model's tokenizer.")
     n_pseudo: int = _f(16, "Pseudo-token embeddings the projection makes from one vector (paper: m = 16).")
     train_backbone: bool = _f(True, "Train the backbone end to end with the projection (paper); off trains the projection only.")
     extra_pools: tuple[str, ...] = _f((), "Names of stored pools used as extra training questions (a one-column question corpus).")
     heldout_share: float = _f(0.1, "Share of the pool's questions held out from training to measure reconstruction.")
     epochs: int = _f(10, "Passes over the training questions (paper: 40 on ~250k questions).")
-    max_minutes: float = _f(0.0, "Stop training after this many minutes of training time (0 = no limit); counted across resumes.")
+    max_minutes: float = _f(0.0, "Time budget in minutes for the whole job: question vectors, both reconstruction reports, training and saving (0 = no limit); counted across resumes.")
     lr: float = _f(2e-4, "AdamW learning rate (paper: 2e-4).")
     batch_size: int = _f(8, "Questions per training step.")
     max_length: int = _f(48, "Longest question in tokens; longer training questions are cut.")

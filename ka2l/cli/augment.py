@@ -129,7 +129,7 @@ def add_commands(sub) -> None:
     p.add_argument("--pooling", choices=POOLINGS, help="mean-pooled question states (default) or the last prompt token")
     p.add_argument("--layer", type=int, help="layer to decode (default: the probe's)")
     p.add_argument("--epochs", type=int, help="passes over the training questions (default 10)")
-    p.add_argument("--minutes", type=float, help="training time budget in minutes (default: none)")
+    p.add_argument("--minutes", type=float, help="time budget in minutes for the whole job: vectors, reports, training, saving (default: none)")
     p.add_argument("--lr", type=float, help="learning rate (default 2e-4)")
     p.add_argument("--batch-size", type=int, help="questions per step (default 8)")
     p.add_argument("--extra-pool", action="append", help="a stored pool whose questions are extra training data (repeatable)")
