@@ -26,3 +26,17 @@ def import_pool(capitals, name="caps", rows=None) -> int:
                     rows=[QuestionRow(ext_id=str(i), question=q, answers=tuple(a)) for i, (q, a) in enumerate(rows)])
     with connect() as db:
         return Q.insert_pool(db, pool)
+
+
+def open_page(page: str):
+    """Run the app once (its router and sidebar), switch to app_pages/<page>.py and run it; no exception allowed."""
+    from streamlit.testing.v1 import AppTest
+
+    from ka2l.paths import PROJECT_ROOT
+
+    at = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=90)
+    at.run()
+    at.switch_page(f"app_pages/{page}.py")
+    at.run()
+    assert not at.exception, at.exception
+    return at

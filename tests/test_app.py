@@ -17,7 +17,7 @@ from ka2l.paths import PROJECT_ROOT
 from ka2l.probing.stage1 import run_stage1, run_triage
 from ka2l.store import queries as Q
 from ka2l.store.db import connect
-from helpers import import_pool, stage1_cfg
+from helpers import import_pool, open_page, stage1_cfg
 
 APP = str(PROJECT_ROOT / "app.py")
 
@@ -43,15 +43,6 @@ def app_data(tmp_path_factory, memo_model, capitals):
 @pytest.fixture
 def app(app_data, monkeypatch):
     monkeypatch.setenv("KA2L_DATA_DIR", str(app_data))
-
-    def open_page(page: str) -> AppTest:
-        at = AppTest.from_file(APP, default_timeout=90)
-        at.run()
-        at.switch_page(f"app_pages/{page}.py")
-        at.run()
-        assert not at.exception, at.exception
-        return at
-
     return open_page
 
 

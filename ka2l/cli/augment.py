@@ -8,7 +8,7 @@ from typing import Any
 
 from ..config import GENERATE_SOURCES, POOLINGS, DecoderConfig, FilterConfig, GenerateConfig, from_dict, to_dict
 from ..errors import ConfigError
-from .parsing import add_command
+from .parsing import add_command, submit_job
 
 GROUP = "Stage 2: augmentation"
 
@@ -18,16 +18,7 @@ def _options(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any
 
 
 def _submit(kind: str, config: dict[str, Any]) -> int:
-    """Queue a Stage 2 job, unless the same one is already queued or running."""
-    from .. import jobs
-
-    try:
-        job_id = jobs.submit(kind, config)
-    except jobs.JobPending as exc:
-        print(f"{exc} (Or list jobs with `python -m ka2l jobs`.)")
-        return 0
-    print(f"submitted job {job_id}: follow it on the app's Augment or Jobs page, or with `python -m ka2l jobs`")
-    return 0
+    return submit_job(kind, config, "the app's Augment or Jobs page,")
 
 
 def _cmd_decoder_train(args: argparse.Namespace) -> int:

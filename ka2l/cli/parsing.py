@@ -30,3 +30,17 @@ def grouped_listing(sub: argparse._SubParsersAction) -> str:
         lines.append(f"{group}:")
         lines += [f"  {name:<15} {summary}" for name, summary in commands]
     return "\n".join(lines)
+
+
+def submit_job(kind: str, config: dict, follow: str) -> int:
+    """Queue a background job and say where to follow it; the same job already queued or running is
+    named instead of queued twice."""
+    from .. import jobs
+
+    try:
+        job_id = jobs.submit(kind, config)
+    except jobs.JobPending as exc:
+        print(f"{exc} (Or list jobs with `python -m ka2l jobs`.)")
+        return 0
+    print(f"submitted job {job_id}: follow it on {follow} or with `python -m ka2l jobs`")
+    return 0

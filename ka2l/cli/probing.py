@@ -8,7 +8,7 @@ from typing import Any
 
 from ..config import EMBEDDED_MODEL, JUDGE_KINDS, PROBE_KINDS, THRESHOLD_RULES, Stage1Config, TriageConfig, from_dict
 from ..errors import ConfigError
-from .parsing import add_command
+from .parsing import add_command, submit_job
 
 GROUP = "Stage 1: probing"
 
@@ -74,16 +74,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 def _submit_background(pool: str, cfg: Stage1Config) -> int:
     """Queue Stage 1 as a job (the app's Jobs page shows it), unless the same one is already queued or running."""
-    from .. import jobs
     from ..config import to_dict
 
-    try:
-        job_id = jobs.submit("stage1", {"pool": pool, "stage1": to_dict(cfg)})
-    except jobs.JobPending as exc:
-        print(f"{exc} (Or list jobs with `python -m ka2l jobs`.)")
-        return 0
-    print(f"submitted job {job_id}: follow it on the app's Jobs page or with `python -m ka2l jobs`")
-    return 0
+    return submit_job("stage1", {"pool": pool, "stage1": to_dict(cfg)}, "the app's Jobs page")
 
 
 def _cmd_triage(args: argparse.Namespace) -> int:
