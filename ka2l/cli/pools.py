@@ -53,7 +53,7 @@ def _cmd_pools(args: argparse.Namespace) -> int:
     return 0
 
 def add_commands(sub) -> None:
-    p = add_command(sub, GROUP, "setup-model", "convert the embedded SmolLM2 model once into data/models (done by make setup)")
+    p = add_command(sub, GROUP, "setup-model", "convert the embedded SmolLM2 model once per machine (~/.cache/ka2l/models, linked from data/models; done by make setup)")
     p.set_defaults(func=_cmd_setup_model)
 
     p = add_command(sub, GROUP, "import", "import a question pool from a file or a built-in source")
