@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ka2l.config import ModelSpec, ProbeConfig, SamplingConfig, Stage1Config
@@ -40,3 +43,18 @@ def open_page(page: str):
     at.run()
     assert not at.exception, at.exception
     return at
+
+
+@contextmanager
+def data_dir(folder: Path) -> Iterator[Path]:
+    """Point ka2l at ``folder`` while module-scoped fixtures build their store, then restore the setting
+    exactly (unset stays unset; monkeypatch cannot serve a module-scoped fixture)."""
+    old = os.environ.get("KA2L_DATA_DIR")
+    os.environ["KA2L_DATA_DIR"] = str(folder)
+    try:
+        yield folder
+    finally:
+        if old is None:
+            os.environ.pop("KA2L_DATA_DIR", None)
+        else:
+            os.environ["KA2L_DATA_DIR"] = old

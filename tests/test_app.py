@@ -17,7 +17,7 @@ from ka2l.paths import PROJECT_ROOT
 from ka2l.probing.stage1 import run_stage1, run_triage
 from ka2l.store import queries as Q
 from ka2l.store.db import connect
-from helpers import import_pool, open_page, stage1_cfg
+from helpers import data_dir, import_pool, open_page, stage1_cfg
 
 APP = str(PROJECT_ROOT / "app.py")
 
@@ -25,9 +25,7 @@ APP = str(PROJECT_ROOT / "app.py")
 @pytest.fixture(scope="module")
 def app_data(tmp_path_factory, memo_model, capitals):
     folder = tmp_path_factory.mktemp("appdata")
-    old = os.environ.get("KA2L_DATA_DIR")
-    os.environ["KA2L_DATA_DIR"] = str(folder)
-    try:
+    with data_dir(folder):
         import_pool(capitals)
         run_id = run_stage1("caps", stage1_cfg(memo_model))
         with connect() as db:
@@ -35,8 +33,6 @@ def app_data(tmp_path_factory, memo_model, capitals):
         run_triage("caps", TriageConfig(probe_id=probe_id, device="cpu"))
         decoder_id = train_decoder(DecoderConfig(probe_id=probe_id, backbone=str(memo_model), epochs=10, lr=3e-3, eval_size=8, device="cpu"))
         generate_candidates(GenerateConfig(decoder_id=decoder_id, per_question=2, noise=0.2, device="cpu"))
-    finally:
-        os.environ["KA2L_DATA_DIR"] = old or ""
     return folder
 
 

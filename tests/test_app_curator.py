@@ -17,7 +17,7 @@ from streamlit.testing.v1 import AppTest
 from ka2l.paths import PROJECT_ROOT
 from ka2l.probing.stage1 import run_stage1
 from ka2l.store import curation
-from helpers import import_pool, open_page, stage1_cfg
+from helpers import data_dir, import_pool, open_page, stage1_cfg
 
 APP = str(PROJECT_ROOT / "app.py")
 
@@ -25,13 +25,9 @@ APP = str(PROJECT_ROOT / "app.py")
 @pytest.fixture(scope="module")
 def stage1_data(tmp_path_factory, memo_model, capitals):
     folder = tmp_path_factory.mktemp("curator")
-    old = os.environ.get("KA2L_DATA_DIR")
-    os.environ["KA2L_DATA_DIR"] = str(folder)
-    try:
+    with data_dir(folder):
         import_pool(capitals)
         run_stage1("caps", stage1_cfg(memo_model))
-    finally:
-        os.environ["KA2L_DATA_DIR"] = old or ""
     return folder
 
 

@@ -24,7 +24,7 @@ from ka2l.probing.probes import load_probe
 from ka2l.store import queries as Q
 from ka2l.store import augment as S
 from ka2l.store.db import connect
-from helpers import import_pool, stage1_cfg
+from helpers import data_dir, import_pool, stage1_cfg
 from tiny import save_tiny_t5
 
 # -- the decoder itself ------------------------------------------------------------------------
@@ -165,17 +165,13 @@ def test_normalise_screen_and_keys():
 def stage2(tmp_path_factory, memo_model, capitals):
     """A stored pool with a Stage 1 run (memorising tiny model) and a decoder trained on it."""
     folder = tmp_path_factory.mktemp("stage2")
-    old = os.environ.get("KA2L_DATA_DIR")
-    os.environ["KA2L_DATA_DIR"] = str(folder)
-    try:
+    with data_dir(folder):
         pool_id = import_pool(capitals)
         run_id = run_stage1("caps", stage1_cfg(memo_model))
         with connect() as db:
             probe = Q.list_probes(db, run_id)[0]
         cfg = DecoderConfig(probe_id=probe["id"], backbone=str(memo_model), epochs=15, lr=3e-3, eval_size=16, device="cpu")
         decoder_id = train_decoder(cfg)
-    finally:
-        os.environ["KA2L_DATA_DIR"] = old or ""
     return {"folder": folder, "pool_id": pool_id, "run_id": run_id, "probe": probe, "decoder_id": decoder_id, "cfg": cfg}
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..config import GENERATE_SOURCES, POOLINGS, DecoderConfig, FilterConfig, GenerateConfig, from_dict, to_dict
 from ..errors import ConfigError
-from .parsing import add_command, submit_job
+from .parsing import add_command, add_run_flags, submit_job
 
 GROUP = "Stage 2: augmentation"
 
@@ -128,8 +128,7 @@ def add_commands(sub) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, mps")
     p.add_argument("--seed", type=int, help="seed for the held-out split, initialisation and data order (default 0)")
     p.add_argument("--no-resume", action="store_true", help="train a new decoder even if one with this config exists")
-    p.add_argument("--background", action="store_true", help="queue as a background job and return at once")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_run_flags(p)
     p.set_defaults(func=_cmd_decoder_train)
 
     p = add_command(sub, GROUP, "decoders", "list decoders with their reconstruction BLEU / ROUGE-L")
@@ -146,8 +145,7 @@ def add_commands(sub) -> None:
     p.add_argument("--max-chars", type=int, help="drop longer candidates (default 300)")
     p.add_argument("--seed", type=int, help="a new seed makes a new batch; the same seed reuses a finished one")
     p.add_argument("--device", help="auto, cpu, cuda, mps")
-    p.add_argument("--background", action="store_true", help="queue as a background job and return at once")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_run_flags(p)
     p.set_defaults(func=_cmd_generate)
 
     p = add_command(sub, GROUP, "approved", "export a pool's approved set (curated originals + approved candidates)")

@@ -16,6 +16,13 @@ def add_command(sub: argparse._SubParsersAction, group: str, name: str, summary:
     return parser
 
 
+def add_run_flags(parser: argparse.ArgumentParser, background: bool = True) -> None:
+    """The flags every long command shares: queue it as a background job instead, and quiet progress."""
+    if background:
+        parser.add_argument("--background", action="store_true", help="queue as a background job (as the app does) and return at once")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
 def grouped_listing(sub: argparse._SubParsersAction) -> str:
     """The commands by stage, in the order the stages were registered:
 

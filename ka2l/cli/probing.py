@@ -8,7 +8,7 @@ from typing import Any
 
 from ..config import EMBEDDED_MODEL, JUDGE_KINDS, PROBE_KINDS, THRESHOLD_RULES, Stage1Config, TriageConfig, from_dict
 from ..errors import ConfigError
-from .parsing import add_command, submit_job
+from .parsing import add_command, add_run_flags, submit_job
 
 GROUP = "Stage 1: probing"
 
@@ -127,8 +127,7 @@ def add_commands(sub) -> None:
     p.add_argument("--threshold-rule", choices=THRESHOLD_RULES, help="SE binarisation (default two-means)")
     p.add_argument("--probe-kind", choices=PROBE_KINDS, help="probe kind (default mlp)")
     p.add_argument("--no-resume", action="store_true", help="start a new run even if one with this pool and config exists (finished or not)")
-    p.add_argument("--background", action="store_true", help="queue the run as a background job (as the app does) and return at once")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_run_flags(p)
     p.set_defaults(func=_cmd_probe)
 
     p = add_command(sub, GROUP, "triage", "score a pool with a saved probe: one forward pass per question, no sampling")
@@ -137,7 +136,7 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="questions per forward pass")
     p.add_argument("--device", help="auto, cpu, cuda, mps")
     p.add_argument("--no-resume", action="store_true", help="start a new triage run even if this pool was triaged with this probe")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_run_flags(p, background=False)
     p.set_defaults(func=_cmd_triage)
 
     p = add_command(sub, GROUP, "report", "print a run's split, layer-wise AUROC and evidence tables")
