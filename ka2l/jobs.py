@@ -6,7 +6,7 @@
     python -m ka2l job run ID          the worker: runs the library call with a progress adapter that
                                        writes the whole job's progress to the row: its phases (planned
                                        per kind, see ``plan``), each stage's done / total, the overall
-                                       fraction; ``progress_view`` turns it into an ETA for the job
+                                       fraction; ``ka2l.views.jobs`` turns it into an ETA for the job
     cancel(id)                         flag + SIGTERM to the worker's process group (SIGKILL after a
                                        grace period): stored work is kept, the run resumes later
     refresh()                          a 'running' row whose process is gone becomes 'failed' (never
@@ -23,18 +23,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import Cancelled, ConfigError, Ka2lError, NotFound
 from .paths import PROJECT_ROOT, data_dir
-from .progress import PhaseSpec, PhaseTracker, overall_eta
+from .progress import PhaseSpec, PhaseTracker
 from .store.db import connect, now
 
 log = logging.getLogger(__name__)
@@ -135,10 +133,10 @@ def _identity(db, kind: str, config: dict[str, Any]) -> tuple[str, int | None, s
         from .store import queries as Q
 
         pool_id = int(Q.get_pool(db, config["pool"])["id"])
-    return kind, pool_id, config_hash(from_dict(_config_class(kind), config.get(kind, {})))
+    return kind, pool_id, config_hash(from_dict(config_class(kind), config.get(kind, {})))
 
 
-def _config_class(kind: str):
+def config_class(kind: str):
     from .config import DecoderConfig, GenerateConfig, Stage1Config, TriageConfig
 
     return {"stage1": Stage1Config, "triage": TriageConfig, "decoder": DecoderConfig, "generate": GenerateConfig}[kind]
@@ -150,7 +148,7 @@ def _validate(kind: str, config: dict[str, Any]) -> None:
 
     if kind in ("stage1", "triage") and "pool" not in config:
         raise ConfigError("A job needs a pool.")
-    cfg = from_dict(_config_class(kind), config.get(kind, {}))
+    cfg = from_dict(config_class(kind), config.get(kind, {}))
     if kind in ("decoder", "generate"):  # what they build on must exist now, not only when the worker starts
         from .store import queries as Q
         from .store import augment as S
@@ -190,7 +188,7 @@ def refresh() -> None:
                 started = row["started_at"] or row["created_at"]
                 # 'starting' with no pid yet: the worker is being spawned. Once its pid is known, a
                 # missing process means it ended (e.g. cancelled before it got going).
-                young = row["status"] == "starting" and not row["pid"] and time.time() - _ts(started) < 30
+                young = row["status"] == "starting" and not row["pid"] and time.time() - timestamp(started) < 30
                 if not young and not _alive(row["pid"], row["id"]):
                     status = "cancelled" if row["cancel_requested"] else "failed"
                     error = None if row["cancel_requested"] else "The worker process ended without finishing (killed or crashed). Resume to continue where it stopped."
@@ -205,7 +203,7 @@ def refresh() -> None:
     _spawn(job_id)
 
 
-def _ts(iso: str) -> float:
+def timestamp(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso).timestamp()
@@ -263,147 +261,6 @@ def resume(job_id: int) -> int:
     return submit(job["kind"], job["config"])
 
 
-def tail(job_id: int, lines: int = 20) -> str:
-    """The last ``lines`` lines of a job's log, progress-bar redraws folded into their last state."""
-    path = log_path(job_id)
-    if not path.is_file():
-        return ""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        f.seek(max(0, size - 65536))
-        text = f.read().decode("utf-8", "replace")
-    if size > 65536:
-        text = text.split("\n", 1)[-1]  # the first line was cut
-    return "\n".join(clean_log(text)[-lines:])
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def clean_log(text: str) -> list[str]:
-    """Log lines as a person reads them: a progress bar (tqdm) redraws its line with carriage returns,
-    so each line keeps only its last drawing; terminal colour codes and blank lines go.
-
-    >>> clean_log("Loading: 10%\\rLoading: 100%\\nstage answers: 0/61\\n")
-    ['Loading: 100%', 'stage answers: 0/61']
-    """
-    out = []
-    for line in text.split("\n"):
-        drawn = [part for part in _ANSI.sub("", line).split("\r") if part.strip()]
-        if drawn:
-            out.append(drawn[-1].rstrip())
-    return out
-
-
-def format_duration(seconds: float | None) -> str:
-    """'45 s', '3 min 05 s', '2 h 04 min'; '' for None."""
-    if seconds is None:
-        return ""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s} s"
-    m, s = divmod(s, 60)
-    if m < 60:
-        return f"{m} min {s:02d} s"
-    h, m = divmod(m, 60)
-    return f"{h} h {m:02d} min"
-
-
-_SUMMARY = {  # the settings a person tells jobs apart by, per kind (the full config is shown beside them)
-    "stage1": [("model", "model.name_or_path"), ("k", "sampling.k"), ("temperature", "sampling.temperature"),
-               ("low temperature", "sampling.low_temperature"), ("max new tokens", "sampling.max_new_tokens"),
-               ("judge", "judge.kind"), ("threshold rule", "threshold.rule"), ("probe", "probe.kind"), ("device", "model.device")],
-    "triage": [("probe", "probe_id"), ("device", "device")],
-    "decoder": [("probe", "probe_id"), ("backbone", "backbone"), ("pooling", "pooling"), ("layer", "layer"), ("epochs", "epochs"),
-                ("time budget (min)", "max_minutes"), ("learning rate", "lr"), ("batch size", "batch_size"), ("extra pools", "extra_pools")],
-    "generate": [("decoder", "decoder_id"), ("source", "source"), ("per question", "per_question"), ("noise", "noise"),
-                 ("temperature", "temperature"), ("seed", "seed")],
-}
-
-
-def describe_config(job: dict[str, Any]) -> list[tuple[str, str]]:
-    """[(setting, value)]: the job's main settings, defaults filled in (pool first when it has one)."""
-    from .config import from_dict, to_dict
-
-    cfg = job["config"]
-    try:
-        full = to_dict(from_dict(_config_class(job["kind"]), cfg.get(job["kind"], {})))
-    except (Ka2lError, KeyError):
-        full = cfg.get(job["kind"], {})
-    out = [("pool", str(cfg["pool"]))] if cfg.get("pool") is not None else []
-    for label, dotted in _SUMMARY.get(job["kind"], []):
-        value: Any = full
-        for part in dotted.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if value in (None, "", [], ()) or (dotted == "layer" and value == -1) or (dotted == "max_minutes" and not value):
-            continue
-        out.append((label, ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)))
-    return out
-
-
-def result_refs(job: dict[str, Any]) -> dict[str, int]:
-    """What a finished job made, with the pool it belongs to: {'pool_id', 'run_id' | 'decoder_id' | 'generation_id'}."""
-    result = dict(job.get("result") or {})
-    if not result:
-        return {}
-    from .store import augment as S
-    from .store import queries as Q
-
-    try:
-        with connect() as db:
-            if "run_id" in result:
-                result["pool_id"] = int(Q.get_run(db, result["run_id"])["pool_id"])
-            elif "decoder_id" in result:
-                result["pool_id"] = int(S.get_decoder(db, result["decoder_id"])["pool_id"])
-            elif "generation_id" in result:
-                result["pool_id"] = int(S.get_generation(db, result["generation_id"])["pool_id"])
-    except Ka2lError:  # deleted since: say what it made, link nowhere
-        pass
-    return {k: int(v) for k, v in result.items()}
-
-
-def rate_and_eta(job: dict[str, Any]) -> tuple[float | None, float | None]:
-    """Items per second in the current stage and seconds left in it, when they can be estimated."""
-    if job["status"] != "running" or not job["stage_started_at"] or not job["total"]:
-        return None, None
-    elapsed = time.time() - job["stage_started_at"]
-    done = job["done"] - job["stage_start_done"]
-    if elapsed <= 0 or done <= 0:
-        return None, None
-    rate = done / elapsed
-    return rate, max(0.0, (job["total"] - job["done"]) / rate)
-
-
-def progress_view(job: dict[str, Any], clock: Callable[[], float] = time.time) -> dict[str, Any]:
-    """The whole job at a glance, for a page or the command line:
-
-    fraction   share of the whole job done (phases weighed by their expected time), 0..1
-    eta_s      seconds left for the whole job (None until it can be estimated)
-    elapsed_s  seconds since the job started (to its end once finished)
-    started    start time (ISO, UTC) or None
-    phases     [{name, status, rows: [{name, done, total, status, elapsed_s, rate, eta_s, note}]}]
-    """
-    t = clock()
-    start = _ts(job["started_at"]) if job.get("started_at") else None
-    end = _ts(job["finished_at"]) if job.get("finished_at") else None
-    elapsed = None if start is None else max(0.0, (end or t) - start)
-    fraction = 1.0 if job["status"] == "done" else float(job.get("fraction") or 0.0)
-    eta = None
-    if job["status"] in ACTIVE and job.get("progress_started_at"):
-        eta = overall_eta(fraction, float(job.get("credited") or 0.0), t - job["progress_started_at"])
-    phases = []
-    for phase in job.get("phases") or []:
-        rows = []
-        for row in phase["rows"]:
-            ran = ((row["finished_at"] or t) - row["started_at"]) if row.get("started_at") else None
-            worked = row["done"] - row.get("start_done", 0)
-            rate = worked / ran if ran and worked > 0 else None
-            left = (row["total"] - row["done"]) / rate if rate and row["total"] and row["status"] == "running" else None
-            rows.append({**row, "elapsed_s": ran, "rate": rate, "eta_s": left})
-        phases.append({**phase, "rows": rows})
-    return {"fraction": fraction, "eta_s": eta, "elapsed_s": elapsed, "started": job.get("started_at"), "phases": phases}
-
-
 # -- phases of each kind of job ----------------------------------------------------------------------
 # Weights are rough seconds on a 2-core CPU with SmolLM2-135M (48 capitals questions, k = 10: hidden
 # states 0.13 s a question, answers 2.2 s, a layer's probe 0.7 s); only their ratios matter, and the
@@ -413,7 +270,7 @@ def plan(kind: str, config: dict[str, Any]) -> list[PhaseSpec]:
     """The phases a job of ``kind`` goes through with ``config``, in order, with rough weights."""
     from .config import from_dict
 
-    cfg = from_dict(_config_class(kind), config.get(kind, {}))
+    cfg = from_dict(config_class(kind), config.get(kind, {}))
     if kind == "stage1":
         return _stage1_plan(cfg, *_pool_facts(config.get("pool")))
     if kind == "triage":
@@ -501,7 +358,7 @@ class JobProgress:
     def stage(self, name: str, total: int | None = None, done: int = 0) -> None:
         row = self.tracker.stage(name, total, done)
         self.done, self.total = done, total
-        self._write(stage=row["name"], done=done, total=total, stage_started_at=row["started_at"], stage_start_done=done, message=None)
+        self._write(stage=row["name"], done=done, total=total, message=None)  # stage timing lives in the phases JSON
         self._last = self.clock()
         log.info("stage %s: %s/%s", row["name"], done, total)
         self._check_cancel()
@@ -528,7 +385,7 @@ def _run(kind: str, cfg: dict[str, Any], progress: JobProgress) -> dict[str, Any
     """Run one job's library call; returns what the job row records as its result."""
     from .config import from_dict
 
-    config = from_dict(_config_class(kind), cfg.get(kind, {}))
+    config = from_dict(config_class(kind), cfg.get(kind, {}))
     if kind == "stage1":
         from .probing.stage1 import run_stage1
 
@@ -544,13 +401,6 @@ def _run(kind: str, cfg: dict[str, Any], progress: JobProgress) -> dict[str, Any
     from .augment.candidates import generate_candidates
 
     return {"generation_id": generate_candidates(config, progress=progress)}
-
-
-def describe_result(result: dict[str, Any] | None) -> str:
-    """'run 3', 'decoder 2', 'generation 5' for a finished job's result."""
-    if not result:
-        return ""
-    return ", ".join(f"{k.removesuffix('_id')} {v}" for k, v in result.items())
 
 
 def run_worker(job_id: int) -> int:

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from ka2l import jobs
+from ka2l.views import jobs as job_views
 from ka2l.config import to_dict
 from ka2l.errors import ConfigError
 from ka2l.paths import PROJECT_ROOT
@@ -51,7 +52,7 @@ def test_job_runs_in_its_own_process_and_records_progress(memo_model, capitals):
     assert job["result"]["run_id"] >= 1 and job["stage"] == "threshold robustness" and job["done"] == job["total"]
     with connect() as db:
         assert Q.get_run(db, job["result"]["run_id"])["status"] == "done"
-    assert "stage answers" in jobs.tail(job_id, 200)
+    assert "stage answers" in job_views.tail(job_id, 200)
     # a second client (another process) sees the same state
     out = subprocess.run([sys.executable, "-m", "ka2l", "jobs"], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
@@ -124,13 +125,6 @@ def test_bad_job_config_fails_in_the_caller():
     assert jobs.list_jobs() == []
 
 
-def test_rate_and_eta():
-    job = {"status": "running", "stage_started_at": time.time() - 10, "total": 100, "done": 30, "stage_start_done": 10}
-    rate, eta = jobs.rate_and_eta(job)
-    assert rate == pytest.approx(2.0, rel=0.05) and eta == pytest.approx(35, rel=0.05)
-    assert jobs.rate_and_eta({**job, "status": "done"}) == (None, None)
-
-
 def test_cli_background_submits_once(memo_model, capitals, tmp_path):
     import json as _json
 
@@ -176,7 +170,7 @@ def test_a_job_reports_its_whole_progress_with_every_phase_under_it(memo_model, 
     assert len(set(fractions)) >= 3, "it moves during the job, not only at its end"
     for (_, before), (_, after) in zip(seen, seen[1:]):
         assert all(after.get(name, 0) >= done for name, done in before.items()), (before, after)
-    view = jobs.progress_view(job)
+    view = job_views.progress_view(job)
     assert view["eta_s"] is None and view["elapsed_s"] > 0 and view["fraction"] == 1.0
 
 
@@ -244,7 +238,7 @@ def test_the_job_row_shows_the_plan_while_the_model_loads_and_the_rate_of_the_ru
     progress.advance(0, "sampling the first batch")  # a note between batches is written at once
     job = jobs.get(job_id)
     assert job["message"] == "sampling the first batch"
-    view = jobs.progress_view({**job, "status": "running"}, clock=lambda: now[0])
+    view = job_views.progress_view({**job, "status": "running"}, clock=lambda: now[0])
     answers = view["phases"][1]
     assert answers["rows"][0]["elapsed_s"] == 30 and answers["note"].startswith("reports after every batch")
     assert view["fraction"] == pytest.approx(0.1) and view["eta_s"] == pytest.approx(40 * 0.9 / 0.1)
@@ -289,7 +283,7 @@ def test_the_log_tail_keeps_only_the_last_drawing_of_each_progress_bar(tmp_path)
             pass
         f.write("\nINFO stage answers: 0/80\n")
     assert b"\r" in path.read_bytes()
-    lines = jobs.tail(7, 12).splitlines()
+    lines = job_views.tail(7, 12).splitlines()
     assert lines[0] == "INFO stage hidden states: 0/80" and lines[-1] == "INFO stage answers: 0/80"
     assert len(lines) == 3 and lines[1].startswith("Loading weights: 100%") and "272/272" in lines[1]
 

@@ -26,7 +26,8 @@ def _cmd_job_cancel(args: argparse.Namespace) -> int:
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    from ..jobs import ACTIVE, format_duration, list_jobs, progress_view, refresh
+    from ..jobs import ACTIVE, list_jobs, refresh
+    from ..views.jobs import format_duration, progress_view
 
     refresh()
     for j in list_jobs():

@@ -9,6 +9,7 @@ from datetime import datetime
 import streamlit as st
 
 from .. import jobs
+from ..views import jobs as job_views
 from .state import POOL_KEY, RUN_KEY
 
 ICONS = {"done": ":material/check_circle:", "running": ":material/progress_activity:", "pending": ":material/radio_button_unchecked:",
@@ -24,7 +25,7 @@ def _local(iso: str | None) -> str:
 def _timing(job: dict, view: dict) -> str:
     if view["started"] is None:
         return f"Queued {_local(job['created_at'])}"
-    took = jobs.format_duration(view["elapsed_s"])
+    took = job_views.format_duration(view["elapsed_s"])
     if job["status"] in jobs.ACTIVE:
         return f"Started {_local(view['started'])} · running for {took}"
     return f"Started {_local(view['started'])} · ended {_local(job['finished_at'])} · took {took}"
@@ -45,12 +46,12 @@ def _phase_lines(view: dict) -> str:
             continue
         for row in rows:
             name = row["name"] if row["name"].startswith(phase["name"]) else f"{phase['name']}: {row['name']}"
-            bits = [b for b in (_count(row), jobs.format_duration(row["elapsed_s"])) if b]
+            bits = [b for b in (_count(row), job_views.format_duration(row["elapsed_s"])) if b]
             if row["status"] == "running":
                 if row["rate"]:
                     bits.append(f"{row['rate']:.2f}/s")
                 if row["eta_s"] is not None:
-                    bits.append(f"about {jobs.format_duration(row['eta_s'])} left in this phase")
+                    bits.append(f"about {job_views.format_duration(row['eta_s'])} left in this phase")
                 if phase.get("note"):
                     bits.append(phase["note"])
             lines.append(f"- {ICONS.get(row['status'], '')} {name} · " + " · ".join(bits) if bits else f"- {ICONS.get(row['status'], '')} {name}")
@@ -60,7 +61,7 @@ def _phase_lines(view: dict) -> str:
 def _progress_text(job: dict, view: dict) -> str:
     text = f"Whole job: {view['fraction']:.0%}"
     if view["eta_s"] is not None:
-        text += f" · about {jobs.format_duration(view['eta_s'])} left"
+        text += f" · about {job_views.format_duration(view['eta_s'])} left"
     elif job["status"] in jobs.ACTIVE:
         started = any(phase["rows"] for phase in view["phases"])
         text += " · estimating the time left" if started else " · starting (loading the model)"
@@ -69,7 +70,7 @@ def _progress_text(job: dict, view: dict) -> str:
 
 def _parameters(job: dict) -> None:
     with st.expander("Parameters"):
-        st.markdown("\n".join(f"- {k}: `{v}`" for k, v in jobs.describe_config(job)))
+        st.markdown("\n".join(f"- {k}: `{v}`" for k, v in job_views.describe_config(job)))
         st.json(job["config"], expanded=False)
 
 
@@ -82,8 +83,8 @@ def _select(pool_id: int | None, run_id: int | None) -> None:
 
 
 def _result(job: dict, key: str) -> None:
-    st.success(f"Done: {jobs.describe_result(job['result'])}.")
-    refs = jobs.result_refs(job)
+    st.success(f"Done: {job_views.describe_result(job['result'])}.")
+    refs = job_views.result_refs(job)
     page, title = RESULT_PAGES[job["kind"]]
     run_id = refs.get("run_id") if job["kind"] == "stage1" else None
     label = f"Open run {run_id} in {title}" if run_id else f"Open in {title}"
@@ -95,7 +96,7 @@ def _result(job: dict, key: str) -> None:
 def render_job(job: dict, key: str) -> None:
     pool = job["config"].get("pool")
     label = f"Job {job['id']} · {job['kind']}{f' · pool {pool}' if pool else ''} · **{job['status']}**"
-    view = jobs.progress_view(job)
+    view = job_views.progress_view(job)
     with st.container(border=True):
         st.markdown(label)
         st.caption(_timing(job, view))
@@ -130,7 +131,7 @@ def render_job(job: dict, key: str) -> None:
                 else:
                     st.rerun()
         _parameters(job)
-        tail = jobs.tail(job["id"], 12)
+        tail = job_views.tail(job["id"], 12)
         if tail:
             with st.expander("Log"):
                 st.code(tail, language=None)
