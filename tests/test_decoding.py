@@ -3,6 +3,8 @@ loader), resumable training, generation with noise, the candidate filters and th
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import io
 import json
@@ -15,7 +17,7 @@ import torch
 from ka2l.augment import review
 from ka2l.augment.candidates import CandidateFilter, dedupe_key, generate_candidates, is_question, normalise, screen
 from ka2l.config import DecoderConfig, FilterConfig, GenerateConfig, PromptConfig, config_hash
-from ka2l.augment.train import encode_questions, train_decoder
+from ka2l.augment.train import decoder_key, encode_questions, train_decoder
 from ka2l.augment.decoder import HiddenStateDecoder, load_backbone, load_decoder, perturb, save_decoder
 from ka2l.errors import Cancelled, ConfigError
 from ka2l.metrics import bleu
@@ -230,7 +232,7 @@ def test_cancelled_training_resumes_from_its_checkpoint(store):
     with pytest.raises(Cancelled):
         train_decoder(cfg, progress=StopAt(12))
     with connect() as db:
-        d = S.find_decoder(db, config_hash(cfg))
+        d = S.find_decoder(db, decoder_key(cfg))
         assert d["status"] == "interrupted" and d["step"] == 12
     folder = store["folder"] / "decoders" / f"decoder-{d['id']}" / "checkpoint"
     assert (folder / "optimizer.pt").is_file() and (folder / "state.json").is_file()
@@ -333,7 +335,12 @@ def test_a_budget_too_small_for_the_vectors_fails_at_once_with_an_estimate(scrat
         train_decoder(cfg, progress=Recorder(charged), clock=charged)
     assert charged.now - start < 1.0, "it stopped after the first batch, not at the end"
     with connect() as db:
-        assert S.find_decoder(db, config_hash(cfg))["status"] == "failed"
+        failed = S.find_decoder(db, decoder_key(cfg))
+    assert failed["status"] == "failed"
+    # the advice works: a larger budget resumes that same decoder rather than starting a new one
+    bigger = dataclasses.replace(cfg, max_minutes=60.0)
+    assert decoder_key(bigger) == decoder_key(cfg) and config_hash(bigger) != config_hash(cfg)
+    assert train_decoder(bigger, progress=Recorder(charged), clock=charged) == failed["id"]
 
 
 def test_extra_corpus_adds_training_questions_only(store, capitals):
@@ -431,17 +438,23 @@ def test_candidates_are_compared_only_within_their_decoders_vector_space(scratch
         assert S.get_generation(db, gen_id)["status"] == "done"
 
 
-def test_candidate_filter_drops_copies_and_non_questions(store, tiny_lm):
-    with connect() as db:
-        pool_q = Q.pool_questions(db, store["pool_id"])
-        d = S.get_decoder(db, store["decoder_id"])
+def filter_inputs(store):
+    """What a CandidateFilter is built from, read back from the store: the pool's questions, the decoder row and
+    its saved metadata, the probed model, the probe and the decoder's cached pool vectors."""
     from ka2l.config import ModelSpec
     from ka2l.models.llm import load_model
 
+    with connect() as db:
+        pool_q = Q.pool_questions(db, store["pool_id"])
+        d = S.get_decoder(db, store["decoder_id"])
     _, meta = load_decoder(d["path"])
-    lm = load_model(ModelSpec(**meta["model"]))
     net, pmeta = load_probe(store["probe"]["path"])
     vectors = np.load(store["folder"] / "decoders" / f"decoder-{d['id']}" / "vectors.npy")[: len(pool_q)]
+    return pool_q, d, meta, load_model(ModelSpec(**meta["model"])), net, pmeta, vectors
+
+
+def test_candidate_filter_drops_copies_and_non_questions(store, tiny_lm):
+    pool_q, d, meta, lm, net, pmeta, vectors = filter_inputs(store)
     keep = CandidateFilter(FilterConfig(), pool_q, vectors, lm, PromptConfig(), d["layer"], pmeta["layer"], "mean", net, [], None,
                            corpus_texts=["Who painted the Mona Lisa?"])
     first = pool_q[0]["question"]  # "What is the capital of X?"
@@ -467,8 +480,6 @@ def test_candidate_filter_drops_copies_and_non_questions(store, tiny_lm):
 def test_lexical_near_duplicates_are_dropped_beside_the_vector_check(store):
     """Vectors missed "Who wrote '1984'?" beside the pool's "Who wrote the novel '1984'?": a word check catches it."""
     from ka2l.augment.candidates import content_words, word_overlap
-    from ka2l.config import ModelSpec
-    from ka2l.models.llm import load_model
 
     assert content_words("Who wrote '1984'?") == {"who", "wrote", "1984"}
     assert word_overlap(content_words("Who wrote '1984'?"), content_words("Who wrote the novel '1984'?")) == 1.0
@@ -478,13 +489,7 @@ def test_lexical_near_duplicates_are_dropped_beside_the_vector_check(store):
     assert word_overlap(second, content_words(same[0])) == 0.8, "one content word apart: another question"
     assert "not" in content_words("Which city is not Paris?"), "negation is meaning, not a function word"
 
-    with connect() as db:
-        pool_q = Q.pool_questions(db, store["pool_id"])
-        d = S.get_decoder(db, store["decoder_id"])
-    _, meta = load_decoder(d["path"])
-    lm = load_model(ModelSpec(**meta["model"]))
-    net, pmeta = load_probe(store["probe"]["path"])
-    vectors = np.load(store["folder"] / "decoders" / f"decoder-{d['id']}" / "vectors.npy")[: len(pool_q)]
+    pool_q, d, meta, lm, net, pmeta, vectors = filter_inputs(store)
 
     def make(**cfg):
         return CandidateFilter(FilterConfig(similarity=1.0, **cfg), pool_q, vectors, lm, PromptConfig(), d["layer"], pmeta["layer"], "mean",

@@ -132,12 +132,20 @@ def _interleave(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.array(out + list(a[n:]) + list(b[n:]), dtype=np.int64)
 
 
+def decoder_key(cfg: DecoderConfig) -> str:
+    """The decoder's identity: its config without the device and the time budget, so raising the budget
+    (or moving to a GPU) resumes the same decoder, its vectors and checkpoint, instead of starting anew."""
+    import dataclasses
+
+    return config_hash(dataclasses.replace(cfg, max_minutes=0.0))
+
+
 def _start(db, cfg: DecoderConfig, resume: bool) -> tuple[int, str]:
     probe = Q.get_probe(db, cfg.probe_id)
     run = Q.get_run(db, probe["run_id"])
     for name in cfg.extra_pools:
         Q.get_pool(db, name)  # fail now, with the pool named, rather than mid-job
-    h = config_hash(cfg)
+    h = decoder_key(cfg)
     row = S.find_decoder(db, h) if resume else None
     if row is not None and row["status"] == "done" and row["path"] and Path(row["path"]).is_dir():
         return int(row["id"]), "done"
@@ -208,9 +216,9 @@ class _Trainer:
             projected = t0 + (self.budget.elapsed() - t0) * len(self.texts) / done  # when encoding would end
             if self.budget.seconds is not None and done < len(self.texts) and projected > ENCODE_SHARE * self.budget.seconds:
                 raise ConfigError(
-                    f"Encoding the {len(self.texts)} training questions would take about {_minutes(projected - t0)} at this rate, "
-                    f"over half of the {_minutes(self.budget.seconds)} time budget. Raise the time budget (0 = none), or train "
-                    f"with fewer extra questions.")
+                    f"Encoding the {len(self.texts)} training questions would take about {_minutes(projected - t0)} at this rate "
+                    f"and end {_minutes(projected)} into the job, over half of the {_minutes(self.budget.seconds)} time budget. "
+                    f"Raise the time budget (0 = none) and start it again: the same decoder resumes. Or train with fewer extra questions.")
         vec = np.concatenate(parts)
         self.folder.mkdir(parents=True, exist_ok=True)
         np.save(path, vec)
