@@ -106,12 +106,6 @@ def submit(kind: str, config: dict[str, Any]) -> int:
     return job_id
 
 
-def find_pending(kind: str, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The queued or running job doing the same work as ``kind`` + ``config``, if any."""
-    with connect() as db:
-        return _pending_twin(db, _identity(db, kind, config))
-
-
 def _pending_twin(db, key: tuple[str, int | None, str]) -> dict[str, Any] | None:
     rows = list(db.query(f"SELECT * FROM jobs WHERE kind = ? AND status IN ({', '.join('?' * len(PENDING))}) ORDER BY id", [key[0], *PENDING]))
     for job in map(_decode, rows):
@@ -409,7 +403,8 @@ def run_worker(job_id: int) -> int:
     _update(job_id, status="running", pid=os.getpid(), started_at=job["started_at"] or now())
     try:
         phases = plan(job["kind"], job["config"])
-    except Ka2lError:  # the job itself will say what is wrong; its phases are then found as they start
+    except Exception:  # the plan is only an estimate: the job itself says what is wrong, its phases show as they start
+        log.warning("job %d: no phase plan", job_id, exc_info=True)
         phases = []
     progress = JobProgress(job_id, phases)
     try:

@@ -16,8 +16,25 @@ from tiny import save_memorising_llama, save_tiny_llama, save_tiny_nli  # noqa: 
 
 @pytest.fixture(autouse=True)
 def _isolated_data_dir(tmp_path, monkeypatch):
-    """Every test gets its own data folder; nothing touches the real data/."""
+    """Every test gets its own data folder; nothing touches the real data/. A job a test left queued or
+    running (an assert failed before its cancel) is cancelled, so no worker outlives its test and
+    starves the next ones of the CPU."""
     monkeypatch.setenv("KA2L_DATA_DIR", str(tmp_path / "data"))
+    yield
+    folders = {tmp_path / "data", Path(os.environ.get("KA2L_DATA_DIR") or tmp_path / "data")}
+    for folder in folders:
+        if (folder / "ka2l.db").exists():
+            _cancel_leftover_jobs(folder, monkeypatch)
+
+
+def _cancel_leftover_jobs(folder: Path, monkeypatch) -> None:
+    from ka2l import jobs
+
+    with monkeypatch.context() as m:
+        m.setenv("KA2L_DATA_DIR", str(folder))
+        for job in jobs.list_jobs():
+            if job["status"] in jobs.PENDING:
+                jobs.cancel(job["id"], wait=True)
 
 
 @pytest.fixture(scope="session")

@@ -31,8 +31,9 @@ def import_pool(capitals, name="caps", rows=None) -> int:
         return Q.insert_pool(db, pool)
 
 
-def open_page(page: str):
-    """Run the app once (its router and sidebar), switch to app_pages/<page>.py and run it; no exception allowed."""
+def open_page(page: str, **query: str):
+    """Run the app once (its router and sidebar), switch to app_pages/<page>.py with ``query`` in its URL
+    and run it; no exception allowed."""
     from streamlit.testing.v1 import AppTest
 
     from ka2l.paths import PROJECT_ROOT
@@ -40,6 +41,7 @@ def open_page(page: str):
     at = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=90)
     at.run()
     at.switch_page(f"app_pages/{page}.py")
+    at.query_params.update(query)
     at.run()
     assert not at.exception, at.exception
     return at
@@ -58,3 +60,18 @@ def data_dir(folder: Path) -> Iterator[Path]:
             os.environ.pop("KA2L_DATA_DIR", None)
         else:
             os.environ["KA2L_DATA_DIR"] = old
+
+
+def wait_for(pred, timeout: float = 180.0, every: float = 0.2) -> bool:
+    """Poll ``pred`` (refreshing the job queue each time, so finished workers hand over) until it holds."""
+    import time
+
+    from ka2l import jobs
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        jobs.refresh()
+        if pred():
+            return True
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting")

@@ -21,6 +21,7 @@ def embedded_model(tmp_path_factory, monkeypatch):
     shared = PROJECT_ROOT / "data" / "models"
     if not (shared / LOCAL_NAME / "ka2l_source.json").is_file():
         shared = tmp_path_factory.getbasetemp() / "models"
+        monkeypatch.setenv("KA2L_MODEL_CACHE", str(shared / "cache"))  # converted here, not into the user's ~/.cache
         ensure_embedded_model(shared)
     target = os.environ["KA2L_DATA_DIR"] + "/models"
     os.makedirs(target, exist_ok=True)
@@ -127,4 +128,6 @@ def test_smollm2_soft_prefix_decoder_trains_and_its_states_find_paraphrases(embe
     # The decoder reads the vector: greedy decoding of each vector gives back its own question
     # (a decoder that ignored its input would write one question for all four).
     out = decoder.eval().generate(vecs[:4], max_new_tokens=16)
-    assert out == pool[:4], out
+    exact = sum(o == q for o, q in zip(out, pool[:4]))
+    # exact on this machine from about step 11; one miss is left for other CPUs' float rounding
+    assert exact >= 3 and len(set(out)) == 4, out

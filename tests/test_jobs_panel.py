@@ -12,26 +12,13 @@ from streamlit.testing.v1 import AppTest
 from ka2l import jobs
 from ka2l.config import to_dict
 from ka2l.paths import PROJECT_ROOT
-from helpers import import_pool, stage1_cfg
+from helpers import import_pool, open_page, stage1_cfg, wait_for
 
 APP = str(PROJECT_ROOT / "app.py")
 
 
-def wait_for(pred, timeout=180.0, every=0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        jobs.refresh()
-        if pred():
-            return
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
 
 
-def open_page(page: str) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=90).run()
-    at.switch_page(f"app_pages/{page}.py").run()
-    assert not at.exception, at.exception
-    return at
 
 
 def texts(at: AppTest) -> str:
@@ -66,7 +53,9 @@ def test_a_running_job_card_shows_the_whole_job_its_phases_start_and_parameters(
         phases = next(m.value for m in at.markdown if "hidden states" in m.value)
         assert "hidden states · 80/80" in phases and "semantic entropy" in phases and "threshold robustness" in phases
         answers = next(line for line in phases.splitlines() if "answers" in line)
-        assert "/80" in answers and "reports after every batch of 1 questions" in answers
+        assert "/80" in answers
+        if jobs.get(job_id)["stage"] == "answers":  # the note shows while its phase runs (it may have ended on a fast machine)
+            assert "reports after every batch of 1 questions" in answers
         params = next(e for e in at.expander if e.label == "Parameters")
         listed = "\n".join(m.value for m in params.markdown)
         assert "pool: `caps`" in listed and "k: `40`" in listed and "probe: `logistic`" in listed

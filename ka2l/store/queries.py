@@ -84,12 +84,6 @@ def create_run(db: Db, pool_id: int, kind: str, config: dict[str, Any], config_h
     ).last_pk)
 
 
-def find_matching_run(db: Db, pool_id: int, kind: str, config_hash: str) -> dict[str, Any] | None:
-    """The latest run of this kind with the same pool and config (finished or not)."""
-    runs = find_matching_runs(db, pool_id, kind, config_hash)
-    return runs[0] if runs else None
-
-
 def find_matching_runs(db: Db, pool_id: int, kind: str, config_hash: str) -> list[dict[str, Any]]:
     """Every run of this kind with the same pool and config, newest first (finished or not)."""
     return _rows(db, "SELECT * FROM runs WHERE pool_id = ? AND kind = ? AND config_hash = ? ORDER BY id DESC",
