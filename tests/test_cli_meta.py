@@ -76,3 +76,13 @@ def test_cli_import_and_pools(capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["pools"]) == 0
     assert "el" in capsys.readouterr().out
+
+
+def test_background_with_no_resume_is_refused_not_silently_resumed(capsys):
+    from ka2l import jobs
+
+    assert main(["probe", "--pool", "x", "--background", "--no-resume"]) == 2
+    assert "--background always resumes a matching run" in capsys.readouterr().err
+    assert main(["decoder-train", "--probe", "1", "--background", "--no-resume"]) == 2
+    assert "drop --no-resume" in capsys.readouterr().err
+    assert jobs.list_jobs() == [], "nothing was queued"

@@ -30,6 +30,9 @@ def _cmd_decoder_train(args: argparse.Namespace) -> int:
         "batch_size": "batch_size", "device": "device", "seed": "seed"}),
         **({"extra_pools": tuple(args.extra_pool)} if args.extra_pool else {}),
         **({"train_backbone": False} if args.frozen_backbone else {})})
+    if args.background and args.no_resume:
+        raise ConfigError("--background always resumes a matching decoder (a job continues where it stopped); "
+                          "drop --no-resume, or run `decoder-train` without --background to train a new one.")
     if args.background:
         return _submit("decoder", {"decoder": to_dict(cfg)})
     decoder_id = train_decoder(cfg, progress=TqdmProgress(disable=args.quiet), resume=not args.no_resume)

@@ -64,6 +64,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from ..store.db import connect
 
     cfg = stage1_config(args)
+    if args.background and args.no_resume:
+        raise ConfigError("--background always resumes a matching run (a job continues where it stopped); "
+                          "drop --no-resume, or run `probe` without --background to start a new one.")
     if args.background:
         return _submit_background(args.pool, cfg)
     run_id = run_stage1(args.pool, cfg, progress=TqdmProgress(disable=args.quiet), resume=not args.no_resume)
