@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..augment.candidates import Similarity
 from ..errors import ConfigError
 
 
@@ -25,13 +26,6 @@ class Ranking:
     order: np.ndarray       # (n,) indices into the inputs, first = annotate first
     rank: np.ndarray        # (n,) 1-based rank of each input (rank[order[0]] == 1)
     max_similarity: np.ndarray  # (n,) at pick time: the picked item's highest cosine to anything picked before (0 for the first)
-
-
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    x = np.asarray(vectors, dtype=np.float32)
-    x = x - x.mean(axis=0, keepdims=True)  # (n, d): centred, or every state shares one dominant direction
-    norms = np.linalg.norm(x, axis=1, keepdims=True)  # (n, 1)
-    return x / np.maximum(norms, 1e-12)
 
 
 def rank_for_annotation(p_unknown, vectors, diversity: float = 0.3, limit: int | None = None) -> Ranking:
@@ -58,7 +52,7 @@ def rank_for_annotation(p_unknown, vectors, diversity: float = 0.3, limit: int |
         raise ConfigError(f"P(unknown) holds {int((~np.isfinite(p)).sum())} non-finite value(s); re-run triage.")
     n = p.shape[0]
     steps = n if limit is None else max(0, min(int(limit), n))
-    unit = _unit(x)
+    unit = Similarity(x).pool  # (n, d): centred, L2-normalised, as the candidate filters compare questions
     chosen = np.zeros(n, dtype=bool)
     nearest = np.full(n, -np.inf)  # (n,) highest cosine to anything chosen so far
     order, sims = [], np.zeros(n)

@@ -49,18 +49,27 @@ def masked_auroc(y: Sequence[int], score: Sequence[float]) -> float:
     return auroc(y[keep], score[keep])
 
 
-def bootstrap_auroc(y: Sequence[int], score: Sequence[float], n: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of AUROC over ``n`` resamples (resamples with one class are skipped)."""
-    y, score = np.asarray(y), np.asarray(score)
-    if n == 0 or len(np.unique(y)) < 2:
+def bootstrap_interval(metric, a: Sequence, b: Sequence, n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of ``metric(a[idx], b[idx])`` over ``n`` resamples of the rows; a resample
+    where the metric is undefined (NaN, e.g. one class only) is skipped; (NaN, NaN) when none is usable."""
+    a, b = np.asarray(a), np.asarray(b)
+    if n == 0 or a.size == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     vals = []
     for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        if len(np.unique(y[idx])) == 2:
-            vals.append(auroc(y[idx], score[idx]))
+        idx = rng.integers(0, len(a), len(a))  # (rows,)
+        v = metric(a[idx], b[idx])
+        if not np.isnan(v):
+            vals.append(v)
     return (float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))) if vals else (float("nan"), float("nan"))
+
+
+def bootstrap_auroc(y: Sequence[int], score: Sequence[float], n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of AUROC over ``n`` resamples (resamples with one class are skipped)."""
+    if len(np.unique(np.asarray(y))) < 2:
+        return float("nan"), float("nan")
+    return bootstrap_interval(auroc, y, score, n=n, seed=seed)
 
 
 # -- split ---------------------------------------------------------------------------------------

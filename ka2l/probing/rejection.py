@@ -74,17 +74,6 @@ def prediction_rejection_ratio(uncertainty: Sequence[float], quality: Sequence[f
 def bootstrap_prr(uncertainty: Sequence[float], quality: Sequence[float], n: int = 1000, seed: int = 0) -> tuple[float, float]:
     """95% percentile interval of PRR over ``n`` resamples of the rows (resamples where every
     answer has the same quality are skipped); (NaN, NaN) when none is usable or ``n`` is 0."""
-    u = np.asarray(uncertainty, dtype=np.float64)
-    q = np.asarray(quality, dtype=np.float64)
-    if n == 0 or q.size == 0 or np.all(q == q[0]):
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(n):
-        idx = rng.integers(0, len(q), len(q))  # (len(q),)
-        v = prediction_rejection_ratio(u[idx], q[idx])
-        if not math.isnan(v):
-            vals.append(v)
-    if not vals:
-        return math.nan, math.nan
-    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+    from .probes import bootstrap_interval
+
+    return bootstrap_interval(prediction_rejection_ratio, uncertainty, quality, n=n, seed=seed)
