@@ -9,13 +9,14 @@ from ka2l.errors import Ka2lError
 from ka2l.ui import actions, data
 from ka2l.ui.jobs_panel import job_panel
 from ka2l.ui.review_card import review_queue
-from ka2l.ui.state import require_run
+from ka2l.ui.state import flash, require_run, show_flash
 
 STEPS = {"decoder": "1 · Decoder", "generate": "2 · Generate", "review": "3 · Review", "approved": "4 · Approved set"}
 LIVE_SECONDS = 2  # how often the loss curve of a decoder in training is redrawn
 
 st.title("Augment: decode new unknown questions")
 pool, run = require_run()
+show_flash("augment")
 # The step lives in the URL (?step=review), so a reload or a shared link opens the same step.
 section = st.segmented_control("Step", list(STEPS), format_func=STEPS.get, default="decoder", required=True, key="step",
                                bind="query-params", label_visibility="collapsed") or "decoder"
@@ -45,6 +46,8 @@ def _submit(kind: str, cfg: dict) -> None:
     try:
         job_id = jobs.submit(kind, {"pool": pool["name"], kind: cfg})
         st.success(f"Job {job_id} submitted; it keeps running if you reload or close the tab.")
+    except jobs.JobPending as exc:  # the same work is already queued or running: not an error
+        st.info(str(exc))
     except Ka2lError as exc:
         st.error(str(exc))
 
@@ -59,9 +62,9 @@ if section == "decoder":
             try:
                 corpus = actions.read_corpus(up.name, up.getvalue())
                 actions.store_pool(corpus, corpus.name)
-                st.success(f"Stored {len(corpus.rows)} questions as pool {corpus.name!r}; pick it below." +
-                           (f" {len(corpus.skipped)} rows skipped." if corpus.skipped else ""))
-                st.rerun()
+                flash("augment", f"Stored {len(corpus.rows)} questions as pool {corpus.name!r}; pick it below." +
+                      (f" {len(corpus.skipped)} rows skipped." if corpus.skipped else ""))
+                st.rerun()  # the message shows on the next run, where the new pool is in the list
             except Ka2lError as exc:
                 st.error(str(exc))
         with st.form("train-decoder"):

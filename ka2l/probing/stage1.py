@@ -88,9 +88,11 @@ def _dtype_conflict(row: dict[str, Any], dtype: str, kind: str, cfg: Any) -> str
         auto = " ('auto' means bfloat16 on CUDA GPUs that support it, float32 elsewhere)" if cfg.model.dtype == "auto" else ""
         return (f"Run {row['id']} ({row['status']}) of this pool and config computed its hidden states and answers in {old}, "
                 f"but the model would run in {dtype} here{auto}. One run must not mix {old} and {dtype} results. "
-                f"Pass --dtype {old} to {verb} run {row['id']} in {old}, or --no-resume to start a new run in {dtype}.")
+                f"On the command line pass --dtype {old} to {verb} run {row['id']}, or --no-resume to start a new run in {dtype}; "
+                f"in the app, set the device in Settings back to the one run {row['id']} used.")
     return (f"Triage run {row['id']} ({row['status']}) of this pool and probe computed its hidden states in {old}, but they "
-            f"would now be computed in {dtype}. Pass --no-resume to start a new triage run in {dtype}.")
+            f"would now be computed in {dtype}. On the command line pass --no-resume to start a new triage run in {dtype}; "
+            f"in the app, set the device in Settings back to the one that run used.")
 
 
 class _Timer:
