@@ -286,6 +286,33 @@ class GenerateConfig:
             raise ConfigError(f"GenerateConfig.top_p must be in (0, 1], got {self.top_p}.")
 
 
+@dataclass(frozen=True)
+class PushConfig:
+    """Sending a pool's approved set to a Label Studio project (Stage 3a). The server's URL and token come
+    from the connection (``ka2l.annotate.connection``), never from a config: configs land in job rows."""
+
+    project: int = _f(0, "ka2l's id of the Label Studio project to push to (0 = the pool's newest project, created on first push).")
+    title: str = _f("", "Title of a project created by this push (empty = 'ka2l: <pool>').")
+    diversity: float = _f(0.3, "Weight of the diversity term in the annotation order (0 = P(unknown) only, 1 = farthest-first only).")
+    batch_size: int = _f(200, "Tasks sent per import call.")
+
+    def __post_init__(self) -> None:
+        _positive("PushConfig.project", self.project, allow_zero=True)
+        _positive("PushConfig.batch_size", self.batch_size)
+        if not 0 <= self.diversity <= 1:
+            raise ConfigError(f"PushConfig.diversity must be between 0 and 1, got {self.diversity}.")
+
+
+@dataclass(frozen=True)
+class PullConfig:
+    """Fetching a Label Studio project's annotations back into ka2l."""
+
+    project: int = _f(0, "ka2l's id of the Label Studio project to pull from (0 = the pool's newest project).")
+
+    def __post_init__(self) -> None:
+        _positive("PullConfig.project", self.project, allow_zero=True)
+
+
 # -- JSON round trip ---------------------------------------------------------------------------
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -13,7 +13,8 @@
                                        'running' forever) and the next queued job starts
     resume(id)                         submits the same job again; the pipeline continues its run
 
-One job runs at a time (they all need the model). Statuses: queued, starting, running, done,
+One model job runs at a time (they all need the model); a Label Studio push or pull runs in its own
+lane beside it (``LANES``). Statuses: queued, starting, running, done,
 failed, cancelled. State lives only in the database and the log files, so a reload, a second
 browser tab or a restarted app sees the same jobs.
 """
@@ -37,11 +38,24 @@ from .store.db import connect, now
 
 log = logging.getLogger(__name__)
 
-KINDS = ("stage1", "triage", "decoder", "generate")
+KINDS = ("stage1", "triage", "decoder", "generate", "push", "pull")
+# Jobs in one lane run one at a time; lanes run side by side. Model jobs share the CPU / GPU and the
+# model; a Label Studio push or pull needs neither and must not wait an hour behind a Stage 1 run.
+LANES = {"push": "annotate", "pull": "annotate"}
 ACTIVE = ("starting", "running")  # a worker process exists (or is being started)
 PENDING = ("queued",) + ACTIVE
 CANCEL_GRACE_S = 10.0
-KIND_NAMES = {"stage1": "Stage 1", "triage": "Triage", "decoder": "Decoder training", "generate": "Candidate generation"}
+KIND_NAMES = {"stage1": "Stage 1", "triage": "Triage", "decoder": "Decoder training", "generate": "Candidate generation",
+              "push": "Push to Label Studio", "pull": "Pull from Label Studio"}
+
+
+def lane(kind: str) -> str:
+    """The lane a kind of job runs in.
+
+    >>> lane("stage1"), lane("push")
+    ('model', 'annotate')
+    """
+    return LANES.get(kind, "model")
 
 
 class JobPending(Ka2lError):
@@ -123,7 +137,7 @@ def _identity(db, kind: str, config: dict[str, Any]) -> tuple[str, int | None, s
     from .config import config_hash, from_dict
 
     pool_id = None
-    if kind in ("stage1", "triage"):
+    if kind in ("stage1", "triage", "push", "pull"):
         from .store import queries as Q
 
         pool_id = int(Q.get_pool(db, config["pool"])["id"])
@@ -131,16 +145,17 @@ def _identity(db, kind: str, config: dict[str, Any]) -> tuple[str, int | None, s
 
 
 def config_class(kind: str):
-    from .config import DecoderConfig, GenerateConfig, Stage1Config, TriageConfig
+    from .config import DecoderConfig, GenerateConfig, PullConfig, PushConfig, Stage1Config, TriageConfig
 
-    return {"stage1": Stage1Config, "triage": TriageConfig, "decoder": DecoderConfig, "generate": GenerateConfig}[kind]
+    return {"stage1": Stage1Config, "triage": TriageConfig, "decoder": DecoderConfig, "generate": GenerateConfig,
+            "push": PushConfig, "pull": PullConfig}[kind]
 
 
 def _validate(kind: str, config: dict[str, Any]) -> None:
     """Build the configs now, so a bad setting fails in the page, not later in the worker."""
     from .config import from_dict
 
-    if kind in ("stage1", "triage") and "pool" not in config:
+    if kind in ("stage1", "triage", "push", "pull") and "pool" not in config:
         raise ConfigError("A job needs a pool.")
     cfg = from_dict(config_class(kind), config.get(kind, {}))
     if kind in ("decoder", "generate"):  # what they build on must exist now, not only when the worker starts
@@ -175,7 +190,8 @@ def _alive(pid: int | None, job_id: int) -> bool:
 
 
 def refresh() -> None:
-    """Mark jobs whose worker died as failed, then start the oldest queued job if none is active."""
+    """Mark jobs whose worker died as failed, then start the oldest queued job of each lane that has no
+    active job (one model job at a time; a Label Studio push or pull beside it)."""
     with connect() as db:
         with db.atomic():
             for row in db.query("SELECT * FROM jobs WHERE status IN (?, ?)", ACTIVE):
@@ -187,14 +203,16 @@ def refresh() -> None:
                     status = "cancelled" if row["cancel_requested"] else "failed"
                     error = None if row["cancel_requested"] else "The worker process ended without finishing (killed or crashed). Resume to continue where it stopped."
                     db["jobs"].update(row["id"], {"status": status, "error": error, "finished_at": now(), "updated_at": now()})
-            if list(db.query("SELECT id FROM jobs WHERE status IN (?, ?) LIMIT 1", ACTIVE)):
-                return
-            nxt = list(db.query("SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1"))
-            if not nxt:
-                return
-            job_id = nxt[0]["id"]
-            db["jobs"].update(job_id, {"status": "starting", "started_at": now(), "updated_at": now(), "message": "starting"})
-    _spawn(job_id)
+            busy = {lane(r["kind"]) for r in db.query("SELECT kind FROM jobs WHERE status IN (?, ?)", ACTIVE)}
+            start = []
+            for row in db.query("SELECT id, kind FROM jobs WHERE status = 'queued' ORDER BY id"):
+                if lane(row["kind"]) not in busy:  # the oldest queued job of each idle lane
+                    busy.add(lane(row["kind"]))
+                    start.append(row["id"])
+            for job_id in start:
+                db["jobs"].update(job_id, {"status": "starting", "started_at": now(), "updated_at": now(), "message": "starting"})
+    for job_id in start:
+        _spawn(job_id)
 
 
 def timestamp(iso: str) -> float:
@@ -392,6 +410,14 @@ def _run(kind: str, cfg: dict[str, Any], progress: JobProgress) -> dict[str, Any
         from .augment.train import train_decoder
 
         return {"decoder_id": train_decoder(config, progress=progress)}
+    if kind == "push":
+        from .annotate.push import push
+
+        return push(cfg["pool"], config, progress=progress)
+    if kind == "pull":
+        from .annotate.pull import pull
+
+        return pull(cfg["pool"], config, progress=progress)
     from .augment.candidates import generate_candidates
 
     return {"generation_id": generate_candidates(config, progress=progress)}

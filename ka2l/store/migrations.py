@@ -261,6 +261,51 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (candidate_id, text)
     );
     """,
+    # 7: the Label Studio round trip. A project ka2l created on a server (by URL; the token is never
+    #    stored here), the link of each pushed question / candidate to its task (``item_key`` 'q:<question
+    #    id>' or 'c:<candidate id>', also written into the task's data so a lost link can be rebuilt from
+    #    the server), and every annotation pulled back, several per task allowed.
+    """
+    CREATE TABLE ls_projects (
+        id INTEGER PRIMARY KEY,
+        pool_id INTEGER NOT NULL REFERENCES pools(id) ON DELETE CASCADE,
+        url TEXT NOT NULL,
+        project_id INTEGER NOT NULL,
+        title TEXT NOT NULL,
+        label_config_hash TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        pushed_at TEXT,
+        pulled_at TEXT,
+        UNIQUE (url, project_id)
+    );
+    CREATE TABLE ls_tasks (
+        project INTEGER NOT NULL REFERENCES ls_projects(id) ON DELETE CASCADE,
+        item_key TEXT NOT NULL,
+        question_id INTEGER REFERENCES questions(id) ON DELETE SET NULL,
+        candidate_id INTEGER REFERENCES candidates(id) ON DELETE SET NULL,
+        task_id INTEGER NOT NULL,
+        rank INTEGER,
+        question TEXT NOT NULL,
+        pushed_at TEXT NOT NULL,
+        PRIMARY KEY (project, item_key),
+        UNIQUE (project, task_id)
+    );
+    CREATE TABLE ls_annotations (
+        project INTEGER NOT NULL REFERENCES ls_projects(id) ON DELETE CASCADE,
+        annotation_id INTEGER NOT NULL,
+        task_id INTEGER NOT NULL,
+        annotator TEXT,
+        answer TEXT,
+        cannot_answer INTEGER NOT NULL DEFAULT 0,
+        skipped INTEGER NOT NULL DEFAULT 0,
+        lead_time REAL,
+        created_at TEXT,
+        updated_at TEXT,
+        pulled_at TEXT NOT NULL,
+        PRIMARY KEY (project, annotation_id)
+    );
+    CREATE INDEX ls_annotations_task ON ls_annotations (project, task_id);
+    """,
 ]
 
 
