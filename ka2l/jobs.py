@@ -289,6 +289,12 @@ def plan(kind: str, config: dict[str, Any]) -> list[PhaseSpec]:
         return [PhaseSpec("hidden states", 1.0, note=f"reports after every batch of {cfg.batch_size} questions")]
     if kind == "decoder":
         return _decoder_plan(cfg)
+    if kind == "push":  # stage names are those ka2l.annotate.push reports
+        return [PhaseSpec("ranking", 1.0, note="orders the approved set by P(unknown) and diversity"),
+                PhaseSpec("pushing tasks", 5.0, note=f"reports after every batch of {cfg.batch_size} tasks")]
+    if kind == "pull":  # stage names are those ka2l.annotate.pull reports
+        return [PhaseSpec("exporting annotations", 2.0, note="Label Studio builds the export in one call"),
+                PhaseSpec("storing annotations", 1.0)]
     return [PhaseSpec("generating candidates", 1.0, note=f"reports after every {max(1, cfg.batch_size // cfg.per_question)} source questions")]
 
 
