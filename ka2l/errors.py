@@ -10,6 +10,11 @@ anything else is a bug.
     ├── ProbeError           probes cannot be trained or applied (too few labels, shape mismatch)
     ├── StoreError           the database or an array file is missing or inconsistent
     │   └── NotFound         a pool / run / probe id does not exist
+    ├── LabelStudioError     a Label Studio call failed (the message names the server, never the token)
+    │   ├── LabelStudioUnreachable  nothing answers at the URL, or what answers is not Label Studio's API
+    │   ├── LabelStudioAuthError    the token was refused (401/403; legacy tokens disabled)
+    │   ├── LabelStudioTimeout      the server did not answer in time
+    │   └── ProjectGone             the project was deleted in Label Studio
     └── Cancelled            the user asked long work to stop (not a failure)
 
 Errors of dependencies are translated at the boundary with ``raise ... from exc``.
@@ -66,3 +71,27 @@ class NotFound(StoreError, LookupError):
 
 class Cancelled(Ka2lError):
     """Raised by a progress reporter when the user cancelled; work stored so far is kept."""
+
+
+class LabelStudioError(Ka2lError):
+    """A Label Studio call failed. ``status`` is the HTTP status when the server answered."""
+
+    def __init__(self, message: str, status: int | None = None):
+        self.status = status
+        super().__init__(message)
+
+
+class LabelStudioUnreachable(LabelStudioError):
+    pass
+
+
+class LabelStudioAuthError(LabelStudioError):
+    pass
+
+
+class LabelStudioTimeout(LabelStudioError):
+    pass
+
+
+class ProjectGone(LabelStudioError, LookupError):
+    pass
