@@ -77,3 +77,25 @@ def memo_model(tmp_path_factory, capitals) -> Path:
     """A tiny chat Llama that memorised the first 40 of ``capitals`` (see helpers.N_KNOWN)."""
     known = [(q, answers[0] + ".") for q, answers in capitals[:40]]
     return save_memorising_llama(tmp_path_factory.mktemp("memo"), known)
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """A real Label Studio for the whole session (ka2l.annotate.server.start): loopback, a free port, a
+    temporary data folder and HOME, its user and token created headlessly. Yields the ServerInfo (.url,
+    .token, .username, .password, .pid); stopped by pid at the end, and checked gone. Without .venv-ls the
+    tests that use it skip, unless KA2L_REQUIRE_LABEL_STUDIO=1 (CI), where they fail."""
+    from ka2l.annotate import server
+
+    if not server.installed():
+        message = f"Label Studio is not installed in {server.venv_dir()}: run `make setup`"
+        if os.environ.get("KA2L_REQUIRE_LABEL_STUDIO") == "1":
+            pytest.fail(message + " (KA2L_REQUIRE_LABEL_STUDIO=1 requires it)")
+        pytest.skip(message)
+    folder = tmp_path_factory.mktemp("labelstudio")
+    info = server.start(folder=folder, save_connection=False)
+    try:
+        yield info
+    finally:
+        server.stop(folder)
+        assert not server._alive(info.pid), f"Label Studio (pid {info.pid}) is still running after stop()"
