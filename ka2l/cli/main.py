@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from ..errors import Ka2lError
-from . import augment, jobs, pools, probing
+from . import annotate, augment, jobs, pools, probing
 from .parsing import grouped_listing
 
 EXAMPLES = """examples:
@@ -24,9 +24,13 @@ EXAMPLES = """examples:
   python -m ka2l decoder-train --probe 1 --minutes 10  # Stage 2: hidden-state -> question decoder
   python -m ka2l generate --decoder 1 --noise 0.1      # new candidate questions from the unknowns
   python -m ka2l approved --pool capitals --out approved.jsonl
+  python -m ka2l annotate serve                        # Stage 3a: a local Label Studio, connected
+  python -m ka2l annotate push --pool capitals         # the approved set, most useful first
+  python -m ka2l annotate pull --pool capitals         # the answers back
+  python -m ka2l annotate export --pool capitals --format alpaca --out sft/capitals.json
 """
 
-STAGES = (pools, probing, augment, jobs)  # the order of the groups in --help
+STAGES = (pools, probing, augment, annotate, jobs)  # the order of the groups in --help
 
 
 def build_parser() -> argparse.ArgumentParser:

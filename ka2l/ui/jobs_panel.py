@@ -15,7 +15,8 @@ from .state import POOL_KEY, RUN_KEY
 ICONS = {"done": ":material/check_circle:", "running": ":material/progress_activity:", "pending": ":material/radio_button_unchecked:",
          "skipped": ":material/skip_next:"}
 RESULT_PAGES = {"stage1": ("app_pages/scores.py", "Scores"), "triage": ("app_pages/scores.py", "Scores"),
-                "decoder": ("app_pages/augment.py", "Augment"), "generate": ("app_pages/augment.py", "Augment")}
+                "decoder": ("app_pages/augment.py", "Augment"), "generate": ("app_pages/augment.py", "Augment"),
+                "push": ("app_pages/annotate.py", "Annotate"), "pull": ("app_pages/annotate.py", "Annotate")}
 
 
 def _local(iso: str | None) -> str:

@@ -110,7 +110,7 @@ def result_refs(job: dict[str, Any]) -> dict[str, int]:
                 result["pool_id"] = int(S.get_generation(db, result["generation_id"])["pool_id"])
     except Ka2lError:  # deleted since: say what it made, link nowhere
         pass
-    return {k: int(v) for k, v in result.items()}
+    return {k: int(v) for k, v in result.items() if k.endswith("_id") and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def progress_view(job: dict[str, Any], clock: Callable[[], float] = time.time) -> dict[str, Any]:
