@@ -33,6 +33,7 @@ T = TypeVar("T")
 SAFE, CREATES = "safe", "creates"  # retry policies: a read can be repeated; a create only when it surely did not happen
 _RETRY_STATUS = {SAFE: lambda s: s >= 500 or s == 429, CREATES: lambda s: s in (429, 503)}
 MAX_BACKOFF_S = 30.0
+TITLE_MAX = 50  # Label Studio refuses longer project titles
 
 FIX_URL = ("Check that the server is running (`python -m ka2l annotate serve` starts the local one) and that the URL in "
            "Settings is the server's root with scheme and port, e.g. http://127.0.0.1:8080.")
@@ -44,8 +45,11 @@ def _detail(exc: Any) -> str:
     """The server's own explanation from an SDK ApiError, short."""
     body = getattr(exc, "body", None)
     if isinstance(body, dict):
-        text = body.get("detail") or body.get("validation_errors") or body
-        return str(text)[:300]
+        text = str(body.get("detail") or "")
+        problems = body.get("validation_errors")
+        if problems:
+            text = f"{text.rstrip('.')}: {problems}" if text else str(problems)
+        return (text or str(body))[:300]
     if isinstance(body, str) and body.lstrip().startswith("<"):
         return "an HTML page"
     return str(body)[:300] if body else ""
@@ -174,6 +178,8 @@ class Client:
         return {"id": user.id, "email": user.email, "username": user.username}
 
     def create_project(self, title: str, label_config: str, description: str = "") -> int:
+        """A new project; ``title`` is cut to Label Studio's 50 characters."""
+        title = title.strip()[:TITLE_MAX] or "ka2l"
         project = self._call(f"creating project {title!r}", CREATES, lambda: self._sdk.projects.create(
             title=title, label_config=label_config, description=description))
         return int(project.id)
@@ -206,20 +212,25 @@ class Client:
                                    f"{project_id}; push again to reconcile.")
         return ids
 
-    def task_keys(self, project_id: int, page_size: int = 1000) -> dict[str, int]:
-        """``data.ka2l_key`` -> task id for every task of the project that carries one (the lowest id wins
-        when a key occurs twice)."""
+    def tasks(self, project_id: int, page_size: int = 1000) -> list[dict[str, Any]]:
+        """Every task of the project as ``{"id", "data"}`` (paged; no annotations)."""
 
-        def read() -> dict[str, int]:
-            keys: dict[str, int] = {}
-            for t in self._sdk.tasks.list(project=int(project_id), include="id,data", page_size=page_size):
-                key = (t.data or {}).get("ka2l_key")
-                if key is not None and (key not in keys or int(t.id) < keys[key]):
-                    keys[key] = int(t.id)
-            return keys
+        def read() -> list[dict[str, Any]]:
+            pages = self._sdk.tasks.list(project=int(project_id), include="id,data", page_size=page_size)
+            return [{"id": int(t.id), "data": dict(t.data or {})} for t in pages]
 
         self.project(project_id)  # a deleted project lists no tasks instead of failing: say it is gone
         return self._call(f"listing the tasks of project {project_id}", SAFE, read, project_id)
+
+    def task_keys(self, project_id: int, page_size: int = 1000) -> dict[str, int]:
+        """``data.ka2l_key`` -> task id for every task of the project that carries one (the lowest id wins
+        when a key occurs twice)."""
+        keys: dict[str, int] = {}
+        for t in self.tasks(project_id, page_size):
+            key = t["data"].get("ka2l_key")
+            if key is not None and (key not in keys or t["id"] < keys[key]):
+                keys[key] = t["id"]
+        return keys
 
     def export(self, project_id: int, timeout: float | None = None) -> list[dict[str, Any]]:
         """Every task of the project with its annotations (Label Studio's JSON export)."""
