@@ -83,7 +83,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
         result = push.push(pool, cfg, progress=progress)
     finally:
         progress.close()
-    print(describe(result, "pushed"))
+    print(describe_push(result))
     return 0
 
 
@@ -109,10 +109,15 @@ def format_preview(frame, limit: int) -> str:
     return "\n".join(lines)
 
 
-def describe(result: dict[str, Any], verb: str) -> str:
-    """A job's or a direct call's result dict, one line: 'pushed: project 1, tasks 12, ...'."""
-    shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in (result or {}).items() if not isinstance(v, (dict, list)))
-    return f"{verb}: {shown}" if shown else verb
+def describe_push(r: dict[str, Any]) -> str:
+    return (f"pushed {r['pushed']} new task(s) to project {r['title']!r} ({r['url']}): {r['linked']} linked in all, "
+            f"{r['skipped']} already there, {r['reconciled']} link(s) rebuilt from the server")
+
+
+def describe_pull(r: dict[str, Any]) -> str:
+    return (f"pulled {r['annotations']} annotation(s) of {r['tasks']} task(s): {r['added']} added, {r['updated']} updated, "
+            f"{r['deleted']} deleted · answered {r['answered']}, cannot answer {r['cannot_answer']}, skipped {r['skipped']}, "
+            f"pending {r['pending']}, conflicts {r['conflicts']}")
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
@@ -128,7 +133,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
         result = pull.pull(pool, cfg, progress=progress)
     finally:
         progress.close()
-    print(describe(result, "pulled"))
+    print(describe_pull(result))
     return 0
 
 
