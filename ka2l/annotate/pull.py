@@ -10,14 +10,16 @@ token or a deleted project changes nothing stored.
 The rule choosing one answer per task
 -------------------------------------
 1. Every annotation of the task is a vote, except a skipped one (Label Studio's ``was_cancelled``) and
-   one with neither an answer nor the "cannot answer" choice.
+   one with neither an answer nor the "cannot answer" choice. Several annotations by one user count
+   as several votes (the export names annotators only by user id: "user 1").
 2. A vote's verdict is "cannot answer" when the annotator ticked that choice (whatever they also
    typed), else its answer normalised by ``answer_key`` (Unicode NFKC, case-folded, punctuation at
    the edges of words and the articles a / an / the dropped, whitespace collapsed), so "Paris." and
    "paris" agree.
 3. The verdict with the most votes wins. A tie goes to the tied verdict holding the most recently
    updated vote.
-4. The chosen answer is the text, as typed (surrounding whitespace dropped), of the most recently updated vote for the winning verdict.
+4. The chosen answer is the text, as typed (surrounding whitespace dropped), of the most recently
+   updated vote for the winning verdict.
 5. A task is a **conflict** when its votes hold more than one verdict (after normalisation).
 
 A task's status is ``pending`` (no annotation yet), ``skipped`` (only skipped or empty annotations),
