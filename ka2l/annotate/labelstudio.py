@@ -269,4 +269,5 @@ class Client:
         """Allow or refuse legacy tokens in the user's organization (an owner's setting)."""
         current = self._call("reading the organization's token settings", SAFE, lambda: self._sdk.jwt_settings.get())
         self._call("changing the organization's token settings", SAFE, lambda: self._sdk.jwt_settings.update(
-            legacy_api_tokens_enabled=bool(enabled), api_tokens_enabled=True, api_token_ttl_days=int(current.api_token_ttl_days)))
+            legacy_api_tokens_enabled=bool(enabled), api_tokens_enabled=True,
+            api_token_ttl_days=int(current.api_token_ttl_days or 3650)))  # the Community Edition has no TTL and ignores it
