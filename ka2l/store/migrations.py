@@ -306,6 +306,70 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ls_annotations_task ON ls_annotations (project, task_id);
     """,
+    # 8: Stage 3b. A LoRA fine-tune of a run's model on (question, answer) pairs: its config, data, split,
+    #    progress (a loss row per logged step, train and eval), where its adapter lives; then both models'
+    #    answers to the held-out questions with per-question metrics, and the Stage 1 re-run with the adapter.
+    """
+    CREATE TABLE finetunes (
+        id INTEGER PRIMARY KEY,
+        pool_id INTEGER NOT NULL REFERENCES pools(id) ON DELETE CASCADE,
+        run_id INTEGER REFERENCES runs(id) ON DELETE SET NULL,
+        config TEXT NOT NULL,
+        config_hash TEXT NOT NULL,
+        model TEXT NOT NULL,
+        data_source TEXT NOT NULL,
+        dataset_hash TEXT NOT NULL,
+        n_train INTEGER NOT NULL,
+        n_eval INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        step INTEGER NOT NULL DEFAULT 0,
+        total_steps INTEGER,
+        best_eval_loss REAL,
+        stopped_early INTEGER NOT NULL DEFAULT 0,
+        adapter_dir TEXT,
+        seconds REAL NOT NULL DEFAULT 0,
+        versions TEXT NOT NULL DEFAULT '{}',
+        evaluation TEXT,
+        reprobe_run_id INTEGER REFERENCES runs(id) ON DELETE SET NULL,
+        error TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        UNIQUE (pool_id, config_hash, dataset_hash)
+    );
+    CREATE TABLE finetune_log (
+        finetune_id INTEGER NOT NULL REFERENCES finetunes(id) ON DELETE CASCADE,
+        step INTEGER NOT NULL,
+        split TEXT NOT NULL,
+        loss REAL NOT NULL,
+        lr REAL,
+        tokens_per_s REAL,
+        at TEXT NOT NULL,
+        PRIMARY KEY (finetune_id, step, split)
+    );
+    CREATE TABLE finetune_data (
+        finetune_id INTEGER NOT NULL REFERENCES finetunes(id) ON DELETE CASCADE,
+        item_key TEXT NOT NULL,
+        split TEXT NOT NULL,
+        question TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        PRIMARY KEY (finetune_id, item_key)
+    );
+    CREATE TABLE finetune_answers (
+        finetune_id INTEGER NOT NULL REFERENCES finetunes(id) ON DELETE CASCADE,
+        model TEXT NOT NULL,
+        item_key TEXT NOT NULL,
+        question TEXT NOT NULL,
+        gold TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        correct INTEGER,
+        bleu REAL,
+        rouge_l REAL,
+        meteor REAL,
+        bertscore REAL,
+        PRIMARY KEY (finetune_id, model, item_key)
+    );
+    """,
 ]
 
 
