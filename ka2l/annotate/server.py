@@ -279,6 +279,10 @@ def start(
             if save_connection:
                 connection.save(info.url, info.token)
             return info
+        raise ServerError(
+            f"Label Studio (pid {current['pid']}) is running for {folder} but does not answer at {current['url']}/health. "
+            "Stop it (`python -m ka2l annotate serve --stop`, or Stop on the Annotate page) and start it again."
+        )
     if current:
         _state_path(folder).unlink(missing_ok=True)  # a stale file: that server is gone
 
