@@ -285,3 +285,23 @@ def test_cancelling_a_job_that_is_still_starting_ends_it_at_once(memo_model, cap
     assert jobs.get(job_id)["status"] == "starting"  # the worker is still importing
     jobs.cancel(job_id, wait=True)
     assert jobs.get(job_id)["status"] == "cancelled", "not 'starting' for another 30 s"
+
+
+def test_a_label_studio_job_runs_beside_a_model_job_not_behind_it(memo_model, capitals):
+    """Push and pull need no model: they run in their own lane while Stage 1 runs, and a second model
+    job still waits. With no Label Studio connection stored, the pull ends at once with the message
+    saying how to connect (never a traceback, never 'queued' until Stage 1 is done)."""
+    import_pool(capitals)
+    model_job = jobs.submit("stage1", job_config(memo_model))
+    cfg = job_config(memo_model)
+    cfg["stage1"]["sampling"]["k"] = 4
+    waiting = jobs.submit("stage1", cfg)
+    pull = jobs.submit("pull", {"pool": "caps", "pull": {}})
+    assert wait_for(lambda: jobs.get(pull)["status"] in ("done", "failed", "cancelled"), timeout=120)
+    assert jobs.get(model_job)["status"] in jobs.ACTIVE, "the pull should have finished while Stage 1 still ran"
+    assert jobs.get(waiting)["status"] == "queued"
+    row = jobs.get(pull)
+    assert row["status"] == "failed" and "Label Studio" in row["error"], row["error"]
+    assert "Traceback" not in row["error"]
+    jobs.cancel(waiting)
+    jobs.cancel(model_job, wait=True)
