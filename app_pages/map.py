@@ -1,9 +1,10 @@
-"""Map: PCA / UMAP of a layer's hidden states, coloured by uncertainty; lasso a region into the curation set."""
+"""Map: PCA / UMAP of a layer's hidden states, coloured by uncertainty; lasso a region into the curation set;
+the annotation rank of the first N Label Studio tasks and how much of the unknown region they cover."""
 
 import streamlit as st
 
 from ka2l.errors import Ka2lError
-from ka2l.ui import actions, data
+from ka2l.ui import actions, annotate, data
 from ka2l.ui.charts import colour_label, map_figure
 from ka2l.ui.state import require_run
 
@@ -27,8 +28,25 @@ except Ka2lError as exc:
     st.error(str(exc))
     st.stop()
 frame = frame.assign(x=coords[:, 0], y=coords[:, 1])
-event = st.plotly_chart(map_figure(frame, colour, contour), width="stretch", on_select="rerun",
-                        selection_mode=("box", "lasso"), key="map")
+figure = map_figure(frame, colour, contour)
+try:
+    order = annotate.annotation_order(pool["id"])
+except Ka2lError as exc:
+    st.error(str(exc))
+    order = None
+if order is not None and len(order):
+    c = st.columns([1, 3])
+    first_n = int(c[0].number_input("First N tasks", min_value=1, max_value=len(order), value=min(20, len(order)),
+                                    help="The first N tasks annotators see in Label Studio; their questions are ringed on the "
+                                         "map with their rank."))
+    cov = actions.maps.rank_coverage(frame, order, first_n)
+    c[1].metric(f"The first {first_n} tasks cover", f"{cov['coverage']:.0%} of the map's unknown region",
+                help=f"Share of the grid cells holding unknown questions (BiSE = 1, {cov['unknown_points']} points) that "
+                     f"hold one of the first {first_n} tasks' questions ({cov['on_map']} on this map; decoded candidates have "
+                     "no point here). Raise the diversity on the Annotate page to spread them further.")
+    st.caption(f"Annotation rank: {order.attrs['source']}.")
+    annotate.rank_overlay(figure, frame, order, first_n)
+event = st.plotly_chart(figure, width="stretch", on_select="rerun", selection_mode=("box", "lasso"), key="map")
 points = event.selection.points if event and event.selection else []
 ids = sorted({int(p["customdata"][0]) for p in points if p.get("customdata")})
 st.caption(f"{len(ids)} question(s) selected with the box or lasso tool.")

@@ -61,7 +61,7 @@ with st.form("label-studio"):
                                "<data folder>/secrets/label_studio.json, readable by you only; never shown, logged or stored in "
                                "the database. Leave empty to keep the stored one.")
     c = st.columns(2)
-    save = c[0].form_submit_button("Save", type="primary")
+    save = c[0].form_submit_button("Save connection", type="primary")
     test = c[1].form_submit_button("Test connection")
 if save or test:
     use_token = token.strip() or (conn.token if conn and url.strip().rstrip("/") == conn.url else "")

@@ -174,3 +174,33 @@ def downloads(pool_name: str) -> tuple[dict[str, tuple[bytes, str, str]], int]:
 def pool_id(pool_name: str) -> int:
     with connect() as db:
         return int(Q.get_pool(db, pool_name)["id"])
+
+
+# -- the Map page: annotation rank and coverage -------------------------------------------------------
+
+def annotation_order(pool_id: int):
+    """The pool's tasks in annotation order (ka2l.views.maps.annotation_order)."""
+    from ..views.maps import annotation_order as order
+
+    return order(pool_id)
+
+
+def rank_overlay(fig, points, order, n: int) -> None:
+    """Mark the first ``n`` tasks' questions on the map figure: an open ring with the rank beside it.
+    customdata starts with the question id, like the map's own points, so a lasso over them selects those questions."""
+    import plotly.graph_objects as go
+
+    from .charts import hover_text
+
+    first = order.head(max(0, int(n))).dropna(subset=["question_id"])
+    ranks = dict(zip(first["question_id"].astype(int), first["rank"].astype(int)))
+    shown = points[points["question_id"].isin(ranks)]
+    if shown.empty:
+        return
+    labels = [ranks[int(q)] for q in shown["question_id"]]
+    fig.add_trace(go.Scattergl(
+        x=shown["x"], y=shown["y"], mode="markers+text", name=f"first {int(n)} tasks (rank)", text=[str(r) for r in labels],
+        textposition="top right", textfont={"size": 10},
+        marker={"symbol": "circle-open", "size": 13, "color": "#000000", "line": {"width": 1.5}},
+        customdata=[[int(q), hover_text(t), r] for q, t, r in zip(shown["question_id"], shown["question"], labels)],
+        hovertemplate="%{customdata[1]}<br>annotation rank: %{customdata[2]}<extra></extra>"))

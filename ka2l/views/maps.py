@@ -105,3 +105,58 @@ def run_projection(run_id: int, layer: int, method: str = "pca") -> np.ndarray:
     np.save(tmp, coords)
     tmp.rename(path)
     return coords
+
+
+# -- the annotation order on the map (Stage 3a) --------------------------------------------------------
+
+def annotation_order(pool_id: int, diversity: float = 0.3):
+    """The pool's tasks in annotation order, as a DataFrame (rank, question_id, kind; question_id is
+    missing for decoded candidates, which have no point on the map) and where the order comes from: the
+    ranks stored when the newest project was pushed (``ls_tasks``), else the ranks the next push would
+    give (``push.preview``, store only). ``attrs['source']`` says which; an empty frame before anything
+    is approved."""
+    import pandas as pd
+
+    from ..annotate import push
+    from ..config import PushConfig
+    from ..store import annotate as A
+
+    with connect() as db:
+        projects = A.projects(db, pool_id=pool_id)
+        links = A.links(db, projects[0]["id"]) if projects else []
+    if links:
+        frame = pd.DataFrame([{"rank": r["rank"], "question_id": r["question_id"], "kind": "original" if r["question_id"] is not None
+                               else "decoded"} for r in links if r["rank"] is not None])
+        frame.attrs["source"] = f"pushed to Label Studio project {projects[0]['project_id']} ({projects[0]['title']})"
+    else:
+        preview = push.preview(pool_id, PushConfig(diversity=diversity))
+        frame = preview[["rank", "question_id", "kind"]].copy() if len(preview) else pd.DataFrame(columns=["rank", "question_id", "kind"])
+        frame.attrs["source"] = "the order the next push would use (nothing pushed yet)"
+    source = frame.attrs["source"]
+    frame = frame.sort_values("rank", kind="stable").reset_index(drop=True).astype({"rank": "int64", "question_id": "Int64"})
+    frame.attrs["source"] = source
+    return frame
+
+
+def rank_coverage(points, order, n: int) -> dict:
+    """How much of the map's unknown region the first ``n`` tasks of ``order`` cover.
+
+    ``points``: the map's frame (question_id, x, y, bise); the unknown region is the points with BiSE 1.
+    Returns the share of the region's occupied grid cells holding one of the first ``n`` tasks'
+    questions (``ordering.region_coverage``), how many of those tasks are on the map and how many
+    unknown points there are.
+
+    >>> import pandas as pd
+    >>> pts = pd.DataFrame({"question_id": [1, 2, 3], "x": [0.0, 0.1, 9.0], "y": [0.0, 0.0, 9.0], "bise": [1, 1, 1]})
+    >>> order = pd.DataFrame({"rank": [1, 2, 3], "question_id": [1, 2, 3]})
+    >>> rank_coverage(pts, order, 1)["coverage"], rank_coverage(pts, order, 3)["coverage"]
+    (0.5, 1.0)
+    """
+    from ..annotate.ordering import region_coverage
+
+    first = order.head(max(0, int(n)))
+    chosen_ids = set(first["question_id"].dropna().astype(int))
+    on_map = points[points["question_id"].isin(chosen_ids)]
+    region = points[points["bise"] == 1] if "bise" in points else points.iloc[:0]
+    coverage = region_coverage(region[["x", "y"]].to_numpy(), on_map[["x", "y"]].to_numpy()) if len(region) else 0.0
+    return {"coverage": float(coverage), "on_map": int(len(on_map)), "tasks": int(len(first)), "unknown_points": int(len(region))}
