@@ -1,0 +1,119 @@
+"""The Label Studio round trip in a real browser: ka2l pushes a pool's approved set to a real Label
+Studio (the session fixture ``label_studio``); Chromium logs into Label Studio's own UI, opens the first
+task, sees the model's low-temperature answer as the prefilled prediction, corrects it and submits; then
+ka2l's Annotate page (Streamlit on 127.0.0.1) pulls and shows the typed answer in its table.
+Screenshots land in test-artifacts/labelstudio-*.png. Skips without Debian's Chromium unless
+KA2L_REQUIRE_BROWSER=1 (CI), where it fails instead."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from ka2l.annotate import connection
+from ka2l.annotate import push as P
+from ka2l.config import PushConfig
+from ka2l.paths import PROJECT_ROOT
+from ka2l.probing.stage1 import run_stage1
+from ka2l.store import annotate as A
+from ka2l.store import curation
+from ka2l.store import queries as Q
+from ka2l.store.db import connect
+from helpers import N_KNOWN, import_pool, stage1_cfg
+from test_browser import ARTIFACTS, CHROMIUM, FLAGS, JOB_TIMEOUT_MS, RUN_TIMEOUT_MS, App, _free_port, _requirements_or_skip
+
+TYPED = "Ankara, typed in Label Studio"
+
+
+@pytest.fixture
+def pushed(memo_model, capitals, label_studio, monkeypatch):
+    """A pool with a Stage 1 run and four curated unknown questions, pushed to Label Studio; the
+    connection comes from the environment (as a deployment would set it)."""
+    _requirements_or_skip()
+    monkeypatch.setenv(connection.ENV_URL, label_studio.url)
+    monkeypatch.setenv(connection.ENV_TOKEN, label_studio.token)
+    pool = import_pool(capitals, rows=capitals[N_KNOWN - 12:N_KNOWN + 12])  # 12 known to the tiny model, 12 not
+    run_id = run_stage1("caps", stage1_cfg(memo_model))
+    with connect() as db:
+        unknown = [r["question_id"] for r in Q.load_scores(db, run_id) if r["bise"] == 1]
+    curation.add(pool, unknown[:4], "test")
+    result = P.push("caps", PushConfig(title="browser round trip"))
+    with connect() as db:
+        first = A.links(db, result["project"])[0]  # rank 1
+    prediction = P.items("caps").set_index("item_key").loc[first["item_key"], "low_answer"]
+    assert prediction, "the first task carries the model's answer as a prediction"
+    return {"project_id": result["project_id"], "task_id": first["task_id"], "question": first["question"], "prediction": prediction}
+
+
+@pytest.fixture
+def app_server(pushed, tmp_path):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(PROJECT_ROOT / "app.py"), "--server.port", str(port),
+                             "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+                            env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(url + "_stcore/health", timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "the app server did not start"
+            time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=20)
+
+
+def test_annotate_in_label_studio_and_pull_into_the_app(pushed, app_server, label_studio):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(RUN_TIMEOUT_MS)
+
+        # Label Studio's own UI, as an annotator: log in, open the first task in the order
+        page.goto(f"{label_studio.url}/user/login")
+        page.locator("#email").fill(label_studio.username)
+        page.locator("#password").fill(label_studio.password)
+        page.locator("button.login-button").click()
+        page.wait_for_url(lambda u: "/user/login" not in u)
+        page.goto(f"{label_studio.url}/projects/{pushed['project_id']}/data?task={pushed['task_id']}")
+        main = page.locator(".lsf-main-view")
+        expect(main.get_by_text(pushed["question"], exact=True)).to_be_visible()
+        answer = page.get_by_test_id("htx-textbox-content")
+        expect(answer).to_have_text(pushed["prediction"])  # the model's answer, prefilled to correct
+        page.screenshot(path=str(ARTIFACTS / "labelstudio-1-task-with-prediction.png"), full_page=True)
+        page.get_by_test_id("htx-textbox-edit-button").click()
+        page.get_by_test_id("htx-textbox-input").fill(TYPED)
+        page.get_by_role("button", name="Save", exact=True).click()
+        expect(answer).to_have_text(TYPED)
+        page.screenshot(path=str(ARTIFACTS / "labelstudio-2-answer-typed.png"), full_page=True)
+        with page.expect_response(lambda r: "/api/tasks/" in r.url and "/annotations" in r.url and r.request.method == "POST") as posted:
+            page.get_by_role("button", name="Submit current annotation").click()
+        assert posted.value.ok, posted.value.status
+
+        # ka2l's Annotate page: progress shows the annotation, Pull brings the answer into the table
+        app = App(page)
+        app.goto(app_server + "annotate")
+        app.wait_text(f"Connected to {label_studio.url}")
+        app.wait_text("1 of 4 pushed tasks annotated")
+        app.click(app.main().get_by_role("button", name="Pull answers"))
+        app.wait_text("pulls the answers")
+        app.wait_text(f"Done: ", timeout_ms=JOB_TIMEOUT_MS)
+        app.reload()
+        table = app.main().get_by_test_id("stDataFrame").filter(has_text="every annotation")
+        expect(table).to_contain_text(TYPED, timeout=JOB_TIMEOUT_MS)
+        expect(app.main().get_by_test_id("stMetric").filter(has_text="Answered").get_by_test_id("stMetricValue")).to_have_text("1")
+        app.screenshot("labelstudio-3-pulled-in-ka2l.png")
+        browser.close()
+    assert all((ARTIFACTS / f).stat().st_size > 10_000 for f in ("labelstudio-1-task-with-prediction.png",
+                                                                    "labelstudio-3-pulled-in-ka2l.png"))
