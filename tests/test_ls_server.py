@@ -98,6 +98,17 @@ def test_a_busy_port_fails_at_once_with_the_fix(label_studio, tmp_path):
     assert server.health(label_studio.url)
 
 
+def test_a_port_taken_between_the_check_and_the_start_is_not_mistaken_for_ours(label_studio, tmp_path, monkeypatch):
+    """Label Studio moves to the next port when its port is busy, and the server already there answers
+    /health: the start must notice instead of returning the other server as its own."""
+    monkeypatch.setattr(server, "port_free", lambda port, host=server.HOST: True)  # the race: seen free, then taken
+    other = tmp_path / "other"
+    with pytest.raises(server.ServerError, match="was taken while Label Studio started"):
+        server.start(port=label_studio.port, folder=other, save_connection=False, timeout=120)
+    assert server.status(other) is None  # the stray process was stopped and its state removed
+    assert server.health(label_studio.url)
+
+
 # -- a server of this module's own: stopped by pid ----------------------------------------------
 
 

@@ -348,15 +348,38 @@ def _wait_healthy(url: str, pid: int, folder: Path, timeout: float, progress: Pr
                 f"Label Studio exited while starting. The end of its log ({folder / 'server.log'}):\n"
                 f"{_log_tail(folder, _credentials(folder)['token'])}"
             )
-        if health(url):
-            return True
         if _moved_port(folder):
             raise ServerError(
                 f"The port of {url} was taken while Label Studio started, and it moved to another port. "
                 "Start it again (ka2l picks a free port when none is given)."
             )
+        if health(url) and _serves(pid, int(url.rsplit(":", 1)[1])):
+            return True
         progress.advance(0, f"waiting for {url}/health ({time.monotonic() - started:.0f} s)")
         time.sleep(1.0)
+    return False
+
+
+def _serves(pid: int, port: int) -> bool:
+    """True if the loopback socket listening on ``port`` belongs to ``pid``'s process group, so a /health
+    answer comes from this server and not from another one that took the port. True where /proc cannot tell."""
+    try:
+        rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return True
+    inodes = {f"socket:[{r.split()[9]}]" for r in rows if r.split()[3] == "0A" and int(r.split()[1].split(":")[1], 16) == port}
+    if not inodes:
+        return False
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(proc.name)) != pid:
+                continue
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                return True
+        except OSError:
+            continue
     return False
 
 
