@@ -363,3 +363,107 @@ def field_help(cls: type) -> dict[str, str]:
 
 ALL_CONFIGS = (ModelSpec, PromptConfig, SamplingConfig, JudgeConfig, ThresholdConfig, ProbeConfig, Stage1Config, TriageConfig,
                DecoderConfig, FilterConfig, GenerateConfig)
+
+
+# -- Stage 3b: fine-tuning -----------------------------------------------------------------------
+
+FINETUNE_SOURCES = ("labelstudio", "gold", "file")
+GOLD_SETS = ("unknown", "all")
+LR_SCHEDULERS = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """A LoRA fine-tune of a Stage 1 run's model on (question, answer) pairs. Defaults are the paper's
+    (LLaMA-Factory, LoRA target "all", 3 epochs, lr 1e-4, batch 4, grad-accum 4); ``FINETUNE_PRESETS``
+    holds a CPU-sized and the GPU / paper setting. The pool is given beside the config (like Stage 1)."""
+
+    source: str = _f("labelstudio", "Where the pairs come from: labelstudio (answers pulled from the pool's Label Studio project), "
+                                    "gold (the pool's own gold answers, the first one per question) or file (a CSV / JSONL upload).")
+    project: int = _f(0, "ka2l's id of the Label Studio project whose answers are used (0 = the pool's newest); source labelstudio only.")
+    file: str = _f("", "Path of a .csv or .jsonl file with 'question' and 'answer' columns; source file only.")
+    gold_set: str = _f("unknown", "Which questions the gold source uses: unknown (BiSE = 1 in the run, the method's choice) or all.")
+    run_id: int = _f(0, "Stage 1 run whose model (and prompt) is tuned; 0 = the pool's newest finished run.")
+    lora_r: int = _f(8, "LoRA rank r (LLaMA-Factory default 8).")
+    lora_alpha: float = _f(16.0, "LoRA scaling alpha (LLaMA-Factory default 2 r).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA branch (LLaMA-Factory default 0).")
+    targets: tuple[str, ...] = _f(("all-linear",), "Modules that get LoRA: all-linear (every linear layer but the output head, "
+                                                   "the paper's 'all') or module names such as q_proj v_proj.")
+    epochs: float = _f(3.0, "Passes over the training pairs (paper: 3).")
+    lr: float = _f(1e-4, "Peak learning rate (paper: 5e-5 to 1e-4).")
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule after warm-up: cosine (LLaMA-Factory default), linear or constant.")
+    warmup_ratio: float = _f(0.0, "Share of the steps spent warming the learning rate up from 0.")
+    batch_size: int = _f(4, "Pairs per device per forward pass (paper: 4).")
+    grad_accum: int = _f(4, "Forward passes accumulated per optimizer step (paper: 2 to 8); effective batch = batch_size x grad_accum.")
+    max_length: int = _f(2048, "Longest prompt + answer in tokens; longer pairs lose the answer's end (LLaMA-Factory cutoff_len 2048).")
+    eval_share: float = _f(0.1, "Share of the pairs held out for evaluation (by seed and item key: an item keeps its split as data grows); "
+                                "training never sees them.")
+    eval_every: int = _f(10, "Evaluate the held-out loss every N optimizer steps (and once before training and at the end).")
+    patience: int = _f(3, "Early stopping: stop after this many evaluations without a lower held-out loss (0 = off). "
+                          "The adapter kept is the one with the lowest held-out loss.")
+    checkpoint_every: int = _f(50, "Save a resumable checkpoint every N optimizer steps (and on cancel).")
+    seed: int = _f(0, "Seed for the split, the known mix, LoRA initialisation and data order.")
+    mix_known: int = _f(0, "Mix in k known questions (BiSE = 0 in the run) with the model's own low-temperature answers, "
+                           "against forgetting and hallucination (Gekhman et al. 2024); 0 = off.")
+    device: str = _f("auto", "Device: auto (cuda -> mps -> cpu), cpu, cuda or mps; `accelerate launch` may place it instead.")
+    dtype: str = _f("auto", "Base weights dtype: auto (bf16 on CUDA, else float32), float32, float16, bfloat16. LoRA weights stay float32.")
+
+    def __post_init__(self) -> None:
+        from .device import DEVICES, DTYPES
+
+        _one_of("FinetuneConfig.source", self.source, FINETUNE_SOURCES)
+        _one_of("FinetuneConfig.gold_set", self.gold_set, GOLD_SETS)
+        _one_of("FinetuneConfig.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _one_of("FinetuneConfig.device", self.device.split(":")[0], DEVICES)
+        _one_of("FinetuneConfig.dtype", self.dtype, DTYPES)
+        if self.source == "file" and not self.file.strip():
+            raise ConfigError("FinetuneConfig.source is 'file' but no file is given: set file to a .csv or .jsonl with question and answer columns.")
+        if self.file and not self.file.lower().endswith((".csv", ".jsonl")):
+            raise ConfigError(f"FinetuneConfig.file must end in .csv or .jsonl, got {self.file!r}.")
+        if not self.targets or any(not str(t).strip() for t in self.targets):
+            raise ConfigError("FinetuneConfig.targets is empty. Use ('all-linear',) or module names such as ('q_proj', 'v_proj').")
+        _positive("FinetuneConfig.project", self.project, allow_zero=True)
+        _positive("FinetuneConfig.run_id", self.run_id, allow_zero=True)
+        _positive("FinetuneConfig.lora_r", self.lora_r)
+        _positive("FinetuneConfig.lora_alpha", self.lora_alpha)
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"FinetuneConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        _positive("FinetuneConfig.epochs", self.epochs)
+        _positive("FinetuneConfig.lr", self.lr)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"FinetuneConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        _positive("FinetuneConfig.batch_size", self.batch_size)
+        _positive("FinetuneConfig.grad_accum", self.grad_accum)
+        if self.max_length < 8:
+            raise ConfigError(f"FinetuneConfig.max_length must be at least 8 tokens, got {self.max_length}.")
+        if not 0 < self.eval_share < 0.9:
+            raise ConfigError(f"FinetuneConfig.eval_share must be in (0, 0.9): early stopping and the evaluation need held-out pairs; got {self.eval_share}.")
+        _positive("FinetuneConfig.eval_every", self.eval_every)
+        _positive("FinetuneConfig.patience", self.patience, allow_zero=True)
+        _positive("FinetuneConfig.checkpoint_every", self.checkpoint_every)
+        _positive("FinetuneConfig.mix_known", self.mix_known, allow_zero=True)
+
+
+FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
+    # A few minutes on a laptop CPU with SmolLM2-135M: float32, short sequences, frequent evals and checkpoints.
+    "cpu-small": {"lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.05, "epochs": 3.0, "lr": 2e-4, "batch_size": 4, "grad_accum": 2,
+                  "max_length": 256, "eval_every": 10, "checkpoint_every": 20, "patience": 3, "device": "cpu", "dtype": "float32"},
+    # The paper's setting (METHOD.md): LLaMA-Factory, LoRA on all linear modules, 3 epochs, lr 1e-4, batch 4, grad-accum 8, bf16.
+    "gpu-paper": {"lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "targets": ("all-linear",), "epochs": 3.0, "lr": 1e-4,
+                  "batch_size": 4, "grad_accum": 8, "max_length": 2048, "eval_every": 20, "checkpoint_every": 100, "patience": 3,
+                  "device": "cuda", "dtype": "bfloat16"},
+}
+
+
+def finetune_preset(name: str, **overrides: Any) -> FinetuneConfig:
+    """A preset's ``FinetuneConfig`` with ``overrides`` on top.
+
+    >>> finetune_preset("gpu-paper").grad_accum, finetune_preset("cpu-small", lr=1e-4).lr
+    (8, 0.0001)
+    """
+    if name not in FINETUNE_PRESETS:
+        raise ConfigError(f"No fine-tune preset {name!r}. Presets: {', '.join(FINETUNE_PRESETS)}.")
+    return from_dict(FinetuneConfig, {**FINETUNE_PRESETS[name], **overrides})
+
+
+ALL_CONFIGS = ALL_CONFIGS + (FinetuneConfig,)

@@ -38,7 +38,7 @@ from .store.db import connect, now
 
 log = logging.getLogger(__name__)
 
-KINDS = ("stage1", "triage", "decoder", "generate", "push", "pull")
+KINDS = ("stage1", "triage", "decoder", "generate", "push", "pull", "finetune")
 # Jobs in one lane run one at a time; lanes run side by side. Model jobs share the CPU / GPU and the
 # model; a Label Studio push or pull needs neither and must not wait an hour behind a Stage 1 run.
 LANES = {"push": "annotate", "pull": "annotate"}
@@ -46,7 +46,8 @@ ACTIVE = ("starting", "running")  # a worker process exists (or is being started
 PENDING = ("queued",) + ACTIVE
 CANCEL_GRACE_S = 10.0
 KIND_NAMES = {"stage1": "Stage 1", "triage": "Triage", "decoder": "Decoder training", "generate": "Candidate generation",
-              "push": "Push to Label Studio", "pull": "Pull from Label Studio"}
+              "push": "Push to Label Studio", "pull": "Pull from Label Studio",
+              "finetune": "Fine-tune"}
 
 
 def lane(kind: str) -> str:
@@ -137,7 +138,7 @@ def _identity(db, kind: str, config: dict[str, Any]) -> tuple[str, int | None, s
     from .config import config_hash, from_dict
 
     pool_id = None
-    if kind in ("stage1", "triage", "push", "pull"):
+    if kind in ("stage1", "triage", "push", "pull", "finetune"):
         from .store import queries as Q
 
         pool_id = int(Q.get_pool(db, config["pool"])["id"])
@@ -145,19 +146,23 @@ def _identity(db, kind: str, config: dict[str, Any]) -> tuple[str, int | None, s
 
 
 def config_class(kind: str):
-    from .config import DecoderConfig, GenerateConfig, PullConfig, PushConfig, Stage1Config, TriageConfig
+    from .config import DecoderConfig, FinetuneConfig, GenerateConfig, PullConfig, PushConfig, Stage1Config, TriageConfig
 
     return {"stage1": Stage1Config, "triage": TriageConfig, "decoder": DecoderConfig, "generate": GenerateConfig,
-            "push": PushConfig, "pull": PullConfig}[kind]
+            "push": PushConfig, "pull": PullConfig, "finetune": FinetuneConfig}[kind]
 
 
 def _validate(kind: str, config: dict[str, Any]) -> None:
     """Build the configs now, so a bad setting fails in the page, not later in the worker."""
     from .config import from_dict
 
-    if kind in ("stage1", "triage", "push", "pull") and "pool" not in config:
+    if kind in ("stage1", "triage", "push", "pull", "finetune") and "pool" not in config:
         raise ConfigError("A job needs a pool.")
     cfg = from_dict(config_class(kind), config.get(kind, {}))
+    if kind == "finetune":  # the data must exist and the run fit the device now, not only when the worker starts
+        from .finetune.lora import check_launch
+
+        check_launch(config["pool"], cfg)
     if kind in ("decoder", "generate"):  # what they build on must exist now, not only when the worker starts
         from .store import queries as Q
         from .store import augment as S
@@ -292,6 +297,8 @@ def plan(kind: str, config: dict[str, Any]) -> list[PhaseSpec]:
     if kind == "push":  # stage names are those ka2l.annotate.push reports
         return [PhaseSpec("ranking", 1.0, note="orders the approved set by P(unknown) and diversity"),
                 PhaseSpec("pushing tasks", 5.0, note=f"reports after every batch of {cfg.batch_size} tasks")]
+    if kind == "finetune":  # stage names are those ka2l.finetune.lora reports
+        return _finetune_plan(cfg, config.get("pool"))
     if kind == "pull":  # stage names are those ka2l.annotate.pull reports
         return [PhaseSpec("exporting annotations", 2.0, note="Label Studio builds the export in one call"),
                 PhaseSpec("storing annotations", 1.0)]
@@ -352,6 +359,18 @@ def _decoder_plan(cfg) -> list[PhaseSpec]:
             PhaseSpec("baseline reconstruction", 7.0 * n_eval, note=f"decodes {n_eval} questions"),
             PhaseSpec("training", training, note=f"{steps} steps" + (f", at most {cfg.max_minutes:g} min" if cfg.max_minutes else "")),
             PhaseSpec("held-out reconstruction", 2.5 * n_eval, note=f"decodes {n_eval} questions")]
+
+
+def _finetune_plan(cfg, pool: Any) -> list[PhaseSpec]:
+    import math
+
+    n = max(2, _pool_facts(pool)[0] // 2)  # a guess: the worker reports the real step count as training starts
+    steps = max(1, math.ceil(cfg.epochs * math.ceil(math.ceil(n * (1 - cfg.eval_share) / cfg.batch_size) / cfg.grad_accum)))
+    evals = steps // cfg.eval_every + 2
+    return [PhaseSpec("preparing data", 1.0), PhaseSpec("loading model", 5.0),
+            PhaseSpec("training", steps * cfg.batch_size * cfg.grad_accum * 0.5 + evals * 2.0,
+                      note=f"about {steps} steps; held-out loss every {cfg.eval_every}, a checkpoint every {cfg.checkpoint_every}"),
+            PhaseSpec("saving adapter", 1.0)]
 
 
 class JobProgress:
@@ -424,6 +443,10 @@ def _run(kind: str, cfg: dict[str, Any], progress: JobProgress) -> dict[str, Any
         from .annotate.pull import pull
 
         return pull(cfg["pool"], config, progress=progress)
+    if kind == "finetune":
+        from .finetune.lora import finetune
+
+        return {"finetune_id": finetune(cfg["pool"], config, progress=progress)}
     from .augment.candidates import generate_candidates
 
     return {"generation_id": generate_candidates(config, progress=progress)}

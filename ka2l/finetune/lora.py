@@ -1,0 +1,496 @@
+"""The LoRA fine-tune as resumable work, and loading a tuned model. The only module that imports
+``peft`` and ``trl`` (both lazily, inside functions).
+
+    data        ``ka2l.finetune.data.build``: pairs, the held-out split, the dataset hash; stored in finetune_data
+    preflight   the memory estimate against the device (``ka2l.finetune.preflight``); a config that cannot fit is refused
+    training    TRL's SFTTrainer on pre-tokenised pairs: the prompt is the one Stage 1 put to the model
+                (``build_prompt`` with the run's PromptConfig), the completion the answer and EOS; a
+                ``completion_mask`` makes TRL set every prompt label to -100 (loss on answer tokens only).
+                LoRA on every linear layer by default. A callback writes the train loss, lr and tokens/s
+                every step and the held-out loss every ``eval_every`` steps to ``finetune_log``, reports the
+                steps to the job, keeps the adapter with the lowest held-out loss and stops early after
+                ``patience`` evaluations without improvement.
+    checkpoints every ``checkpoint_every`` steps and on cancel (SIGTERM / SIGINT or the job's cancel flag are
+                honoured at the next step's end): written under ``.partial`` and renamed into place, so a
+                checkpoint folder is complete or absent. Resume continues from the newest one: its step, its
+                optimizer, scheduler, RNG and data position (Trainer's ``resume_from_checkpoint``).
+    adapter     the best adapter (safetensors + adapter_config.json) with a sidecar ``ka2l-finetune.json``:
+                dataset hash, config, model, prompt, versions
+
+Nothing here names a device: the run's device setting is resolved by ``ka2l.device`` (or left to
+``accelerate launch``, which places the Trainer's processes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..config import FinetuneConfig, ModelSpec, PromptConfig, Stage1Config, config_hash, from_dict, to_dict
+from ..errors import Cancelled, ConfigError, ModelLoadError
+from ..models.llm import LoadedLM, build_prompt, load_model, resolve_source
+from ..paths import data_dir
+from ..progress import NullProgress, Progress, marks_status
+from ..store import finetune as S
+from ..store import queries as Q
+from ..store.db import connect
+from . import data as D
+
+log = logging.getLogger(__name__)
+
+SIDECAR = "ka2l-finetune.json"
+KEEP_CHECKPOINTS = 2
+
+
+def finetunes_dir() -> Path:
+    return data_dir() / "finetunes"
+
+
+def folder_of(finetune_id: int) -> Path:
+    return finetunes_dir() / f"finetune-{finetune_id}"
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    from .. import __version__
+
+    return {"ka2l": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "trl": trl.__version__}
+
+
+# -- tokenising ----------------------------------------------------------------------------------
+
+def encode_pair(tokenizer, prompt: str, answer: str) -> dict[str, list[int]]:
+    """``input_ids`` = prompt tokens (as Stage 1 encodes them) + answer tokens + EOS, and a ``completion_mask``
+    that is 0 on the prompt, 1 on the answer and EOS. The two are tokenised apart, as at generation time."""
+    bos = tokenizer.bos_token
+    prompt_ids = tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+    sep = "" if prompt.endswith((" ", "\n")) else " "  # a plain 'Answer:' prompt is continued after a space
+    answer_ids = tokenizer(sep + answer, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
+    return {"input_ids": list(prompt_ids) + list(answer_ids), "completion_mask": [0] * len(prompt_ids) + [1] * len(answer_ids)}
+
+
+def encode_pairs(tokenizer, pairs: Sequence[D.Pair], prompt: PromptConfig, max_length: int) -> list[dict[str, list[int]]]:
+    """Every pair encoded; a prompt that leaves no room for its answer within ``max_length`` is refused."""
+    rows = [encode_pair(tokenizer, build_prompt(tokenizer, p.question, prompt), p.answer) for p in pairs]
+    long = [sum(1 for m in r["completion_mask"] if m == 0) for r in rows]
+    over = [n for n in long if n >= max_length - 1]
+    if over:
+        raise ConfigError(f"{len(over)} of {len(rows)} prompts are {max(over)} tokens or longer, more than max_length = {max_length} "
+                          f"leaves for an answer. Raise max_length to at least {max(over) + 32}, or shorten those questions.")
+    return rows
+
+
+# -- the trainer ---------------------------------------------------------------------------------
+
+def _trainer_class():
+    from trl import SFTTrainer
+
+    class AtomicSFTTrainer(SFTTrainer):
+        """SFTTrainer whose checkpoints are written under ``.partial`` and renamed into place when complete."""
+
+        _ka2l_partial: str | None = None
+
+        def _get_output_dir(self, trial):
+            return self._ka2l_partial or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            out = Path(self.args.output_dir)
+            name = f"checkpoint-{self.state.global_step}"
+            partial = out / ".partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            self._ka2l_partial = str(partial)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._ka2l_partial = None
+            _replace_dir(partial / name, out / name)
+            shutil.rmtree(partial, ignore_errors=True)
+            for old in checkpoints(out)[:-KEEP_CHECKPOINTS]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    return AtomicSFTTrainer
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Put folder ``src`` at ``dst``: an existing ``dst`` is moved aside first and removed after."""
+    old = dst.with_name(dst.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints in ``folder``, oldest step first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint-") and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def total_steps(n_train: int, cfg: FinetuneConfig) -> int:
+    """Optimizer steps for ``cfg.epochs`` passes over ``n_train`` pairs.
+
+    >>> total_steps(10, FinetuneConfig(batch_size=4, grad_accum=2, epochs=3.0))
+    6
+    """
+    per_epoch = math.ceil(math.ceil(n_train / cfg.batch_size) / cfg.grad_accum)
+    return max(1, math.ceil(cfg.epochs * per_epoch))
+
+
+def make_trainer(lm: LoadedLM, train_rows: list[dict], eval_rows: list[dict], cfg: FinetuneConfig, output_dir: Path,
+                 max_steps: int | None = None, callbacks: Sequence[Any] = (), eval_on_start: bool = True):
+    """TRL's SFTTrainer over pre-tokenised rows (``encode_pairs``), LoRA as ``cfg`` says, completion-only loss."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    max_steps = max_steps or total_steps(len(train_rows), cfg)
+    use_cpu = lm.device == "cpu"
+    bf16 = lm.device.startswith("cuda") and next(lm.model.parameters()).dtype == torch.bfloat16
+    sched = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
+    args = SFTConfig(
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr,
+        lr_scheduler_type=sched, warmup_steps=int(round(cfg.warmup_ratio * max_steps)), logging_steps=1,
+        eval_strategy="steps", eval_steps=cfg.eval_every, eval_on_start=eval_on_start, save_strategy="steps",
+        save_steps=cfg.checkpoint_every, save_total_limit=None, seed=cfg.seed, report_to="none", completion_only_loss=True,
+        max_length=cfg.max_length, use_cpu=use_cpu, bf16=bf16, dataloader_num_workers=0, disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding", packing=False, padding_free=False)
+    targets = "all-linear" if "all-linear" in cfg.targets else list(cfg.targets)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+                      task_type="CAUSAL_LM", bias="none")
+    from datasets.utils.logging import disable_progress_bar
+    from transformers import PrinterCallback
+
+    disable_progress_bar()  # the job reports progress; no bars in its log
+    torch.manual_seed(cfg.seed)  # LoRA's initialisation
+    lm.tokenizer.padding_side = "right"  # training pads right (TRL's collator does); generation sets left again
+    try:
+        trainer = _trainer_class()(model=lm.model, args=args, train_dataset=Dataset.from_list(train_rows),
+                                   eval_dataset=Dataset.from_list(eval_rows), processing_class=lm.tokenizer, peft_config=lora,
+                                   callbacks=list(callbacks))
+    except ValueError as exc:
+        if "target modules" in str(exc).lower() or "target_modules" in str(exc):
+            raise ConfigError(f"LoRA targets {list(cfg.targets)} match no module of this model ({exc}). Use 'all-linear'.") from exc
+        raise
+    trainer.remove_callback(PrinterCallback)  # losses go to the store, not stdout
+    return trainer
+
+
+# -- what the training loop records ---------------------------------------------------------------
+
+def _callback_class():
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        """Losses to the store, steps to the job, early stopping, the best adapter, stop requests."""
+
+        def __init__(self, run: "_Run"):
+            self.run = run
+            self.pending: list[dict[str, Any]] = []
+            self.last_flush = self.t_last = time.monotonic()
+            self.tokens_last = 0
+            self.cancelled = False
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.run.progress.stage("training", total=state.max_steps, done=state.global_step)
+            self.t_last, self.tokens_last = time.monotonic(), state.num_input_tokens_seen or 0
+
+        def on_step_end(self, args, state, control, **kw):
+            last = self.pending[-1]["loss"] if self.pending else None
+            try:
+                self.run.progress.advance(1, f"step {state.global_step}/{state.max_steps}" + (f" · loss {last:.3f}" if last is not None else ""))
+            except Cancelled:
+                self.cancelled = True
+            if self.cancelled or self.run.stop["signal"]:
+                control.should_save = True  # a checkpoint at this step, then out
+                control.should_training_stop = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if "loss" in logs and not any(k.startswith("eval_") for k in logs):
+                t, tokens = time.monotonic(), state.num_input_tokens_seen or 0
+                rate = (tokens - self.tokens_last) / (t - self.t_last) if t > self.t_last and tokens > self.tokens_last else None
+                self.t_last, self.tokens_last = t, tokens
+                self.pending.append({"step": state.global_step, "split": "train", "loss": float(logs["loss"]),
+                                     "lr": logs.get("learning_rate"), "tokens_per_s": rate})
+                if time.monotonic() - self.last_flush >= 1.0:
+                    self.flush(state.global_step)
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            loss = float((metrics or {})["eval_loss"])
+            self.pending.append({"step": state.global_step, "split": "eval", "loss": loss})
+            self.run.evaluated(state.global_step, loss, kw.get("model"), control)
+            self.flush(state.global_step)
+            self.t_last = time.monotonic()  # tokens/s counts training time only
+
+        def on_save(self, args, state, control, **kw):
+            self.flush(state.global_step, checkpoint=True)
+
+        def on_train_end(self, args, state, control, **kw):
+            self.flush(state.global_step)
+
+        def flush(self, step: int, checkpoint: bool = False) -> None:
+            self.run.flush(self.pending, step, checkpoint)
+            self.pending.clear()
+            self.last_flush = time.monotonic()
+
+    return Recorder
+
+
+@contextmanager
+def _stop_requests(stop: dict[str, Any]) -> Iterator[None]:
+    """While training, SIGTERM / SIGINT only ask to stop at the next step's end (a second one interrupts at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGTERM, signal.SIGINT)
+    old = {s: signal.getsignal(s) for s in signals}
+
+    def handler(signum, frame):
+        if stop["signal"]:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+
+    for s in signals:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class _Run:
+    """One fine-tune's state while it trains: its row, folder, early stopping and the best adapter."""
+
+    def __init__(self, finetune_id: int, cfg: FinetuneConfig, progress: Progress):
+        self.id, self.cfg, self.progress = finetune_id, cfg, progress
+        self.folder = folder_of(finetune_id)
+        self.ckpt_dir, self.best_dir, self.adapter_dir = self.folder / "checkpoints", self.folder / "best", self.folder / "adapter"
+        self.stop: dict[str, Any] = {"signal": 0}
+        self.best: float | None = None
+        self.bad = 0
+        self.stopped_early = False
+        self.last_eval_step = -1
+        self.t_flush = time.monotonic()
+
+    def restore(self, step: int) -> None:
+        """Early-stopping state as it was at the checkpoint ``step``; log rows and a best adapter from after it are dropped."""
+        with connect() as db:
+            S.trim_log(db, self.id, step)
+            evals = S.log(db, self.id, "eval")
+        for row in evals:
+            self._track(row["step"], row["loss"])
+        best_step = json.loads((self.best_dir / SIDECAR).read_text())["step"] if (self.best_dir / SIDECAR).is_file() else None
+        if best_step is not None and best_step > step:
+            shutil.rmtree(self.best_dir, ignore_errors=True)
+        with connect() as db:
+            S.update_finetune(db, self.id, step=step, best_eval_loss=self.best, stopped_early=0)
+
+    def _track(self, step: int, loss: float) -> bool:
+        """Early-stopping bookkeeping; True when ``loss`` is a new best."""
+        self.last_eval_step = step
+        if self.best is None or loss < self.best:
+            self.best, self.bad = loss, 0
+            return True
+        self.bad += 1
+        return False
+
+    def evaluated(self, step: int, loss: float, model, control) -> None:
+        if self._track(step, loss) and model is not None:
+            tmp = self.folder / ".best-partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(str(tmp))
+            (tmp / SIDECAR).write_text(json.dumps({"step": step, "eval_loss": loss}))
+            _replace_dir(tmp, self.best_dir)
+        if self.cfg.patience and self.bad >= self.cfg.patience:
+            self.stopped_early = True
+            control.should_training_stop = True
+        with connect() as db:
+            S.update_finetune(db, self.id, best_eval_loss=self.best, stopped_early=int(self.stopped_early))
+
+    def flush(self, rows: list[dict[str, Any]], step: int, checkpoint: bool) -> None:
+        t = time.monotonic()
+        with connect() as db:
+            if rows:
+                S.add_log(db, self.id, rows)
+            S.add_seconds(db, self.id, t - self.t_flush)
+            S.update_finetune(db, self.id, step=step)
+        self.t_flush = t
+        if checkpoint:
+            log.info("fine-tune %d: checkpoint at step %d", self.id, step)
+
+
+# -- the job's library call -------------------------------------------------------------------------
+
+def _start(pool: str | int, cfg: FinetuneConfig, ds: D.Dataset, spec: ModelSpec) -> tuple[int, str]:
+    with connect() as db:
+        h = config_hash(cfg)
+        row = S.find_finetune(db, ds.pool_id, h, ds.hash)
+        if row is not None and row["status"] == "done" and row["adapter_dir"] and Path(row["adapter_dir"]).is_dir():
+            return int(row["id"]), "done"
+        if row is not None:
+            S.update_finetune(db, row["id"], status="training", error=None)
+            return int(row["id"]), "resumed"
+        with db.atomic():
+            fid = S.create_finetune(db, {"pool_id": ds.pool_id, "run_id": ds.run_id, "config": to_dict(cfg), "config_hash": h,
+                                         "model": spec.name_or_path, "data_source": cfg.source, "dataset_hash": ds.hash,
+                                         "n_train": len(ds.train), "n_eval": len(ds.eval), "status": "training", "versions": versions()})
+            S.save_data(db, fid, ds.rows())
+        return fid, "new"
+
+
+def run_model(run_id: int, cfg: FinetuneConfig) -> tuple[ModelSpec, PromptConfig]:
+    """The model (with the fine-tune's device and dtype) and the prompt of Stage 1 run ``run_id``."""
+    with connect() as db:
+        stage1 = from_dict(Stage1Config, Q.get_run(db, run_id)["config"])
+    return replace(stage1.model, device=cfg.device, dtype=cfg.dtype), stage1.prompt
+
+
+def check_launch(pool: str | int, cfg: FinetuneConfig, available: int | None = None):
+    """What a launch checks before it queues: the data builds and the model fits the device. Returns
+    (dataset, preflight verdict); raises ``ConfigError`` saying what to change."""
+    from . import preflight
+
+    ds = D.build(pool, cfg)
+    spec, _ = run_model(ds.run_id, cfg)
+    source, _ = resolve_source(spec)
+    return ds, preflight.require(source, cfg, spec.revision, available)
+
+
+def finetune(pool: str | int, cfg: FinetuneConfig, progress: Progress | None = None, available: int | None = None) -> int:
+    """Fine-tune the model of the pool's Stage 1 run (``cfg.run_id``) on ``cfg``'s data; returns the fine-tune's id.
+    The same pool, config and data continue the unfinished fine-tune from its last checkpoint, or return the
+    finished one. A cancel (the job's, SIGTERM or Ctrl-C) stops at the next step's end with a checkpoint and
+    raises ``Cancelled``. ``available`` (bytes) overrides the preflight's measurement of free memory."""
+    from . import preflight
+
+    progress = progress or NullProgress()
+    progress.stage("preparing data")
+    ds = D.build(pool, cfg)
+    spec, prompt = run_model(ds.run_id, cfg)
+    source, _ = resolve_source(spec)
+    verdict = preflight.require(source, cfg, spec.revision, available)  # refused before anything is stored or loaded
+    finetune_id, state = _start(pool, cfg, ds, spec)
+    if state == "done":
+        return finetune_id
+
+    def update(**fields: Any) -> None:
+        with connect() as db:
+            S.update_finetune(db, finetune_id, **fields)
+
+    with marks_status(update, progress):
+        log.info("fine-tune %d (%s): %s", finetune_id, state, verdict.message)
+        run = _Run(finetune_id, cfg, progress)
+        with connect() as db:
+            rows = S.load_data(db, finetune_id)
+        train = [D.Pair(r["item_key"], r["question"], r["answer"], r["origin"]) for r in rows if r["split"] == "train"]
+        evals = [D.Pair(r["item_key"], r["question"], r["answer"], r["origin"]) for r in rows if r["split"] == "eval"]
+        progress.stage("loading model")
+        lm = load_model(spec)
+        train_rows = encode_pairs(lm.tokenizer, train, prompt, cfg.max_length)
+        eval_rows = encode_pairs(lm.tokenizer, evals, prompt, cfg.max_length)
+        steps = total_steps(len(train_rows), cfg)
+        shutil.rmtree(run.ckpt_dir / ".partial", ignore_errors=True)  # a save killed half-way
+        found = checkpoints(run.ckpt_dir)
+        ckpt = found[-1] if found else None
+        start = int(ckpt.name.split("-")[-1]) if ckpt else 0
+        run.restore(start)
+        update(total_steps=steps, step=start)
+        recorder = _callback_class()(run)
+        trainer = make_trainer(lm, train_rows, eval_rows, cfg, run.ckpt_dir, steps, [recorder], eval_on_start=ckpt is None)
+        with _stop_requests(run.stop):
+            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+            if recorder.cancelled or run.stop["signal"]:
+                raise Cancelled(f"fine-tune {finetune_id} stopped at step {trainer.state.global_step}; its checkpoint resumes it")
+            if run.last_eval_step != trainer.state.global_step:
+                trainer.evaluate()
+        progress.stage("saving adapter")
+        source_dir = run.best_dir if (run.best_dir / "adapter_config.json").is_file() else None
+        tmp = run.folder / ".adapter-partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if source_dir is not None:
+            shutil.copytree(source_dir, tmp)
+        else:
+            trainer.model.save_pretrained(str(tmp))
+        best_step = json.loads((tmp / SIDECAR).read_text())["step"] if (tmp / SIDECAR).is_file() else trainer.state.global_step
+        sidecar = {"finetune_id": finetune_id, "pool_id": ds.pool_id, "run_id": ds.run_id, "dataset_hash": ds.hash,
+                   "data_source": cfg.source, "n_train": len(train), "n_eval": len(evals), "config": to_dict(cfg),
+                   "config_hash": config_hash(cfg), "model": to_dict(spec), "model_source": source, "prompt": to_dict(prompt),
+                   "step": best_step, "steps_trained": trainer.state.global_step, "total_steps": steps, "best_eval_loss": run.best,
+                   "stopped_early": run.stopped_early, "versions": versions()}
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
+        _replace_dir(tmp, run.adapter_dir)
+        shutil.rmtree(run.ckpt_dir, ignore_errors=True)
+        shutil.rmtree(run.best_dir, ignore_errors=True)
+        update(status="done", adapter_dir=str(run.adapter_dir), step=trainer.state.global_step, best_eval_loss=run.best,
+               stopped_early=int(run.stopped_early), error=None)
+    return finetune_id
+
+
+# -- using a tuned model --------------------------------------------------------------------------
+
+def read_sidecar(adapter_dir: str | Path) -> dict[str, Any]:
+    """The sidecar of an adapter folder: dataset hash, config, model (a ModelSpec dict), prompt, versions."""
+    path = Path(adapter_dir) / SIDECAR
+    if not path.is_file():
+        raise ModelLoadError(f"{adapter_dir} has no {SIDECAR}: it is not an adapter ka2l saved. Give the adapter folder of a finished fine-tune.")
+    return json.loads(path.read_text())
+
+
+def load_tuned(model_spec: ModelSpec, adapter_dir: str | Path, device: str | None = None, merge: bool = True) -> LoadedLM:
+    """The base model of ``model_spec`` with the LoRA adapter in ``adapter_dir`` applied, as a ka2l ``LoadedLM``
+    (so Stage 1's generation and hidden-state code use it unchanged). ``merge`` folds the adapter into the
+    weights (a plain transformers model); otherwise the model is peft's wrapper."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{adapter_dir} has no adapter_config.json. Give the adapter folder of a finished fine-tune "
+                             f"(`python -m ka2l finetunes` lists them).")
+    lm = load_model(model_spec, device)
+    try:
+        tuned = PeftModel.from_pretrained(lm.model, str(adapter_dir))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"Could not apply the adapter in {adapter_dir} to {model_spec.name_or_path!r}: {str(exc).splitlines()[0]}. "
+                             f"Was it trained on this model? Its sidecar names the model it was trained on.") from exc
+    model = tuned.merge_and_unload() if merge else tuned
+    model.eval()
+    return replace(lm, model=model, source=f"{lm.source} + adapter {adapter_dir}")
+
+
+def load_finetuned(finetune_id: int, device: str | None = None, merge: bool = True) -> tuple[LoadedLM, PromptConfig]:
+    """A finished fine-tune's tuned model and the prompt its Stage 1 run used."""
+    with connect() as db:
+        row = S.get_finetune(db, finetune_id)
+    if row["status"] != "done" or not row["adapter_dir"]:
+        raise ConfigError(f"Fine-tune {finetune_id} is {row['status']}; finish it (resume its job) before using the tuned model.")
+    side = read_sidecar(row["adapter_dir"])
+    spec = from_dict(ModelSpec, side["model"])
+    if device is not None:
+        spec = replace(spec, device=device)
+    return load_tuned(spec, row["adapter_dir"], merge=merge), from_dict(PromptConfig, side["prompt"])
