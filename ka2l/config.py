@@ -400,7 +400,7 @@ class FinetuneConfig:
                                 "training never sees them.")
     eval_every: int = _f(10, "Evaluate the held-out loss every N optimizer steps (and once before training and at the end).")
     patience: int = _f(3, "Early stopping: stop after this many evaluations without a lower held-out loss (0 = off). "
-                          "The adapter kept is the one with the lowest held-out loss.")
+                          "With early stopping the adapter kept is the one with the lowest held-out loss; without, the last.")
     checkpoint_every: int = _f(50, "Save a resumable checkpoint every N optimizer steps (and on cancel).")
     seed: int = _f(0, "Seed for the split, the known mix, LoRA initialisation and data order.")
     mix_known: int = _f(0, "Mix in k known questions (BiSE = 0 in the run) with the model's own low-temperature answers, "

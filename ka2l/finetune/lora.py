@@ -9,7 +9,8 @@
                 LoRA on every linear layer by default. A callback writes the train loss, lr and tokens/s
                 every step and the held-out loss every ``eval_every`` steps to ``finetune_log``, reports the
                 steps to the job, keeps the adapter with the lowest held-out loss and stops early after
-                ``patience`` evaluations without improvement.
+                ``patience`` evaluations without improvement (keeping the best adapter; with patience 0,
+                early stopping is off and the adapter is the one training ended with).
     checkpoints every ``checkpoint_every`` steps and on cancel (SIGTERM / SIGINT or the job's cancel flag are
                 honoured at the next step's end): written under ``.partial`` and renamed into place, so a
                 checkpoint folder is complete or absent. Resume continues from the newest one: its step, its
@@ -321,7 +322,7 @@ class _Run:
         return False
 
     def evaluated(self, step: int, loss: float, model, control) -> None:
-        if self._track(step, loss) and model is not None:
+        if self._track(step, loss) and model is not None and self.cfg.patience:
             tmp = self.folder / ".best-partial"
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(str(tmp))
@@ -430,7 +431,8 @@ def finetune(pool: str | int, cfg: FinetuneConfig, progress: Progress | None = N
             if run.last_eval_step != trainer.state.global_step:
                 trainer.evaluate()
         progress.stage("saving adapter")
-        source_dir = run.best_dir if (run.best_dir / "adapter_config.json").is_file() else None
+        # early stopping keeps the adapter with the lowest held-out loss; without it, the weights training ended with
+        source_dir = run.best_dir if cfg.patience and (run.best_dir / "adapter_config.json").is_file() else None
         tmp = run.folder / ".adapter-partial"
         shutil.rmtree(tmp, ignore_errors=True)
         if source_dir is not None:
