@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import Ka2lError
 from . import annotate, augment, jobs, pools, probing
 from . import finetune as finetune_cli
+from . import evaluate as evaluate_cli
 from .parsing import grouped_listing
 
 EXAMPLES = """examples:
@@ -31,7 +32,7 @@ EXAMPLES = """examples:
   python -m ka2l annotate export --pool capitals --format alpaca --out sft/capitals.json
 """
 
-STAGES = (pools, probing, augment, annotate, finetune_cli, jobs)  # the order of the groups in --help
+STAGES = (pools, probing, augment, annotate, finetune_cli, evaluate_cli, jobs)  # the order of the groups in --help
 
 
 def build_parser() -> argparse.ArgumentParser:
