@@ -125,6 +125,10 @@ def test_base_answers_while_training_runs_and_tuned_refused_until_it_finished(me
     fid = finetuned(memo_model, capitals)
     with connect() as db:
         S.update_finetune(db, fid, status="training")
+    with pytest.raises(ConfigError, match="is training, so it has no tuned model.*--model base"):
+        EV.evaluate(fid, batch_size=BATCH, bootstrap=50)
+    with connect() as db:  # refused before any model answered
+        assert not E.answered_keys(db, fid, "base")
     summary = EV.evaluate(fid, batch_size=BATCH, bootstrap=50, models=("base",))
     assert set(summary["metrics"]["meteor"]) == {"base"} and summary["answered_now"] == {"base": len(held_out(fid))}
     with pytest.raises(ConfigError, match="is training, so it has no tuned model.*Finish it first"):

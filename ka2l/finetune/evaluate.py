@@ -71,16 +71,19 @@ def _setup(finetune_id: int, device: str | None) -> dict[str, Any]:
 def _load(model: str, ctx: dict[str, Any]):
     from ..models.llm import load_model
 
-    row = ctx["row"]
     if model == "base":
         return load_model(ctx["spec"])
+    _require_adapter(ctx["row"])
+    from .lora import load_tuned
+
+    return load_tuned(ctx["spec"], ctx["row"]["adapter_dir"])
+
+
+def _require_adapter(row: dict[str, Any]) -> None:
     if row["status"] != "done" or not row["adapter_dir"]:
         raise ConfigError(f"Fine-tune {row['id']} is {row['status']}, so it has no tuned model to evaluate yet. Finish it first "
                           f"(resume its job, or `python -m ka2l finetune` with the same settings), then evaluate again; "
-                          f"answers stored so far are kept.")
-    from .lora import load_tuned
-
-    return load_tuned(ctx["spec"], row["adapter_dir"])
+                          f"the base model alone can be evaluated meanwhile (--model base). Answers stored so far are kept.")
 
 
 def _answer(finetune_id: int, model: str, ctx: dict[str, Any], temperature: float, seed: int, batch_size: int,
@@ -211,6 +214,8 @@ def evaluate(finetune_id: int, progress: Progress | None = None, *, temperature:
     started = time.time()
     progress.stage("preparing")
     ctx = _setup(finetune_id, device)
+    if "tuned" in models:
+        _require_adapter(ctx["row"])  # refused before an hour of base answers, not after
     cache_dir = None  # WordNet's folder under the data folder
     T.wordnet_data(cache_dir)  # a missing WordNet is reported before any model is loaded
     if fresh:
