@@ -12,6 +12,21 @@ from ka2l.ui.state import active_pool, flash, show_flash
 LIVE_SECONDS = 5  # how often annotation progress is re-read from Label Studio
 ACTIVE_KEY = "ka2l.annotate.active_jobs"  # push / pull jobs seen running, to redraw the page when they end
 
+
+
+def _submit(kind: str, cfg: dict, what: str) -> None:
+    """Queue a push or pull job of this pool and say so; the same job already queued or running is named, not doubled."""
+    try:
+        job_id = ann.submit(kind, pool["name"], cfg)
+    except jobs.JobPending as exc:
+        st.info(str(exc))
+    except Ka2lError as exc:
+        st.error(str(exc))
+    else:
+        st.session_state[ACTIVE_KEY] = st.session_state.get(ACTIVE_KEY, set()) | {job_id}
+        st.success(f"Job {job_id} {what}")
+
+
 st.title("Annotate: answers from Label Studio")
 show_flash("annotate")
 pool = active_pool()
@@ -103,13 +118,8 @@ if preview is not None:
         title = c[0].text_input("Project title (first push only)", value="", placeholder=f"ka2l: {pool['name']}", disabled=bool(project))
         batch = c[1].number_input("Tasks per import call", 1, 5000, 200)
         if st.form_submit_button(f"Push {new} task(s)", type="primary", disabled=not (connected and new)):
-            try:
-                job_id = ann.submit("push", pool["name"], {"diversity": float(diversity), "title": title.strip(), "batch_size": int(batch)})
-                st.success(f"Job {job_id} pushes {new} task(s); it keeps running if you reload or close the tab.")
-            except jobs.JobPending as exc:
-                st.info(str(exc))
-            except Ka2lError as exc:
-                st.error(str(exc))
+            _submit("push", {"diversity": float(diversity), "title": title.strip(), "batch_size": int(batch)},
+                    f"pushes {new} task(s); it keeps running if you reload or close the tab.")
     if not connected:
         st.caption("Push and Pull need a working connection (above).")
 job_panel(kinds=("push", "pull"), key="annotate")
@@ -147,14 +157,7 @@ st.fragment(_live, run_every=LIVE_SECONDS)(pool["name"], bool(project))
 st.subheader("Answers")
 if st.button("Pull answers", type="primary", disabled=not (connected and project),
              help="Fetches every annotation of the project; changed ones are updated, none is added twice."):
-    try:
-        job_id = ann.submit("pull", pool["name"], {})
-        st.session_state[ACTIVE_KEY] = st.session_state.get(ACTIVE_KEY, set()) | {job_id}
-        st.success(f"Job {job_id} pulls the answers; the table updates when it is done.")
-    except jobs.JobPending as exc:
-        st.info(str(exc))
-    except Ka2lError as exc:
-        st.error(str(exc))
+    _submit("pull", {}, "pulls the answers; the table updates when it is done.")
 if not project:
     st.caption("Nothing pushed yet.")
     st.stop()

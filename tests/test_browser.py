@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -62,12 +64,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path, memo_model):
-    _requirements_or_skip()
-    settings.save({"model": str(memo_model), "device": "cpu"})
+@contextmanager
+def streamlit_app(home: Path) -> Iterator[str]:
+    """The real app (``streamlit run app.py``) on a free loopback port, with ``home`` as HOME; yields its
+    URL once it answers its health check and stops its process group afterwards."""
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "HOME": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "HOME": str(home)}
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(PROJECT_ROOT / "app.py"), "--server.port", str(port),
                              "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
                             env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -80,9 +82,19 @@ def server(tmp_path, memo_model):
         except OSError:
             assert proc.poll() is None and time.monotonic() < deadline, "the app server did not start"
             time.sleep(0.5)
-    yield url
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=20)
+    try:
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=20)
+
+
+@pytest.fixture
+def server(tmp_path, memo_model):
+    _requirements_or_skip()
+    settings.save({"model": str(memo_model), "device": "cpu"})
+    with streamlit_app(tmp_path) as url:
+        yield url
 
 
 # -- waiting for Streamlit -------------------------------------------------------------------------

@@ -7,12 +7,6 @@ KA2L_REQUIRE_BROWSER=1 (CI), where it fails instead."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-import urllib.request
-
 import pytest
 
 from ka2l.annotate import connection
@@ -25,7 +19,7 @@ from ka2l.store import curation
 from ka2l.store import queries as Q
 from ka2l.store.db import connect
 from helpers import N_KNOWN, import_pool, stage1_cfg
-from test_browser import ARTIFACTS, CHROMIUM, FLAGS, JOB_TIMEOUT_MS, RUN_TIMEOUT_MS, App, _free_port, _requirements_or_skip
+from test_browser import ARTIFACTS, CHROMIUM, FLAGS, JOB_TIMEOUT_MS, RUN_TIMEOUT_MS, App, _requirements_or_skip, streamlit_app
 
 TYPED = "Ankara, typed in Label Studio"
 
@@ -52,23 +46,8 @@ def pushed(memo_model, capitals, label_studio, monkeypatch):
 
 @pytest.fixture
 def app_server(pushed, tmp_path):
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "HOME": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(PROJECT_ROOT / "app.py"), "--server.port", str(port),
-                             "--server.headless", "true", "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-                            env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(url + "_stcore/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "the app server did not start"
-            time.sleep(0.5)
-    yield url
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=20)
+    with streamlit_app(tmp_path) as url:
+        yield url
 
 
 def test_annotate_in_label_studio_and_pull_into_the_app(pushed, app_server, label_studio):

@@ -68,7 +68,6 @@ def push_config(args: argparse.Namespace) -> PushConfig:
 
 def _cmd_push(args: argparse.Namespace) -> int:
     from ..annotate import push
-    from ..progress import TqdmProgress
 
     pool = _pool_name(args.pool)
     cfg = push_config(args)
@@ -76,14 +75,21 @@ def _cmd_push(args: argparse.Namespace) -> int:
         frame = push.preview(pool, cfg)
         print(format_preview(frame, args.limit))
         return 0
+    return _run("push", push.push, pool, cfg, args, describe_push)
+
+
+def _run(kind: str, call, pool: str, cfg, args: argparse.Namespace, describe) -> int:
+    """A push or pull: queued as a background job with --background, else run here with a progress bar."""
+    from ..progress import TqdmProgress
+
     if args.background:
-        return submit_job("push", {"pool": pool, "push": to_dict(cfg)}, "the app's Annotate or Jobs page,")
+        return submit_job(kind, {"pool": pool, kind: to_dict(cfg)}, "the app's Annotate or Jobs page,")
     progress = TqdmProgress(disable=args.quiet)
     try:
-        result = push.push(pool, cfg, progress=progress)
+        result = call(pool, cfg, progress=progress)
     finally:
         progress.close()
-    print(describe_push(result))
+    print(describe(result))
     return 0
 
 
@@ -122,19 +128,10 @@ def describe_pull(r: dict[str, Any]) -> str:
 
 def _cmd_pull(args: argparse.Namespace) -> int:
     from ..annotate import pull
-    from ..progress import TqdmProgress
 
     pool = _pool_name(args.pool)
     cfg = from_dict(PullConfig, _options(args, {"project": "project"}))
-    if args.background:
-        return submit_job("pull", {"pool": pool, "pull": to_dict(cfg)}, "the app's Annotate or Jobs page,")
-    progress = TqdmProgress(disable=args.quiet)
-    try:
-        result = pull.pull(pool, cfg, progress=progress)
-    finally:
-        progress.close()
-    print(describe_pull(result))
-    return 0
+    return _run("pull", pull.pull, pool, cfg, args, describe_pull)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
