@@ -305,3 +305,16 @@ def test_a_label_studio_job_runs_beside_a_model_job_not_behind_it(memo_model, ca
     assert "Traceback" not in row["error"]
     jobs.cancel(waiting)
     jobs.cancel(model_job, wait=True)
+
+
+def test_a_decoder_jobs_eta_never_exceeds_its_time_budget():
+    """Early in a budgeted decoder job the measured rate extrapolates to an hour ("about 59 min left" on a
+    5-min budget, issue 11 item 3); the job ends by its budget, so the ETA says at most what is left of it."""
+    job = {"kind": "decoder", "config": {"decoder": {"max_minutes": 5}}, "status": "running", "started_at": "2026-01-01T00:00:00+00:00",
+           "finished_at": None, "fraction": 0.006, "credited": 0.0, "phases": []}
+    start = jobs.timestamp(job["started_at"])
+    job["progress_started_at"] = start
+    view = job_views.progress_view(job, clock=lambda: start + 22.0)
+    assert view["eta_s"] == pytest.approx(300 - 22.0)
+    unbounded = job_views.progress_view({**job, "config": {"decoder": {"max_minutes": 0}}}, clock=lambda: start + 22.0)
+    assert unbounded["eta_s"] > 3000  # without a budget the rate's extrapolation stands

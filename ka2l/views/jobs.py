@@ -113,6 +113,18 @@ def result_refs(job: dict[str, Any]) -> dict[str, int]:
     return {k: int(v) for k, v in result.items() if k.endswith("_id") and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def time_budget_s(job: dict[str, Any]) -> float | None:
+    """The wall-clock budget that bounds the whole job (decoder training's ``max_minutes``), in seconds.
+
+    >>> time_budget_s({"kind": "decoder", "config": {"decoder": {"max_minutes": 5}}})
+    300.0
+    >>> time_budget_s({"kind": "stage1", "config": {"stage1": {}}}) is None
+    True
+    """
+    minutes = (job.get("config") or {}).get(job.get("kind"), {}).get("max_minutes") if job.get("kind") == "decoder" else None
+    return float(minutes) * 60 if minutes else None
+
+
 def progress_view(job: dict[str, Any], clock: Callable[[], float] = time.time) -> dict[str, Any]:
     """The whole job at a glance, for a page or the command line:
 
@@ -130,6 +142,9 @@ def progress_view(job: dict[str, Any], clock: Callable[[], float] = time.time) -
     eta = None
     if job["status"] in ACTIVE and job.get("progress_started_at"):
         eta = overall_eta(fraction, float(job.get("credited") or 0.0), t - job["progress_started_at"])
+        budget = time_budget_s(job)
+        if eta is not None and budget is not None and start is not None:
+            eta = max(0.0, min(eta, budget - (t - start)))  # the job ends by its budget, whatever the rate says
     phases = []
     for phase in job.get("phases") or []:
         rows = []
