@@ -24,6 +24,17 @@ decoders = data.decoders(pool["id"])
 done = [d for d in decoders if d["status"] == "done"]
 
 
+def _decoder_states(rows: list[dict]) -> tuple:
+    return tuple((d["id"], d["status"]) for d in rows)
+
+
+def _watch_decoders(seen: tuple) -> None:
+    """While a decoder job is queued or running, redraw the page once its decoder appears or starts training,
+    so the live loss curve below shows without a reload (also for a pool's first decoder)."""
+    if _decoder_states(data.decoders(pool["id"])) != seen:
+        st.rerun(scope="app")
+
+
 def _label(d: dict) -> str:
     held = d["metrics"].get("after", {}).get("heldout", {})
     score = f" · held-out BLEU {held['bleu']:.1f}" if held.get("n") else ""
@@ -90,6 +101,8 @@ if section == "decoder":
                                     "max_minutes": float(minutes), "lr": float(lr), "batch_size": int(batch), "extra_pools": extra,
                                     "train_backbone": full, "device": s["device"]})
     job_panel(kinds=("decoder",), key="decoder")
+    if any(j["kind"] == "decoder" and j["status"] in jobs.PENDING for j in jobs.list_jobs(limit=20)):
+        st.fragment(_watch_decoders, run_every=LIVE_SECONDS)(_decoder_states(decoders))
     if decoders:
         chosen = st.selectbox("Decoder", [d["id"] for d in reversed(decoders)], format_func=lambda i: _label(next(d for d in decoders if d["id"] == i)))
         d = next(d for d in decoders if d["id"] == chosen)

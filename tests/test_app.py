@@ -3,6 +3,7 @@ run made by the memorising tiny model."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -302,3 +303,26 @@ def test_augment_loss_chart_updates_live_while_the_decoder_trains(app_copy):
         S.update_decoder(db, training, status="done")
     at = _rerun_fragments(at)  # finished: the page is redrawn with the decoder's report
     assert at.title and not any(c.value.startswith("Training:") for c in at.caption)
+
+
+def test_augment_shows_a_new_decoders_live_curve_without_a_reload(app_copy):
+    """The page was drawn while the decoder job was only queued: its decoder row did not exist yet. When the
+    worker creates it and training starts, the page redraws itself so the live curve appears (issue 11 item 3:
+    before, it appeared only after a reload)."""
+    from ka2l.store import augment as S
+    from ka2l.store.db import now
+
+    with connect() as db:
+        done = S.list_decoders(db)[0]
+        db["jobs"].insert({"kind": "decoder", "config": json.dumps({"decoder": {"probe_id": done["probe_id"]}}), "status": "starting",
+                           "created_at": now(), "updated_at": now(), "started_at": now()})  # a worker being spawned (no pid yet)
+    at = _open(app_copy, "augment")
+    assert not any(c.value.startswith("Training:") for c in at.caption)
+    with connect() as db:  # the worker starts: its decoder row appears and trains
+        new = S.create_decoder(db, {**{k: done[k] for k in ("probe_id", "run_id", "pool_id", "layer", "pooling", "backbone", "config")},
+                                    "config_hash": "new", "status": "training"})
+        S.update_decoder(db, new, total_steps=50, step=2)
+        S.add_losses(db, new, [(1, 0, 4.0), (2, 0, 3.5)])
+    at = _rerun_fragments(at)
+    assert at.title, "the page was redrawn"
+    assert _chart_rows(at) == 2 and any(c.value.startswith("Training: step 2 of 50") for c in at.caption)
