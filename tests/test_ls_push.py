@@ -159,6 +159,50 @@ def test_a_push_that_died_after_an_import_creates_no_duplicate(data, client, req
     assert sorted(r["rank"] for r in links) == list(range(1, size + 1))
 
 
+KILLED_PUSH = """
+import json, os, signal, sys
+from ka2l.annotate import push as P
+from ka2l.config import PushConfig, from_dict
+from ka2l.store import annotate as A
+
+real, calls = A.add_links, []
+
+def killed_on_second_batch(db, project, rows):  # the second batch reached Label Studio; its links never will
+    calls.append(len(rows))
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(db, project, rows)
+
+A.add_links = killed_on_second_batch
+P.push("caps", from_dict(PushConfig, json.loads(sys.argv[1])))
+"""
+
+
+def test_a_push_process_killed_half_way_and_run_again_creates_no_duplicate(data, client, label_studio, request):
+    """The worst moment for a real kill: SIGKILL right after Label Studio accepted a batch and before ka2l
+    wrote its links. The next push finds the orphan tasks by their ka2l_key instead of sending them again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ka2l.annotate import connection
+    from ka2l.config import to_dict
+
+    pool, _ = data
+    size = len(review.approved_set(pool))
+    env = {**os.environ, connection.ENV_URL: label_studio.url, connection.ENV_TOKEN: label_studio.token}
+    proc = subprocess.run([sys.executable, "-c", KILLED_PUSH, json.dumps(to_dict(_cfg(request)))], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    with connect() as db:
+        project = A.projects(db, pool_id=pool)[0]
+        assert A.link_count(db, project["id"]) == 3  # the first batch only
+    assert client.task_count(project["project_id"]) == 6  # two batches reached Label Studio
+    result = P.push(pool, _cfg(request), client=client)
+    assert result["reconciled"] == 3 and result["pushed"] == size - 6
+    assert client.task_count(project["project_id"]) == size == result["linked"]
+
+
 def test_hostile_text_reaches_label_studio_byte_identical_and_inert(data, client, request):
     pool, _ = data
     result = P.push(pool, _cfg(request), client=client)
