@@ -132,7 +132,6 @@ def test_pushing_again_sends_nothing_and_one_more_approval_sends_one(data, clien
 
 def test_a_push_that_died_after_an_import_creates_no_duplicate(data, client, request, monkeypatch):
     pool, _ = data
-    size = len(review.approved_set(pool))
     real, calls = A.add_links, []
 
     def dies_on_second_batch(db, project, rows):
@@ -145,6 +144,18 @@ def test_a_push_that_died_after_an_import_creates_no_duplicate(data, client, req
     with pytest.raises(KeyboardInterrupt):
         P.push(pool, _cfg(request), client=client)
     monkeypatch.setattr(A, "add_links", real)
+    project = _push_again_after_a_death_in_batch_two(pool, client, request)
+    keys = client.task_keys(project["project_id"])
+    with connect() as db:
+        links = A.links(db, project["id"])
+    assert {r["item_key"]: r["task_id"] for r in links} == keys
+    assert sorted(r["rank"] for r in links) == list(range(1, len(links) + 1))
+
+
+def _push_again_after_a_death_in_batch_two(pool, client, request) -> dict:
+    """After a push died once batch 2 (of 3 tasks each) reached Label Studio but before its links were
+    stored: 3 links, 6 tasks. Pushing again rebuilds 3 links from the server and sends only the rest."""
+    size = len(review.approved_set(pool))
     with connect() as db:
         project = A.projects(db, pool_id=pool)[0]
         assert A.link_count(db, project["id"]) == 3  # the first batch only
@@ -152,11 +163,7 @@ def test_a_push_that_died_after_an_import_creates_no_duplicate(data, client, req
     result = P.push(pool, _cfg(request), client=client)
     assert result["reconciled"] == 3 and result["pushed"] == size - 6
     assert client.task_count(project["project_id"]) == size == result["linked"]
-    keys = client.task_keys(project["project_id"])
-    with connect() as db:
-        links = A.links(db, project["id"])
-    assert {r["item_key"]: r["task_id"] for r in links} == keys
-    assert sorted(r["rank"] for r in links) == list(range(1, size + 1))
+    return project
 
 
 KILLED_PUSH = """
@@ -190,17 +197,10 @@ def test_a_push_process_killed_half_way_and_run_again_creates_no_duplicate(data,
     from ka2l.config import to_dict
 
     pool, _ = data
-    size = len(review.approved_set(pool))
     env = {**os.environ, connection.ENV_URL: label_studio.url, connection.ENV_TOKEN: label_studio.token}
     proc = subprocess.run([sys.executable, "-c", KILLED_PUSH, json.dumps(to_dict(_cfg(request)))], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    with connect() as db:
-        project = A.projects(db, pool_id=pool)[0]
-        assert A.link_count(db, project["id"]) == 3  # the first batch only
-    assert client.task_count(project["project_id"]) == 6  # two batches reached Label Studio
-    result = P.push(pool, _cfg(request), client=client)
-    assert result["reconciled"] == 3 and result["pushed"] == size - 6
-    assert client.task_count(project["project_id"]) == size == result["linked"]
+    _push_again_after_a_death_in_batch_two(pool, client, request)
 
 
 def test_hostile_text_reaches_label_studio_byte_identical_and_inert(data, client, request):
