@@ -218,7 +218,7 @@ def bertscore(answers: Sequence[str], golds: Sequence[str], model_dir: Path | st
     scorer = BERTScorer(model_type=str(folder), num_layers=num_layers, device=device, batch_size=batch_size)
     _, _, f1 = scorer.score([answers[i] for i in keep], [golds[i] for i in keep], batch_size=batch_size)  # (len(keep),)
     for i, f in zip(keep, f1.tolist()):
-        scores[i] = 100.0 * max(0.0, float(f))
+        scores[i] = 100.0 * min(1.0, max(0.0, float(f)))  # cosine F1 of identical texts can exceed 1 by float error (1.0000001)
     return scores
 
 
