@@ -75,3 +75,13 @@ def wait_for(pred, timeout: float = 180.0, every: float = 0.2) -> bool:
             return True
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting")
+
+
+def private_copy(folder: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of a module's store for one test, with ka2l pointed at it: its writes stay its own."""
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(folder, copy)
+    monkeypatch.setenv("KA2L_DATA_DIR", str(copy))
+    return copy

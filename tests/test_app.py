@@ -18,7 +18,7 @@ from ka2l.paths import PROJECT_ROOT
 from ka2l.probing.stage1 import run_stage1, run_triage
 from ka2l.store import queries as Q
 from ka2l.store.db import connect
-from helpers import data_dir, import_pool, open_page, stage1_cfg
+from helpers import data_dir, import_pool, open_page, private_copy, stage1_cfg
 
 APP = str(PROJECT_ROOT / "app.py")
 
@@ -221,12 +221,7 @@ def _open(folder, page: str, **query) -> AppTest:
 @pytest.fixture
 def app_copy(app_data, tmp_path, monkeypatch):
     """A copy of the app's store, for tests whose writes the other tests must not see."""
-    import shutil
-
-    folder = tmp_path / "copy"
-    shutil.copytree(app_data, folder)
-    monkeypatch.setenv("KA2L_DATA_DIR", str(folder))
-    return folder
+    return private_copy(app_data, tmp_path, monkeypatch)
 
 
 def test_augment_step_is_kept_in_the_url_so_a_reload_returns_to_it(app_copy):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 
 import pytest
@@ -20,7 +19,7 @@ from ka2l.store import annotate as A
 from ka2l.store import curation
 from ka2l.store import queries as Q
 from ka2l.store.db import connect
-from helpers import N_KNOWN, data_dir, import_pool, open_page, stage1_cfg, wait_for
+from helpers import N_KNOWN, data_dir, import_pool, open_page, private_copy, stage1_cfg, wait_for
 
 N_CURATED = 6
 
@@ -40,12 +39,7 @@ def store(tmp_path_factory, memo_model, capitals):
 
 @pytest.fixture
 def data(store, tmp_path, monkeypatch):
-    copy = tmp_path / "store"
-    shutil.copytree(store, copy)
-    monkeypatch.setenv("KA2L_DATA_DIR", str(copy))
-    monkeypatch.delenv(connection.ENV_URL, raising=False)
-    monkeypatch.delenv(connection.ENV_TOKEN, raising=False)
-    return copy
+    return private_copy(store, tmp_path, monkeypatch)  # the conftest hides any Label Studio connection of the developer's
 
 
 def _button(at, label: str):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 
 import pytest
 
@@ -21,7 +20,7 @@ from ka2l.store import annotate as A
 from ka2l.store import curation
 from ka2l.store import queries as Q
 from ka2l.store.db import connect
-from helpers import data_dir, import_pool, stage1_cfg, wait_for
+from helpers import data_dir, import_pool, private_copy, stage1_cfg, wait_for
 
 HOSTILE = '=HYPERLINK("http://x","y") <script>alert(1)</script> What is the capital of nowhere?'
 N_CURATED = 6
@@ -43,10 +42,7 @@ def store(tmp_path_factory, memo_model, capitals):
 @pytest.fixture
 def data(store, tmp_path, monkeypatch):
     """A private copy of the module's store for this test."""
-    copy = tmp_path / "store"
-    shutil.copytree(store, copy)
-    monkeypatch.setenv("KA2L_DATA_DIR", str(copy))
-    return copy
+    return private_copy(store, tmp_path, monkeypatch)
 
 
 @pytest.fixture

@@ -274,10 +274,7 @@ def progress(pool: str | int | None = None, project: int = 0, client=None) -> di
     with connect() as db:
         row = resolve_project(db, pool, project)
         pushed = A.link_count(db, row["id"])
-        pulled = db.execute("""SELECT count(DISTINCT a.task_id) FROM ls_annotations a JOIN ls_tasks t
-                               ON t.project = a.project AND t.task_id = a.task_id
-                               WHERE a.project = ? AND a.skipped = 0 AND (a.cannot_answer = 1 OR a.answer IS NOT NULL)""",
-                            [row["id"]]).fetchone()[0]
+        pulled = A.decided_task_count(db, row["id"])
     client = _client(row, client)
     info = client.project(row["project_id"])
     return {"project": int(row["id"]), "ls_project_id": int(row["project_id"]), "pushed": pushed,

@@ -141,14 +141,13 @@ def _vectors(db, frame, s1: dict[str, Any]) -> tuple[np.ndarray, str]:
     first = S.get_decoder(db, decoder_of[min(cands)])
     same = set(same_space_decoders(db, first))
     pool_vectors = np.load(decoders_dir() / f"decoder-{first['id']}" / "vectors.npy")[: s1["n_pool"]]  # pool questions first
-    stored = {r["id"]: r["vector"] for r in db.query(
-        f"SELECT id, vector FROM candidates WHERE id IN ({','.join('?' * len(cands))})", list(cands))}
+    stored = S.candidate_vectors(db, cands)
     out = []
     for kind, qid, cid in zip(frame["kind"], frame["question_id"], frame["candidate_id"]):
         if kind == "original":
             out.append(pool_vectors[s1["row_of"][int(qid)]])
-        elif decoder_of[int(cid)] in same and stored.get(int(cid)) is not None:
-            out.append(np.frombuffer(stored[int(cid)], dtype=np.float32))
+        elif decoder_of[int(cid)] in same and int(cid) in stored:
+            out.append(stored[int(cid)])
         else:
             out.append(pool_vectors[s1["row_of"][int(cands[int(cid)]["source_question_id"])]])
     return np.stack(out).astype(np.float32), f"decoder {first['id']} space"

@@ -122,6 +122,14 @@ def delete_annotations(db: Db, project: int, annotation_ids: Iterable[int]) -> i
         return before - db.execute("SELECT count(*) FROM ls_annotations WHERE project = ?", [project]).fetchone()[0]
 
 
+def decided_task_count(db: Db, project: int) -> int:
+    """Linked tasks with at least one stored, not skipped answer or cannot-answer verdict (as of the last pull)."""
+    return int(db.execute("""SELECT count(DISTINCT a.task_id) FROM ls_annotations a JOIN ls_tasks t
+                             ON t.project = a.project AND t.task_id = a.task_id
+                             WHERE a.project = ? AND a.skipped = 0 AND (a.cannot_answer = 1 OR a.answer IS NOT NULL)""",
+                          [project]).fetchone()[0])
+
+
 def annotations(db: Db, project: int) -> list[dict[str, Any]]:
     """Every stored annotation of the project with the item it annotates, by task then annotation id."""
     return list(db.query("""SELECT a.*, t.item_key, t.question_id, t.candidate_id, t.question, t.rank

@@ -126,6 +126,15 @@ def kept_vectors(db: Db, pool_id: int, decoder_ids: Iterable[int]) -> np.ndarray
     return np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows])
 
 
+def candidate_vectors(db: Db, candidate_ids: Iterable[int]) -> dict[int, np.ndarray]:
+    """Stored decoder-space vectors of the given candidates, by id (candidates without one are left out)."""
+    ids = [int(i) for i in candidate_ids]
+    if not ids:
+        return {}
+    rows = db.query(f"SELECT id, vector FROM candidates WHERE vector IS NOT NULL AND id IN ({','.join('?' * len(ids))})", ids)
+    return {r["id"]: np.frombuffer(r["vector"], dtype=np.float32) for r in rows}
+
+
 # A candidate's probe values are those of its current text: the curator's edit once re-probed (None
 # before), else the decoder's; the decoder's own values stay beside them as decoded_*.
 _CANDIDATE_VIEW = """
