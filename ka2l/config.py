@@ -43,6 +43,9 @@ class ModelSpec:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) to load.")
     device: str = _f("auto", "Device: auto (cuda -> mps -> cpu), cpu, cuda, cuda:N or mps.")
     dtype: str = _f("auto", "Weights dtype: auto (bf16 on CUDA, else float32), float32, float16, bfloat16.")
+    adapter: str | None = _f(None, "Folder of a LoRA adapter (holding adapter_config.json, e.g. a finished fine-tune's adapter) "
+                                   "applied to the model and merged into its weights when it loads; unset = the plain model. "
+                                   "The folder is checked when the model loads, so stored runs stay readable if it moves.")
 
     def __post_init__(self) -> None:
         from .device import DEVICES, DTYPES
@@ -51,6 +54,9 @@ class ModelSpec:
             raise ConfigError("ModelSpec.name_or_path is empty. Give a hub id, a local folder or a .gguf file.")
         _one_of("ModelSpec.device", self.device.split(":")[0], DEVICES)
         _one_of("ModelSpec.dtype", self.dtype, DTYPES)
+        if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter.strip()):
+            raise ConfigError(f"ModelSpec.adapter must be an adapter folder (with adapter_config.json) or unset, got {self.adapter!r}. "
+                              f"Leave it unset for the plain model.")
 
 
 @dataclass(frozen=True)
@@ -344,15 +350,31 @@ def _tuplify(value: Any) -> Any:
 
 
 def config_hash(cfg: Any) -> str:
-    """Stable short hash of a config (ignores device: the same run may resume on other hardware)."""
+    """Stable short hash of a config (ignores device: the same run may resume on other hardware). Settings
+    added after runs were stored (``ModelSpec.adapter``) count only when set, so an old run's hash is unchanged:
+
+    >>> stored = {"name_or_path": "m", "gguf_file": None, "revision": None, "dtype": "auto"}  # saved before adapter existed
+    >>> config_hash(from_dict(ModelSpec, stored)) == hashlib.sha256(json.dumps(stored, sort_keys=True).encode()).hexdigest()[:16]
+    True
+    >>> config_hash(ModelSpec(name_or_path="m", adapter="data/finetunes/finetune-1/adapter")) != config_hash(ModelSpec(name_or_path="m"))
+    True
+    >>> config_hash(Stage1Config(model=ModelSpec(adapter="data/finetunes/finetune-1/adapter"))) != config_hash(Stage1Config())
+    True
+    """
     d = to_dict(cfg)
     _drop_device(d)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+_ADDED_LATER = ("adapter",)  # hashed only when set: runs stored before these settings existed keep their hash
+
+
 def _drop_device(d: Any) -> None:
     if isinstance(d, dict):
         d.pop("device", None)
+        for key in _ADDED_LATER:
+            if key in d and d[key] is None:
+                del d[key]
         for v in d.values():
             _drop_device(v)
 
