@@ -370,6 +370,51 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (finetune_id, model, item_key)
     );
     """,
+    # 9: the RQ1-RQ3 experiment. The next-token entropy of each prompt (the Entropy / BADGE baselines;
+    #    Stage 1 does not keep logits), an experiment (its config, fixed test split, status) and one row
+    #    per strategy x budget x seed cell: what it selected, its fine-tune, its metrics and seconds.
+    """
+    CREATE TABLE prompt_entropy (
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        question_id INTEGER NOT NULL REFERENCES questions(id) ON DELETE CASCADE,
+        entropy REAL NOT NULL,
+        PRIMARY KEY (run_id, question_id)
+    );
+    CREATE TABLE experiments (
+        id INTEGER PRIMARY KEY,
+        pool_id INTEGER NOT NULL REFERENCES pools(id) ON DELETE CASCADE,
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        config TEXT NOT NULL,
+        config_hash TEXT NOT NULL,
+        test_keys TEXT NOT NULL DEFAULT '[]',
+        n_pool INTEGER NOT NULL DEFAULT 0,
+        inputs TEXT NOT NULL DEFAULT '{}',
+        status TEXT NOT NULL,
+        error TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        UNIQUE (pool_id, run_id, config_hash)
+    );
+    CREATE TABLE experiment_cells (
+        id INTEGER PRIMARY KEY,
+        experiment_id INTEGER NOT NULL REFERENCES experiments(id) ON DELETE CASCADE,
+        strategy TEXT NOT NULL,
+        budget REAL NOT NULL,
+        seed INTEGER NOT NULL,
+        n INTEGER NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        selected TEXT NOT NULL DEFAULT '[]',
+        finetune_id INTEGER REFERENCES finetunes(id) ON DELETE SET NULL,
+        metrics TEXT,
+        select_seconds REAL NOT NULL DEFAULT 0,
+        finetune_seconds REAL NOT NULL DEFAULT 0,
+        eval_seconds REAL NOT NULL DEFAULT 0,
+        error TEXT,
+        started_at TEXT,
+        finished_at TEXT,
+        UNIQUE (experiment_id, strategy, budget, seed)
+    );
+    """,
 ]
 
 
