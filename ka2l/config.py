@@ -489,3 +489,66 @@ def finetune_preset(name: str, **overrides: Any) -> FinetuneConfig:
 
 
 ALL_CONFIGS = ALL_CONFIGS + (FinetuneConfig,)
+
+
+# -- Stage 3: the RQ1-RQ3 experiment -----------------------------------------------------------------
+
+EXPERIMENT_STRATEGIES = ("random", "entropy", "coreset", "badge", "ka2l-unknown", "ka2l-known", "combine", "ka2l-augmented")
+EXPERIMENT_METRICS = ("rouge_l", "bleu", "meteor", "bertscore", "correct")
+
+
+def _experiment_finetune() -> FinetuneConfig:
+    return FinetuneConfig(source="gold", gold_set="all", patience=0)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Fine-tune on what each selection strategy picks at equal budgets, evaluate every cell on one fixed
+    test split (gold answers play the annotator), and compare (paper RQ1-RQ3). The pool is given beside
+    the config (like Stage 1); the strategies are those of ``ka2l.finetune.selection``."""
+
+    run_id: int = _f(0, "Stage 1 run whose model, hidden states, labels and probe are used; 0 = the pool's newest finished run.")
+    probe_id: int = _f(0, "Probe giving P(unknown) and the layer; 0 = the run's newest probe.")
+    layer: int = _f(-1, "Layer whose hidden states coreset and badge compare; -1 = the probe's layer.")
+    strategies: tuple[str, ...] = _f(("random", "entropy", "coreset", "badge", "ka2l-unknown", "ka2l-known", "combine"),
+                                     f"Selection strategies to compare: any of {', '.join(EXPERIMENT_STRATEGIES)}.")
+    budgets: tuple[float, ...] = _f((0.25, 0.5, 1.0), "Budgets as shares of the pool left after the test split (1.0 = all of it).")
+    seeds: tuple[int, ...] = _f((0,), "Seeds: each strategy x budget is selected and fine-tuned once per seed.")
+    test_share: float = _f(0.2, "Share of the pool's questions held out as the fixed test split (never selected, the fine-tunes' eval split).")
+    test_seed: int = _f(0, "Seed of the test split (by a hash of seed and question, as fine-tune splits).")
+    augmented_share: float = _f(0.5, "ka2l-augmented: at most this share of a budget is approved decoded questions (answered with their "
+                                     "source question's gold answer); the rest is ka2l-unknown.")
+    metric: str = _f("rouge_l", f"Metric the RQ comparisons use: one of {', '.join(EXPERIMENT_METRICS)} (all are reported).")
+    bootstrap: int = _f(1000, "Bootstrap resamples for every interval (over test questions).")
+    eval_batch_size: int = _f(16, "Test questions answered per generate call.")
+    bertscore_model: str = _f("", "Local BERTScore model folder; empty = the offline all-MiniLM-L6-v2.")
+    finetune: FinetuneConfig = _nested(_experiment_finetune, "The per-cell LoRA fine-tune. Its data settings (source, file, run) are "
+                                                             "set per cell; patience must stay 0: the held-out split is the test split.")
+
+    def __post_init__(self) -> None:
+        if not self.strategies or len(set(self.strategies)) != len(self.strategies):
+            raise ConfigError(f"ExperimentConfig.strategies must name each strategy once, got {self.strategies!r}.")
+        for s in self.strategies:
+            _one_of("ExperimentConfig.strategies", s, EXPERIMENT_STRATEGIES)
+        if not self.budgets or len(set(self.budgets)) != len(self.budgets) or any(not 0 < float(b) <= 1 for b in self.budgets):
+            raise ConfigError(f"ExperimentConfig.budgets must be distinct shares in (0, 1] of the non-test pool, e.g. 0.25 0.5 1.0; "
+                              f"got {self.budgets!r}.")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"ExperimentConfig.seeds must be distinct whole numbers, at least one; got {self.seeds!r}.")
+        if not 0 < self.test_share < 0.9:
+            raise ConfigError(f"ExperimentConfig.test_share must be in (0, 0.9), got {self.test_share}.")
+        if not 0 <= self.augmented_share <= 1:
+            raise ConfigError(f"ExperimentConfig.augmented_share must be in [0, 1], got {self.augmented_share}.")
+        _one_of("ExperimentConfig.metric", self.metric, EXPERIMENT_METRICS)
+        _positive("ExperimentConfig.run_id", self.run_id, allow_zero=True)
+        _positive("ExperimentConfig.probe_id", self.probe_id, allow_zero=True)
+        _positive("ExperimentConfig.bootstrap", self.bootstrap, allow_zero=True)
+        _positive("ExperimentConfig.eval_batch_size", self.eval_batch_size)
+        if self.finetune.patience:
+            raise ConfigError(f"ExperimentConfig.finetune.patience is {self.finetune.patience}, but early stopping would pick each "
+                              f"adapter on the test split. Set it to 0.")
+        if self.finetune.mix_known:
+            raise ConfigError("ExperimentConfig.finetune.mix_known must be 0: every cell trains on exactly its selected items.")
+
+
+ALL_CONFIGS = ALL_CONFIGS + (ExperimentConfig,)
