@@ -1,4 +1,4 @@
-"""Stage 3b training commands of ``python -m ka2l``: launch a LoRA fine-tune, list fine-tunes."""
+"""Stage 3b training commands of ``python -m ka2l``: launch a LoRA fine-tune, list fine-tunes, export one."""
 
 from __future__ import annotations
 
@@ -73,6 +73,22 @@ def _cmd_finetunes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune_export(args: argparse.Namespace) -> int:
+    from ..finetune.export import export_adapter, export_dataset
+    from ..progress import TqdmProgress
+
+    paths = export_adapter(args.finetune, args.out, merge=args.merge, overwrite=args.overwrite, progress=TqdmProgress(disable=args.quiet))
+    print(f"adapter of fine-tune {args.finetune}: {paths['folder']} (adapter_model.safetensors, adapter_config.json, sidecar)")
+    if args.merge:
+        print(f"merged model: {paths['merged']} (loads with AutoModelForCausalLM.from_pretrained or --model {paths['merged']})")
+    if args.dataset:
+        ds = export_dataset(args.finetune, paths["folder"] / "llamafactory")
+        print(f"LLaMA-Factory dataset: {ds['folder']} ({ds['n_train']} train pairs in {ds['train'].name}, {ds['n_eval']} held out "
+              f"in {ds['eval'].name}, dataset_info.json)")
+        print(f"reproduce the run: llamafactory-cli train {ds['yaml']}   (or {ds['command_file']})")
+    return 0
+
+
 def add_commands(sub) -> None:
     d = FinetuneConfig()
     p = add_command(sub, GROUP, "finetune", "Stage 3b: LoRA fine-tune a Stage 1 run's model on answered questions (resumable)")
@@ -108,3 +124,13 @@ def add_commands(sub) -> None:
     p = add_command(sub, GROUP, "finetunes", "list fine-tunes with their status, steps and best held-out loss")
     p.add_argument("--pool", help="only this pool's fine-tunes")
     p.set_defaults(func=_cmd_finetunes)
+
+    p = add_command(sub, GROUP, "finetune-export", "export a finished fine-tune: its adapter, the merged model, its data for LLaMA-Factory")
+    p.add_argument("--finetune", type=int, required=True, help="fine-tune id (see `finetunes`)")
+    p.add_argument("--out", required=True, help="folder to write (new or empty); the adapter files go at its top")
+    p.add_argument("--merge", action="store_true", help="also write the base model with the adapter merged in, under OUT/merged")
+    p.add_argument("--dataset", action="store_true", help="also write the training data (alpaca + dataset_info.json) and a "
+                                                            "LLaMA-Factory yaml and command under OUT/llamafactory")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
+    add_run_flags(p, background=False)
+    p.set_defaults(func=_cmd_finetune_export)
