@@ -15,7 +15,10 @@ page = st.navigation({
         st.Page("app_pages/probes.py", title="Probes", icon=":material/monitoring:"),
     ],
     "Stage 2": [st.Page("app_pages/augment.py", title="Augment", icon=":material/auto_awesome:")],
-    "Stage 3": [st.Page("app_pages/annotate.py", title="Annotate", icon=":material/rate_review:")],
+    "Stage 3": [
+        st.Page("app_pages/annotate.py", title="Annotate", icon=":material/rate_review:"),
+        st.Page("app_pages/finetune.py", title="Fine-tune", icon=":material/model_training:"),
+    ],
     "System": [
         st.Page("app_pages/jobs.py", title="Jobs", icon=":material/work_history:"),
         st.Page("app_pages/settings.py", title="Settings", icon=":material/settings:"),

@@ -109,3 +109,21 @@ def map_figure(frame, color: str, contour: bool):
     fig.update_layout(height=560, dragmode="lasso", margin={"t": 30}, hovermode="closest", xaxis_title="x", yaxis_title="y",
                       legend={"orientation": "h", "title": {"text": title if color in CATEGORIES else ""}})
     return fig
+
+
+def loss_figure(curves: dict[str, dict[str, list]], total_steps: int | None = None):
+    """A fine-tune's loss by optimizer step: training loss (a line) and held-out loss (markers), from
+    ``ka2l.views.finetune.losses``. The x axis spans the planned steps, so the curve visibly grows into it."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    train, held = curves["train"], curves["eval"]
+    fig.add_trace(go.Scatter(x=train["step"], y=train["loss"], mode="lines", name="train loss", line={"color": CATEGORY_COLOURS["known"]}))
+    fig.add_trace(go.Scatter(x=held["step"], y=held["loss"], mode="lines+markers", name="held-out loss",
+                             line={"color": CATEGORY_COLOURS["unknown"], "dash": "dot"}, marker={"size": 8}))
+    if total_steps:
+        fig.update_xaxes(range=[0, max(int(total_steps), *(train["step"] or [0]))])
+    fig.update_layout(xaxis_title="optimizer step", yaxis_title="loss (answer tokens)", height=340, margin={"t": 30},
+                      legend={"orientation": "h"}, hovermode="x unified")
+    return fig
+

@@ -16,7 +16,9 @@ ICONS = {"done": ":material/check_circle:", "running": ":material/progress_activ
          "skipped": ":material/skip_next:"}
 RESULT_PAGES = {"stage1": ("app_pages/scores.py", "Scores"), "triage": ("app_pages/scores.py", "Scores"),
                 "decoder": ("app_pages/augment.py", "Augment"), "generate": ("app_pages/augment.py", "Augment"),
-                "push": ("app_pages/annotate.py", "Annotate"), "pull": ("app_pages/annotate.py", "Annotate")}
+                "push": ("app_pages/annotate.py", "Annotate"), "pull": ("app_pages/annotate.py", "Annotate"),
+                "finetune": ("app_pages/finetune.py", "Fine-tune"), "evaluate": ("app_pages/finetune.py", "Fine-tune"),
+                "reprobe": ("app_pages/finetune.py", "Fine-tune")}
 
 
 def _local(iso: str | None) -> str:
