@@ -8,7 +8,10 @@ Sources (``FinetuneConfig.source``):
 - ``gold``: the pool's own gold answers (the first one of each question), for the unknown questions of the
   run (BiSE = 1) or all of them (``gold_set``), keyed ``q:<question id>``;
 - ``file``: a CSV or JSONL with ``question`` and ``answer`` columns, keyed by the question's text
-  (``f:`` + a hash), so the same question keeps its key and its split when the file grows.
+  (``f:`` + a hash), so the same question keeps its key and its split when the file grows. Two optional
+  columns: ``item_key`` keys a row instead (``q:12``: evaluation then also accepts the pool's other gold
+  answers), and ``split`` (``train`` / ``eval`` on every row) fixes the split instead of the hash, as the
+  RQ experiment does to hold out its own test split.
 
 The split is decided per item by a hash of (seed, item key): an item is held out when its hash falls under
 ``eval_share``. It does not depend on the other items, so adding annotations never moves an eval item into
@@ -40,6 +43,7 @@ class Pair:
     question: str
     answer: str
     origin: str  # 'labelstudio' | 'gold' | 'file' | 'known'
+    split: str = ""  # 'train' | 'eval' when the source fixes it (a file's split column); '' = by hash
 
 
 @dataclass
@@ -112,7 +116,7 @@ def _clean(pairs: list[Pair]) -> tuple[list[Pair], dict[str, int]]:
             dropped["duplicate"] += 1
         else:
             seen.add(p.item_key)
-            out.append(Pair(p.item_key, p.question.strip(), p.answer.strip(), p.origin))
+            out.append(Pair(p.item_key, p.question.strip(), p.answer.strip(), p.origin, p.split))
     return out, dropped
 
 
@@ -139,7 +143,27 @@ def read_file(path: str | Path) -> list[Pair]:
         raise ConfigError(f"{path.name} has no {' and no '.join(repr(m) for m in missing)} column (it has: "
                           f"{', '.join(map(str, frame.columns)) or 'none'}). Name the columns 'question' and 'answer'.")
     qs, ans = frame[columns["question"]], frame[columns["answer"]]
-    return [Pair(file_key(str(q)), "" if q is None else str(q), "" if a is None else str(a), "file") for q, a in zip(qs, ans)]
+    keys = frame[columns["item_key"]] if "item_key" in columns else [None] * len(frame)
+    splits = frame[columns["split"]] if "split" in columns else [""] * len(frame)
+    bad = [i + 1 for i, s in enumerate(splits) if "split" in columns and str(s).strip().lower() not in SPLITS]
+    if bad:
+        raise ConfigError(f"{path.name}: row(s) {', '.join(map(str, bad[:10]))} have a split other than {' or '.join(SPLITS)}. "
+                          f"With a split column every row says train or eval; drop the column to split by hash.")
+    return [Pair(str(k).strip() if k is not None and str(k).strip() else file_key(str(q)), "" if q is None else str(q),
+                 "" if a is None else str(a), "file", str(s).strip().lower())
+            for q, a, k, s in zip(qs, ans, keys, splits)]
+
+
+SPLITS = ("train", "eval")
+
+
+def fixed_split(pairs: list[Pair]) -> tuple[list[Pair], list[Pair]]:
+    """(train, eval) as the pairs' own ``split`` says; each side needs at least one pair."""
+    train, eval_ = [p for p in pairs if p.split == "train"], [p for p in pairs if p.split == "eval"]
+    if not train or not eval_:
+        raise ConfigError(f"The file's split column puts {len(train)} pair(s) in train and {len(eval_)} in eval; a fine-tune needs "
+                          f"at least one on each side. Mark some rows eval (held out) and some train.")
+    return train, eval_
 
 
 def gold_pairs(db, pool_id: int, run_id: int, gold_set: str) -> list[Pair]:
@@ -197,7 +221,7 @@ def build(pool: str | int, cfg: FinetuneConfig) -> Dataset:
                "file": "Fill the question and answer columns"}[cfg.source]
         raise ConfigError(f"The {cfg.source} source gave no (question, answer) pair"
                           f"{' (' + ', '.join(f'{n} {w}' for w, n in dropped.items() if n) + ' dropped)' if any(dropped.values()) else ''}. {how}.")
-    train, eval_ = split(pairs, cfg.eval_share, cfg.seed)
+    train, eval_ = fixed_split(pairs) if any(p.split for p in pairs) else split(pairs, cfg.eval_share, cfg.seed)
     if cfg.mix_known:
         with connect() as db:
             train = train + known_pairs(db, run["id"], cfg.mix_known, cfg.seed, {p.item_key for p in pairs})

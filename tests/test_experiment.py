@@ -1,0 +1,155 @@
+"""The RQ experiment end to end on the tiny memorising Llama: a real Stage 1 run, two strategies at one
+budget, real LoRA fine-tunes and evaluations, a report whose comparisons are computed from the cells, and
+a cancel after the first cell that resumes without redoing it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ka2l.config import EXPERIMENT_STRATEGIES, ExperimentConfig, FinetuneConfig, from_dict, to_dict
+from ka2l.errors import Cancelled, ConfigError
+from ka2l.finetune import data as D
+from ka2l.finetune import experiment as X
+from ka2l.finetune import experiment_report as R
+from ka2l.finetune import selection as SEL
+from ka2l.probing.stage1 import run_stage1
+from ka2l.store import evaluation as E
+from ka2l.store import experiment as SX
+from ka2l.store import finetune as SF
+from ka2l.store import queries as Q
+from ka2l.store.db import connect
+from helpers import N_KNOWN, data_dir, import_pool, private_copy, stage1_cfg
+
+FT = FinetuneConfig(source="gold", gold_set="all", device="cpu", dtype="float32", epochs=1.0, batch_size=4, grad_accum=1, max_length=96,
+                    lr=2e-3, lr_scheduler="constant", eval_every=50, checkpoint_every=50, patience=0)
+
+
+def cfg(**kw) -> ExperimentConfig:
+    base = dict(strategies=("random", "ka2l-unknown"), budgets=(0.5,), seeds=(0,), test_share=0.3, bootstrap=200, eval_batch_size=8,
+                finetune=FT)
+    return ExperimentConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def stage1_store(tmp_path_factory, memo_model, capitals):
+    """A finished Stage 1 run on 30 capitals, 15 the model memorised (known) and 15 it did not."""
+    folder = tmp_path_factory.mktemp("experiment")
+    with data_dir(folder):
+        import_pool(capitals[N_KNOWN - 15 : N_KNOWN + 15])
+        run_stage1("caps", stage1_cfg(memo_model))
+    return folder
+
+
+@pytest.fixture
+def store(stage1_store, tmp_path, monkeypatch):
+    return private_copy(stage1_store, tmp_path, monkeypatch)
+
+
+class CancelAfter:
+    """Progress that cancels once ``cells`` cells are done (as a job's cancel flag is checked at a stage)."""
+
+    def __init__(self, cells: int | None = None):
+        self.cells, self.stages = cells, []
+
+    def stage(self, name, total=None, done=0):
+        self.stages.append(name)
+        if name == "cells" and self.cells is not None and done >= self.cells:
+            raise Cancelled("stop after a cell")
+
+    def advance(self, n=1, message=None):
+        pass
+
+    def close(self):
+        pass
+
+
+def tuned_values(finetune_id: int, metric: str = "rouge_l") -> dict[str, float]:
+    with connect() as db:
+        return {r["item_key"]: r[metric] for r in E.answers(db, finetune_id, "tuned")}
+
+
+def test_registry_and_config_agree_on_the_strategies():
+    assert tuple(SEL.STRATEGIES) == EXPERIMENT_STRATEGIES
+    with pytest.raises(ConfigError, match="patience"):
+        cfg(finetune=FinetuneConfig(source="gold", patience=3))
+    with pytest.raises(ConfigError, match="Choose one of: random"):
+        cfg(strategies=("random", "uncertainty"))
+    with pytest.raises(ConfigError, match="budgets"):
+        cfg(budgets=(0.5, 1.5))
+    assert from_dict(ExperimentConfig, json.loads(json.dumps(to_dict(cfg())))) == cfg()
+
+
+def test_a_file_split_column_fixes_the_split_and_item_keys_key_the_rows(store, tmp_path):
+    path = tmp_path / "cell.jsonl"
+    rows = [{"item_key": f"q:{i}", "question": f"Q{i}?", "answer": f"A{i}", "split": "eval" if i < 2 else "train"} for i in range(6)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    ds = D.build("caps", FinetuneConfig(source="file", file=str(path), device="cpu", eval_share=0.5))
+    assert sorted(p.item_key for p in ds.eval) == ["q:0", "q:1"] and len(ds.train) == 4
+    path.write_text("\n".join(json.dumps({**r, "split": "test" if i == 3 else r["split"]}) for i, r in enumerate(rows)))
+    with pytest.raises(ConfigError, match="row\\(s\\) 4 have a split other than train or eval"):
+        D.build("caps", FinetuneConfig(source="file", file=str(path), device="cpu"))
+
+
+def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel(store):
+    c = cfg()
+    with pytest.raises(Cancelled):
+        X.run_experiment("caps", c, progress=CancelAfter(cells=1))
+    with connect() as db:
+        exp = SX.list_experiments(db)[0]
+        first, second = SX.cells(db, exp["id"])
+        n_finetunes = len(SF.list_finetunes(db))
+        first_ft = SF.get_finetune(db, first["finetune_id"])
+    assert exp["status"] == "interrupted" and first["status"] == "done" and second["status"] == "pending"
+    assert n_finetunes == 1 and second["finetune_id"] is None
+
+    # the test split: fixed, held out of every selection, and the eval split of every fine-tune
+    test = set(exp["test_keys"])
+    assert 5 <= len(test) <= 14 and exp["n_pool"] == 30 - len(test)
+    assert first["n"] == X.budget_size(0.5, exp["n_pool"]) == len(first["selected"]) and not test & set(first["selected"])
+
+    eid = X.run_experiment("caps", c)  # resumes: the finished cell is kept as it is
+    assert eid == exp["id"]
+    with connect() as db:
+        again = {cell["id"]: cell for cell in SX.cells(db, eid)}
+        finetunes = SF.list_finetunes(db)
+        scores = {s["question_id"]: s["bise"] for s in Q.load_scores(db, exp["run_id"])}
+        data = {f["id"]: SF.load_data(db, f["id"]) for f in finetunes}
+    kept = again[first["id"]]
+    assert (kept["finetune_id"], kept["finished_at"], kept["selected"]) == (first["finetune_id"], first["finished_at"], first["selected"])
+    assert len(finetunes) == 2 and all(cell["status"] == "done" for cell in again.values())
+    resumed_ft = next(f for f in finetunes if f["id"] == first["finetune_id"])
+    assert (resumed_ft["updated_at"], resumed_ft["step"], resumed_ft["evaluation"]) == (first_ft["updated_at"], first_ft["step"], first_ft["evaluation"])
+    for f in finetunes:
+        assert {r["item_key"] for r in data[f["id"]] if r["split"] == "eval"} == test
+        assert not {r["item_key"] for r in data[f["id"]] if r["split"] == "train"} & test
+    unknown_cell = next(cell for cell in again.values() if cell["strategy"] == "ka2l-unknown")
+    random_cell = next(cell for cell in again.values() if cell["strategy"] == "random")
+    picked_unknown = [scores[int(k[2:])] for k in unknown_cell["selected"]]
+    non_test_unknown = sum(b for q, b in scores.items() if f"q:{q}" not in test)
+    assert sum(picked_unknown) == min(non_test_unknown, len(picked_unknown))  # the unknowns first
+
+    # the report's comparison is computed from the cells' per-question scores
+    rep = R.build_report(eid)
+    u, r = tuned_values(unknown_cell["finetune_id"]), tuned_values(random_cell["finetune_id"])
+    assert set(u) == set(r) == test
+    (cmp,) = rep["rq2"]["comparisons"]
+    assert (cmp["strategy"], cmp["versus"], cmp["budget"]) == ("ka2l-unknown", "random", 0.5)
+    assert cmp["delta"]["value"] == pytest.approx(np.mean([u[k] - r[k] for k in test]))
+    assert cmp["delta"]["lo"] <= cmp["delta"]["value"] <= cmp["delta"]["hi"]
+    assert cmp["delta"]["excludes_zero"] == (cmp["delta"]["lo"] > 0 or cmp["delta"]["hi"] < 0)
+    row = next(t for t in rep["table"] if t["strategy"] == "random")
+    assert row["value"] == pytest.approx(np.mean(list(r.values()))) and row["n"] == random_cell["n"]
+    assert rep["frame"] and {f["strategy"] for f in rep["frame"]} == {"random", "ka2l-unknown"}
+    assert not rep["rq1"]["available"] and not rep["rq3"]["available"]
+    costs = {c["strategy"]: c for c in rep["costs"]}
+    assert costs["ka2l-unknown"]["one_off_seconds"] > costs["random"]["one_off_seconds"] == 0  # SE sampling counts for KA2L
+    assert costs["random"]["finetune_seconds"] > 0
+    text = R.render_report(rep)
+    assert f"{cmp['delta']['value']:.2f}" in text and "RQ2" in text
+
+    assert X.run_experiment("caps", c) == eid  # a finished experiment is reused, nothing trains again
+    with connect() as db:
+        assert len(SF.list_finetunes(db)) == 2
