@@ -38,7 +38,7 @@ from .store.db import connect, now
 
 log = logging.getLogger(__name__)
 
-KINDS = ("stage1", "triage", "decoder", "generate", "push", "pull", "finetune")
+KINDS = ("stage1", "triage", "decoder", "generate", "push", "pull", "finetune", "experiment")
 # Jobs in one lane run one at a time; lanes run side by side. Model jobs share the CPU / GPU and the
 # model; a Label Studio push or pull needs neither and must not wait an hour behind a Stage 1 run.
 LANES = {"push": "annotate", "pull": "annotate"}
@@ -47,7 +47,7 @@ PENDING = ("queued",) + ACTIVE
 CANCEL_GRACE_S = 10.0
 KIND_NAMES = {"stage1": "Stage 1", "triage": "Triage", "decoder": "Decoder training", "generate": "Candidate generation",
               "push": "Push to Label Studio", "pull": "Pull from Label Studio",
-              "finetune": "Fine-tune"}
+              "finetune": "Fine-tune", "experiment": "RQ1-RQ3 experiment"}
 
 
 def lane(kind: str) -> str:
@@ -138,7 +138,7 @@ def _identity(db, kind: str, config: dict[str, Any]) -> tuple[str, int | None, s
     from .config import config_hash, from_dict
 
     pool_id = None
-    if kind in ("stage1", "triage", "push", "pull", "finetune"):
+    if kind in ("stage1", "triage", "push", "pull", "finetune", "experiment"):
         from .store import queries as Q
 
         pool_id = int(Q.get_pool(db, config["pool"])["id"])
@@ -146,6 +146,10 @@ def _identity(db, kind: str, config: dict[str, Any]) -> tuple[str, int | None, s
 
 
 def config_class(kind: str):
+    from .config import ExperimentConfig
+
+    if kind == "experiment":
+        return ExperimentConfig
     from .config import DecoderConfig, FinetuneConfig, GenerateConfig, PullConfig, PushConfig, Stage1Config, TriageConfig
 
     return {"stage1": Stage1Config, "triage": TriageConfig, "decoder": DecoderConfig, "generate": GenerateConfig,
@@ -156,13 +160,17 @@ def _validate(kind: str, config: dict[str, Any]) -> None:
     """Build the configs now, so a bad setting fails in the page, not later in the worker."""
     from .config import from_dict
 
-    if kind in ("stage1", "triage", "push", "pull", "finetune") and "pool" not in config:
+    if kind in ("stage1", "triage", "push", "pull", "finetune", "experiment") and "pool" not in config:
         raise ConfigError("A job needs a pool.")
     cfg = from_dict(config_class(kind), config.get(kind, {}))
     if kind == "finetune":  # the data must exist and the run fit the device now, not only when the worker starts
         from .finetune.lora import check_launch
 
         check_launch(config["pool"], cfg)
+    if kind == "experiment":  # the pool, its answers, run and probe must exist now
+        from .finetune.experiment import check_launch as check_experiment
+
+        check_experiment(config["pool"], cfg)
     if kind in ("decoder", "generate"):  # what they build on must exist now, not only when the worker starts
         from .store import queries as Q
         from .store import augment as S
@@ -299,6 +307,8 @@ def plan(kind: str, config: dict[str, Any]) -> list[PhaseSpec]:
                 PhaseSpec("pushing tasks", 5.0, note=f"reports after every batch of {cfg.batch_size} tasks")]
     if kind == "finetune":  # stage names are those ka2l.finetune.lora reports
         return _finetune_plan(cfg, config.get("pool"))
+    if kind == "experiment":  # stage names are those ka2l.finetune.experiment reports
+        return _experiment_plan(cfg)
     if kind == "pull":  # stage names are those ka2l.annotate.pull reports
         return [PhaseSpec("exporting annotations", 2.0, note="Label Studio builds the export in one call"),
                 PhaseSpec("storing annotations", 1.0)]
@@ -372,6 +382,21 @@ def _finetune_plan(cfg, pool: Any) -> list[PhaseSpec]:
                       note=f"about {steps} steps; held-out loss every {cfg.eval_every}, a checkpoint every {cfg.checkpoint_every}"),
             PhaseSpec("saving adapter", 1.0)]
 
+
+
+def _experiment_plan(cfg) -> list[PhaseSpec]:
+    """One phase per cell (selection, fine-tune, evaluation: up to 9 stages named after the cell), in grid order."""
+    from .finetune.experiment import cell_label
+
+    cells = [{"strategy": s, "budget": b, "seed": seed} for s in cfg.strategies for b in sorted(cfg.budgets) for seed in cfg.seeds]
+    phases = [PhaseSpec("preparing the experiment", 1.0)]
+    if any(s in ("entropy", "badge") for s in cfg.strategies):
+        phases.append(PhaseSpec("prompt entropy", 2.0, note=f"one forward pass per {cfg.eval_batch_size} questions, stored"))
+    for c in cells:
+        label = cell_label(c)
+        phases.append(PhaseSpec(label, 20.0 * float(c["budget"]) + 10.0, match=f"{label}:", count=9,
+                                note="select, fine-tune, evaluate on the test split"))
+    return phases
 
 class JobProgress:
     """Progress adapter for a worker: tracks the whole job's phases (``PhaseTracker``), writes them to
@@ -447,6 +472,10 @@ def _run(kind: str, cfg: dict[str, Any], progress: JobProgress) -> dict[str, Any
         from .finetune.lora import finetune
 
         return {"finetune_id": finetune(cfg["pool"], config, progress=progress)}
+    if kind == "experiment":
+        from .finetune.experiment import run_experiment
+
+        return {"experiment_id": run_experiment(cfg["pool"], config, progress=progress)}
     from .augment.candidates import generate_candidates
 
     return {"generation_id": generate_candidates(config, progress=progress)}

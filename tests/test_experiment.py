@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pytest
 
+from ka2l import jobs
+from ka2l.cli.main import main
 from ka2l.config import EXPERIMENT_STRATEGIES, ExperimentConfig, FinetuneConfig, from_dict, to_dict
 from ka2l.errors import Cancelled, ConfigError
 from ka2l.finetune import data as D
@@ -16,6 +18,7 @@ from ka2l.finetune import experiment as X
 from ka2l.finetune import experiment_report as R
 from ka2l.finetune import selection as SEL
 from ka2l.probing.stage1 import run_stage1
+from ka2l.progress import PhaseTracker
 from ka2l.store import evaluation as E
 from ka2l.store import experiment as SX
 from ka2l.store import finetune as SF
@@ -49,14 +52,14 @@ def store(stage1_store, tmp_path, monkeypatch):
 
 
 class CancelAfter:
-    """Progress that cancels once ``cells`` cells are done (as a job's cancel flag is checked at a stage)."""
+    """Progress that cancels as cell number ``cells + 1`` starts (as a job's cancel flag is checked at a stage)."""
 
-    def __init__(self, cells: int | None = None):
+    def __init__(self, cells: int):
         self.cells, self.stages = cells, []
 
     def stage(self, name, total=None, done=0):
         self.stages.append(name)
-        if name == "cells" and self.cells is not None and done >= self.cells:
+        if sum(s.endswith(": selecting") for s in self.stages) > self.cells:
             raise Cancelled("stop after a cell")
 
     def advance(self, n=1, message=None):
@@ -93,7 +96,7 @@ def test_a_file_split_column_fixes_the_split_and_item_keys_key_the_rows(store, t
         D.build("caps", FinetuneConfig(source="file", file=str(path), device="cpu"))
 
 
-def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel(store):
+def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel(store, capsys):
     c = cfg()
     with pytest.raises(Cancelled):
         X.run_experiment("caps", c, progress=CancelAfter(cells=1))
@@ -102,7 +105,7 @@ def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel(s
         first, second = SX.cells(db, exp["id"])
         n_finetunes = len(SF.list_finetunes(db))
         first_ft = SF.get_finetune(db, first["finetune_id"])
-    assert exp["status"] == "interrupted" and first["status"] == "done" and second["status"] == "pending"
+    assert exp["status"] == "interrupted" and first["status"] == "done" and second["status"] == "interrupted"
     assert n_finetunes == 1 and second["finetune_id"] is None
 
     # the test split: fixed, held out of every selection, and the eval split of every fine-tune
@@ -110,7 +113,8 @@ def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel(s
     assert 5 <= len(test) <= 14 and exp["n_pool"] == 30 - len(test)
     assert first["n"] == X.budget_size(0.5, exp["n_pool"]) == len(first["selected"]) and not test & set(first["selected"])
 
-    eid = X.run_experiment("caps", c)  # resumes: the finished cell is kept as it is
+    recorder = CancelAfter(cells=99)
+    eid = X.run_experiment("caps", c, progress=recorder)  # resumes: the finished cell is kept as it is
     assert eid == exp["id"]
     with connect() as db:
         again = {cell["id"]: cell for cell in SX.cells(db, eid)}
@@ -153,3 +157,33 @@ def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel(s
     assert X.run_experiment("caps", c) == eid  # a finished experiment is reused, nothing trains again
     with connect() as db:
         assert len(SF.list_finetunes(db)) == 2
+
+    # a background job's plan names the stages the run reports: every stage lands in a planned phase
+    tracker = PhaseTracker(jobs.plan("experiment", {"pool": "caps", "experiment": to_dict(c)}))
+    planned = [p["name"] for p in tracker.phases]
+    for name in recorder.stages:
+        tracker.stage(name)
+    assert [p["name"] for p in tracker.phases] == planned, "a stage matched no planned phase"
+    assert any(p["name"] == "random @ 0.5 seed 0" and p["status"] != "pending" for p in tracker.phases)
+
+    # the command line prints the same report
+    assert main(["experiment-report", "--experiment", str(eid), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rq2"] == json.loads(json.dumps(R.build_report(eid)["rq2"]))
+    assert main(["experiment-report", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert f"experiment {eid}: pool" in listed and "done · 2/2 cells done" in listed
+
+
+def test_the_command_line_builds_the_config_and_refuses_bad_input(store, capsys):
+    from ka2l.cli.experiment import config_from_args
+    from ka2l.cli.main import build_parser
+
+    args = build_parser().parse_args(["experiment", "--pool", "caps", "--strategies", "random", "coreset", "--budgets", "0.25", "1",
+                                      "--seeds", "0", "1", "--preset", "cpu-small", "--epochs", "2", "--device", "cpu"])
+    got = config_from_args(args)
+    assert (got.strategies, got.budgets, got.seeds) == (("random", "coreset"), (0.25, 1.0), (0, 1))
+    assert got.finetune.epochs == 2.0 and got.finetune.patience == 0 and got.finetune.lr == 2e-4  # the preset, early stopping off
+    assert main(["experiment", "--pool", "caps", "--budgets", "0"]) == 2
+    assert "budgets must be distinct shares in (0, 1]" in capsys.readouterr().err
+    assert main(["experiment-report", "--experiment", "7"]) == 2
+    assert "No experiment 7" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from ..errors import Ka2lError
 from . import annotate, augment, jobs, pools, probing
 from . import finetune as finetune_cli
 from . import evaluate as evaluate_cli
+from . import experiment as experiment_cli
 from .parsing import grouped_listing
 
 EXAMPLES = """examples:
@@ -30,9 +31,11 @@ EXAMPLES = """examples:
   python -m ka2l annotate push --pool capitals         # the approved set, most useful first
   python -m ka2l annotate pull --pool capitals         # the answers back
   python -m ka2l annotate export --pool capitals --format alpaca --out sft/capitals.json
+  python -m ka2l experiment --pool capitals --strategies random ka2l-unknown --budgets 0.25 0.5 1.0
+  python -m ka2l experiment-report --experiment 1     # RQ1-RQ3 with paired bootstrap intervals
 """
 
-STAGES = (pools, probing, augment, annotate, finetune_cli, evaluate_cli, jobs)  # the order of the groups in --help
+STAGES = (pools, probing, augment, annotate, finetune_cli, evaluate_cli, experiment_cli, jobs)  # the order of the groups in --help
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -175,6 +175,20 @@ def load_inputs(pool_id: int, run: dict[str, Any], cfg: ExperimentConfig, progre
     return pool, {"texts": texts, "sources": sources, "layer": layer, "probe_id": probe["id"]}
 
 
+def check_launch(pool: str | int, cfg: ExperimentConfig) -> dict[str, Any]:
+    """What a launch checks before it queues (no model loaded): the pool has gold answers, the run is a
+    finished Stage 1 run with a probe. Returns the pool, run and probe ids and the number of cells."""
+    with connect() as db:
+        pool_row = Q.get_pool(db, pool)
+        if not pool_row["has_answers"]:
+            raise ConfigError(f"Pool {pool_row['name']!r} has no gold answers; the experiment needs them to play the annotator and to "
+                              f"score the test split. Use a pool with an answer column.")
+        run = resolve_run(db, int(pool_row["id"]), cfg.run_id)
+        probe = _probe(db, int(run["id"]), cfg.probe_id)
+    return {"pool_id": int(pool_row["id"]), "run_id": int(run["id"]), "probe_id": int(probe["id"]),
+            "cells": len(cfg.strategies) * len(cfg.budgets) * len(cfg.seeds)}
+
+
 # -- the grid ----------------------------------------------------------------------------------------
 
 def budget_size(share: float, n_available: int) -> int:
@@ -217,6 +231,11 @@ def _cell_file(experiment_id: int, rows: list[dict[str, str]]) -> Path:
     return path
 
 
+def cell_label(cell: dict[str, Any]) -> str:
+    """How a cell's stages are named (``random @ 0.5 seed 0: training``); a job plan matches on it."""
+    return f"{cell['strategy']} @ {float(cell['budget']):g} seed {int(cell['seed'])}"
+
+
 class _CellProgress:
     """Passes a cell's stages on, named after the cell, so a job shows which cell trains."""
 
@@ -239,6 +258,9 @@ def _run_cell(cell: dict[str, Any], exp: dict[str, Any], pool_id: int, sel_pool:
     from .lora import finetune
 
     test = set(exp["test_keys"])
+    label = cell_label(cell)
+    progress = _CellProgress(progress, label)
+    progress.stage("selecting")  # a job's cancel is checked here, before the cell starts
     with connect() as db:
         SX.update_cell(db, cell["id"], status="running", started_at=cell["started_at"] or now(), error=None)
     selected = cell["selected"]
@@ -254,14 +276,13 @@ def _run_cell(cell: dict[str, Any], exp: dict[str, Any], pool_id: int, sel_pool:
             + [{"item_key": k, "question": texts[k][0], "answer": texts[k][1], "split": "eval"} for k in sorted(test)])
     path = _cell_file(exp["id"], rows)
     ft_cfg = replace(cfg.finetune, source="file", file=str(path), run_id=int(exp["run_id"]), seed=int(cell["seed"]))
-    label = f"{cell['strategy']} @ {cell['budget']:g} seed {cell['seed']}"
     t0 = time.perf_counter()
-    finetune_id = finetune(pool_id, ft_cfg, progress=_CellProgress(progress, label))
+    finetune_id = finetune(pool_id, ft_cfg, progress=progress)
     with connect() as db:
         SX.update_cell(db, cell["id"], finetune_id=finetune_id)
         SX.add_cell_seconds(db, cell["id"], "finetune_seconds", time.perf_counter() - t0)
     t0 = time.perf_counter()
-    summary = evaluate(finetune_id, _CellProgress(progress, label), seed=int(cell["seed"]), batch_size=cfg.eval_batch_size,
+    summary = evaluate(finetune_id, progress, seed=int(cell["seed"]), batch_size=cfg.eval_batch_size,
                        bootstrap=cfg.bootstrap, models=("tuned",), bertscore_model=cfg.bertscore_model or None)
     with connect() as db:
         SX.add_cell_seconds(db, cell["id"], "eval_seconds", time.perf_counter() - t0)
@@ -288,12 +309,10 @@ def run_experiment(pool: str | int, cfg: ExperimentConfig, progress: Progress | 
                              inputs={"layer": inputs["layer"], "probe_id": inputs["probe_id"], "n_questions": len(sel_pool),
                                      "n_decoded": len(sel_pool.extra_keys), "device": cfg.finetune.device})
         grid = SX.cells(db, exp["id"])
-    done = sum(c["status"] == "done" for c in grid)
     try:
-        for i, cell in enumerate(grid):
+        for cell in grid:
             if cell["status"] == "done":
                 continue
-            progress.stage("cells", total=len(grid), done=done)
             try:
                 _run_cell(cell, exp, pool_id, sel_pool, inputs, cfg, progress)
             except (Cancelled, KeyboardInterrupt):
@@ -304,8 +323,6 @@ def run_experiment(pool: str | int, cfg: ExperimentConfig, progress: Progress | 
                 with connect() as db:
                     SX.update_cell(db, cell["id"], status="failed", error=f"{type(exc).__name__}: {exc}")
                 raise
-            done += 1
-            progress.stage("cells", total=len(grid), done=done)
     except (Cancelled, KeyboardInterrupt):
         with connect() as db:
             SX.update_experiment(db, exp["id"], status="interrupted")
