@@ -491,6 +491,55 @@ def finetune_preset(name: str, **overrides: Any) -> FinetuneConfig:
 ALL_CONFIGS = ALL_CONFIGS + (FinetuneConfig,)
 
 
+EVALUATE_MODELS = ("base", "tuned")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Base vs tuned on a fine-tune's held-out questions (``ka2l.finetune.evaluate.evaluate``'s arguments), as a job."""
+
+    finetune_id: int = _f(0, "Id of the fine-tune whose held-out questions are answered (see `python -m ka2l finetunes`).")
+    models: tuple[str, ...] = _f(EVALUATE_MODELS, "Which models answer: base, tuned or both. The base alone works while training still runs.")
+    temperature: float = _f(0.1, "Answer temperature, in (0, 2] (the method's 0.1).")
+    seed: int = _f(0, "Sampling and bootstrap seed.")
+    batch_size: int = _f(16, "Questions per generate call (and BERTScore batch).")
+    bootstrap: int = _f(1000, "Bootstrap resamples for the 95% intervals (0 = none).")
+    bertscore_model: str | None = _f(None, "Local model folder for BERTScore; unset = the offline all-MiniLM-L6-v2.")
+    device: str | None = _f(None, "Device: auto, cpu, cuda, cuda:N or mps; unset = the fine-tune's own.")
+    fresh: bool = _f(False, "Forget the stored answers and answer every question again.")
+
+    def __post_init__(self) -> None:
+        from .device import DEVICES
+
+        _positive("EvaluateConfig.finetune_id", self.finetune_id, allow_zero=True)
+        if not self.models or any(m not in EVALUATE_MODELS for m in self.models) or len(set(self.models)) != len(self.models):
+            raise ConfigError(f"EvaluateConfig.models must be some of {', '.join(EVALUATE_MODELS)}, each once; got {self.models!r}.")
+        if not 0 < self.temperature <= 2:
+            raise ConfigError(f"EvaluateConfig.temperature must be in (0, 2]; the method uses 0.1. Got {self.temperature}.")
+        _positive("EvaluateConfig.batch_size", self.batch_size)
+        _positive("EvaluateConfig.bootstrap", self.bootstrap, allow_zero=True)
+        if self.device is not None:
+            _one_of("EvaluateConfig.device", self.device.split(":")[0], DEVICES)
+
+
+@dataclass(frozen=True)
+class ReprobeConfig:
+    """Stage 1 again with a finished fine-tune's adapter, on its base run's pool and settings (``ka2l.finetune.reprobe``)."""
+
+    finetune_id: int = _f(0, "Id of the finished fine-tune whose adapter is re-probed (see `python -m ka2l finetunes`).")
+    device: str | None = _f(None, "Device for the model and the probes: auto, cpu, cuda, cuda:N or mps; unset = the base run's.")
+
+    def __post_init__(self) -> None:
+        from .device import DEVICES
+
+        _positive("ReprobeConfig.finetune_id", self.finetune_id, allow_zero=True)
+        if self.device is not None:
+            _one_of("ReprobeConfig.device", self.device.split(":")[0], DEVICES)
+
+
+ALL_CONFIGS = ALL_CONFIGS + (EvaluateConfig, ReprobeConfig)
+
+
 # -- Stage 3: the RQ1-RQ3 experiment -----------------------------------------------------------------
 
 EXPERIMENT_STRATEGIES = ("random", "entropy", "coreset", "badge", "ka2l-unknown", "ka2l-known", "combine", "ka2l-augmented")

@@ -38,7 +38,7 @@ from .store.db import connect, now
 
 log = logging.getLogger(__name__)
 
-KINDS = ("stage1", "triage", "decoder", "generate", "push", "pull", "finetune", "experiment")
+KINDS = ("stage1", "triage", "decoder", "generate", "push", "pull", "finetune", "evaluate", "reprobe", "experiment")
 # Jobs in one lane run one at a time; lanes run side by side. Model jobs share the CPU / GPU and the
 # model; a Label Studio push or pull needs neither and must not wait an hour behind a Stage 1 run.
 LANES = {"push": "annotate", "pull": "annotate"}
@@ -47,7 +47,7 @@ PENDING = ("queued",) + ACTIVE
 CANCEL_GRACE_S = 10.0
 KIND_NAMES = {"stage1": "Stage 1", "triage": "Triage", "decoder": "Decoder training", "generate": "Candidate generation",
               "push": "Push to Label Studio", "pull": "Pull from Label Studio",
-              "finetune": "Fine-tune", "experiment": "RQ1-RQ3 experiment"}
+              "finetune": "Fine-tune", "experiment": "RQ1-RQ3 experiment", "evaluate": "Fine-tune evaluation", "reprobe": "Re-probe with the adapter"}
 
 
 def lane(kind: str) -> str:
@@ -150,10 +150,11 @@ def config_class(kind: str):
 
     if kind == "experiment":
         return ExperimentConfig
-    from .config import DecoderConfig, FinetuneConfig, GenerateConfig, PullConfig, PushConfig, Stage1Config, TriageConfig
+    from .config import (DecoderConfig, EvaluateConfig, FinetuneConfig, GenerateConfig, PullConfig, PushConfig, ReprobeConfig,
+                         Stage1Config, TriageConfig)
 
     return {"stage1": Stage1Config, "triage": TriageConfig, "decoder": DecoderConfig, "generate": GenerateConfig,
-            "push": PushConfig, "pull": PullConfig, "finetune": FinetuneConfig}[kind]
+            "push": PushConfig, "pull": PullConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig, "reprobe": ReprobeConfig}[kind]
 
 
 def _validate(kind: str, config: dict[str, Any]) -> None:
@@ -171,6 +172,8 @@ def _validate(kind: str, config: dict[str, Any]) -> None:
         from .finetune.experiment import check_launch as check_experiment
 
         check_experiment(config["pool"], cfg)
+    if kind in ("evaluate", "reprobe"):  # the fine-tune must exist, and be finished for what needs its adapter
+        _validate_finetune_job(kind, cfg)
     if kind in ("decoder", "generate"):  # what they build on must exist now, not only when the worker starts
         from .store import queries as Q
         from .store import augment as S
@@ -182,6 +185,20 @@ def _validate(kind: str, config: dict[str, Any]) -> None:
                     Q.get_pool(db, name)
             elif (status := S.get_decoder(db, cfg.decoder_id)["status"]) != "done":
                 raise ConfigError(f"Decoder {cfg.decoder_id} is {status}; finish training it (resume its job) before generating.")
+
+
+def _validate_finetune_job(kind: str, cfg) -> None:
+    from .store import finetune as S
+
+    with connect() as db:
+        row = S.get_finetune(db, cfg.finetune_id)
+    if kind == "reprobe":
+        from .finetune.reprobe import reprobe_config
+
+        reprobe_config(cfg.finetune_id, cfg.device)  # refuses an unfinished fine-tune, a deleted run, a run without a probe
+    elif "tuned" in cfg.models and (row["status"] != "done" or not row["adapter_dir"]):
+        raise ConfigError(f"Fine-tune {cfg.finetune_id} is {row['status']}, so it has no tuned model to evaluate yet. Finish it first "
+                          f"(resume its job), or evaluate the base model alone meanwhile (models: base).")
 
 
 def _alive(pid: int | None, job_id: int) -> bool:
@@ -307,6 +324,10 @@ def plan(kind: str, config: dict[str, Any]) -> list[PhaseSpec]:
                 PhaseSpec("pushing tasks", 5.0, note=f"reports after every batch of {cfg.batch_size} tasks")]
     if kind == "finetune":  # stage names are those ka2l.finetune.lora reports
         return _finetune_plan(cfg, config.get("pool"))
+    if kind == "evaluate":  # stage names are those ka2l.finetune.evaluate reports
+        return _evaluate_plan(cfg)
+    if kind == "reprobe":  # Stage 1's stages, then ka2l.finetune.reprobe's own
+        return _reprobe_plan(cfg)
     if kind == "experiment":  # stage names are those ka2l.finetune.experiment reports
         return _experiment_plan(cfg)
     if kind == "pull":  # stage names are those ka2l.annotate.pull reports
@@ -381,6 +402,37 @@ def _finetune_plan(cfg, pool: Any) -> list[PhaseSpec]:
             PhaseSpec("training", steps * cfg.batch_size * cfg.grad_accum * 0.5 + evals * 2.0,
                       note=f"about {steps} steps; held-out loss every {cfg.eval_every}, a checkpoint every {cfg.checkpoint_every}"),
             PhaseSpec("saving adapter", 1.0)]
+
+
+def _finetune_facts(finetune_id: int) -> tuple[int, dict[str, Any] | None]:
+    """(held-out questions, the base Stage 1 run) of a fine-tune; a guess when it cannot be read."""
+    from .store import finetune as S
+    from .store import queries as Q
+
+    try:
+        with connect() as db:
+            row = S.get_finetune(db, finetune_id)
+            run = Q.get_run(db, row["run_id"]) if row["run_id"] is not None else None
+        return int(row["n_eval"]), run
+    except Ka2lError:
+        return 20, None
+
+
+def _evaluate_plan(cfg) -> list[PhaseSpec]:
+    n, _ = _finetune_facts(cfg.finetune_id)
+    answers = [PhaseSpec(f"{m} answers", 5.0 + 0.4 * n, note=f"reports after every batch of {cfg.batch_size} questions"
+                         + ("; loads the model with its adapter" if m == "tuned" else "")) for m in cfg.models]
+    return [PhaseSpec("preparing", 1.0), *answers, PhaseSpec("BERTScore", 3.0 + 0.02 * n * len(cfg.models)), PhaseSpec("summary", 0.5)]
+
+
+def _reprobe_plan(cfg) -> list[PhaseSpec]:
+    from .config import Stage1Config, from_dict
+    from .finetune.reprobe import STAGE
+
+    _, run = _finetune_facts(cfg.finetune_id)
+    stage1 = from_dict(Stage1Config, run["config"]) if run is not None else Stage1Config()
+    n, has_gold = _pool_facts(run["pool_id"] if run is not None else None)
+    return _stage1_plan(stage1, n, has_gold) + [PhaseSpec(STAGE, 0.5, note="the base run's saved probe on the tuned model's states")]
 
 
 
@@ -476,6 +528,17 @@ def _run(kind: str, cfg: dict[str, Any], progress: JobProgress) -> dict[str, Any
         from .finetune.experiment import run_experiment
 
         return {"experiment_id": run_experiment(cfg["pool"], config, progress=progress)}
+    if kind == "evaluate":
+        from .finetune.evaluate import evaluate
+
+        evaluate(config.finetune_id, progress, temperature=config.temperature, seed=config.seed, batch_size=config.batch_size,
+                 bootstrap=config.bootstrap, models=config.models, bertscore_model=config.bertscore_model, device=config.device,
+                 fresh=config.fresh)
+        return {"finetune_id": config.finetune_id}
+    if kind == "reprobe":
+        from .finetune.reprobe import reprobe
+
+        return {"finetune_id": config.finetune_id, "run_id": reprobe(config.finetune_id, progress=progress, device=config.device)}
     from .augment.candidates import generate_candidates
 
     return {"generation_id": generate_candidates(config, progress=progress)}

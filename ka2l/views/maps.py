@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -68,21 +69,40 @@ def density_grid(x, y, size: int = 60, pad: float = 0.35) -> tuple[np.ndarray, n
 
 def project(x: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
     """(n, d) -> (n, 2), features standardised first."""
+    return fit_projection(x, method, seed)[0]
+
+
+def fit_projection(x: np.ndarray, method: str = "pca", seed: int = 0) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """The projection fitted on ``x`` (n, d): (x's own coordinates (n, 2), as ``project`` gives them, and a
+    function placing other points (m, d) -> (m, 2) in the same map, standardised with x's mean and spread).
+
+    >>> x = np.random.default_rng(0).normal(size=(20, 5)).astype(np.float32)
+    >>> coords, place = fit_projection(x)
+    >>> bool(np.allclose(place(x), coords, atol=1e-4)) and place(x[:3] + 1).shape == (3, 2)
+    True
+    """
     if method not in METHODS:
         raise ConfigError(f"Unknown projection {method!r}. Choose one of: {', '.join(METHODS)}.")
     x = np.asarray(x, dtype=np.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    x = (x - mean) / scale
+
+    def standardised(y: np.ndarray) -> np.ndarray:
+        return (np.asarray(y, dtype=np.float32) - mean) / scale
+
     if method == "pca":
         from sklearn.decomposition import PCA
 
-        return PCA(n_components=2, random_state=seed).fit_transform(x).astype(np.float32)
+        pca = PCA(n_components=2, random_state=seed)
+        return pca.fit_transform(x).astype(np.float32), lambda y: pca.transform(standardised(y)).astype(np.float32)
     import umap
 
     n_neighbors = max(2, min(15, len(x) - 1))
     # UMAP uses 500 epochs up to 10,000 points and 200 above; 200 from 2,000 points keeps a 10k map
     # well under a minute on a 2-core CPU. The seed makes maps reproducible (and UMAP single-threaded).
     n_epochs = 200 if len(x) > 2000 else None
-    return umap.UMAP(n_components=2, n_neighbors=n_neighbors, n_epochs=n_epochs, random_state=seed).fit_transform(x).astype(np.float32)
+    reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, n_epochs=n_epochs, random_state=seed)
+    return reducer.fit_transform(x).astype(np.float32), lambda y: reducer.transform(standardised(y)).astype(np.float32)
 
 
 def cache_path(run_id: int, layer: int, method: str) -> Path:
