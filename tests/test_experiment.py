@@ -187,3 +187,43 @@ def test_the_command_line_builds_the_config_and_refuses_bad_input(store, capsys)
     assert "budgets must be distinct shares in (0, 1]" in capsys.readouterr().err
     assert main(["experiment-report", "--experiment", "7"]) == 2
     assert "No experiment 7" in capsys.readouterr().err
+
+
+def approve_candidates(pool_id: int, run_id: int, rows: list[dict]) -> list[int]:
+    """Decoded candidates stored as Stage 2 stores them (a decoder, a generation batch), with decisions."""
+    from ka2l.store import augment as SA
+
+    with connect() as db:
+        probe = Q.list_probes(db, run_id)[0]
+        decoder = SA.create_decoder(db, {"probe_id": probe["id"], "run_id": run_id, "pool_id": pool_id, "layer": probe["layer"], "pooling": "mean",
+                                         "backbone": "test", "config": {}, "config_hash": "d", "status": "done"})
+        gen, _ = SA.start_generation(db, decoder, pool_id, {}, "g")
+        SA.insert_candidates(db, [{"generation_id": gen, "pool_id": pool_id, "sample": i, "noise": 0.1, "raw_text": r["text"], "status": "kept",
+                                   **r} for i, r in enumerate(rows)])
+        return [c["id"] for c in SA.candidates(db, pool_id, status=None)]
+
+
+def test_augmented_cells_take_approved_decoded_questions_but_none_that_paraphrase_a_test_question(store):
+    from ka2l.progress import NullProgress
+
+    c = cfg(strategies=("ka2l-augmented",), augmented_share=0.5)
+    with connect() as db:
+        pool_id = Q.get_pool(db, "caps")["id"]
+        run = D.resolve_run(db, pool_id, 0)
+        questions = Q.pool_questions(db, pool_id)
+    keys = [f"q:{q['id']}" for q in questions]
+    test = X.test_split(keys, c.test_share, c.test_seed)
+    inside = [q for q in questions if f"q:{q['id']}" not in test]
+    held = [q for q in questions if f"q:{q['id']}" in test]
+    ids = approve_candidates(pool_id, run["id"], [
+        {"source_question_id": inside[0]["id"], "text": "Which city is the capital there?", "decision": "approved", "p_unknown": 0.9},
+        {"source_question_id": held[0]["id"], "text": "Paraphrase of a test question?", "decision": "approved", "p_unknown": 0.99},
+        {"source_question_id": inside[1]["id"], "nearest_question_id": held[1]["id"], "text": "Close to a test question?",
+         "decision": "approved", "p_unknown": 0.95},
+        {"source_question_id": inside[2]["id"], "text": "Still waiting for review?", "decision": "pending", "p_unknown": 0.97}])
+    sel_pool, inputs = X.load_inputs(pool_id, run, c, NullProgress())
+    assert sel_pool.extra_keys == tuple(f"c:{i}" for i in ids[:3])  # approved ones only
+    assert inputs["texts"][f"c:{ids[0]}"] == ("Which city is the capital there?", inside[0]["answers"][0])  # the source's gold answer
+    picked = X.select_cell({"strategy": "ka2l-augmented", "n": 6, "seed": 0}, sel_pool, inputs, test)
+    assert f"c:{ids[0]}" in picked and not {f"c:{i}" for i in ids[1:]} & set(picked) and not test & set(picked)
+    assert len(picked) == 6

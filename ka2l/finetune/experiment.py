@@ -231,6 +231,13 @@ def _cell_file(experiment_id: int, rows: list[dict[str, str]]) -> Path:
     return path
 
 
+def select_cell(cell: dict[str, Any], sel_pool: SEL.SelectionPool, inputs: dict[str, Any], test: set[str]) -> list[str]:
+    """What the cell's strategy picks at its budget and seed, never a test question nor a decoded question
+    whose source (or nearest pool question) is one: a paraphrase of a test question would leak it."""
+    leaking = {k for k, src in inputs["sources"].items() if src & test}
+    return SEL.select(cell["strategy"], sel_pool, int(cell["n"]), int(cell["seed"]), exclude=test | leaking)
+
+
 def cell_label(cell: dict[str, Any]) -> str:
     """How a cell's stages are named (``random @ 0.5 seed 0: training``); a job plan matches on it."""
     return f"{cell['strategy']} @ {float(cell['budget']):g} seed {int(cell['seed'])}"
@@ -266,8 +273,7 @@ def _run_cell(cell: dict[str, Any], exp: dict[str, Any], pool_id: int, sel_pool:
     selected = cell["selected"]
     if not selected:
         t0 = time.perf_counter()
-        leaking = {k for k, src in inputs["sources"].items() if src & test}  # decoded from (or nearest to) a test question
-        selected = SEL.select(cell["strategy"], sel_pool, int(cell["n"]), int(cell["seed"]), exclude=test | leaking)
+        selected = select_cell(cell, sel_pool, inputs, test)
         with connect() as db:
             SX.update_cell(db, cell["id"], selected=selected)
             SX.add_cell_seconds(db, cell["id"], "select_seconds", time.perf_counter() - t0)
