@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from helpers import require_label_studio  # noqa: E402
 from tiny import save_memorising_llama, save_tiny_llama, save_tiny_nli  # noqa: E402
 
 
@@ -94,11 +95,7 @@ def label_studio(tmp_path_factory):
     tests that use it skip, unless KA2L_REQUIRE_LABEL_STUDIO=1 (CI), where they fail."""
     from ka2l.annotate import server
 
-    if not server.installed():
-        message = f"Label Studio is not installed in {server.venv_dir()}: run `make setup`"
-        if os.environ.get("KA2L_REQUIRE_LABEL_STUDIO") == "1":
-            pytest.fail(message + " (KA2L_REQUIRE_LABEL_STUDIO=1 requires it)")
-        pytest.skip(message)
+    require_label_studio()
     folder = tmp_path_factory.mktemp("labelstudio")
     info = server.start(folder=folder, save_connection=False)
     try:

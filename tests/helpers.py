@@ -85,3 +85,17 @@ def private_copy(folder: Path, tmp_path: Path, monkeypatch) -> Path:
     shutil.copytree(folder, copy)
     monkeypatch.setenv("KA2L_DATA_DIR", str(copy))
     return copy
+
+
+def require_label_studio() -> None:
+    """Skip a test that needs the Label Studio of .venv-ls when it is not installed; fail instead under
+    KA2L_REQUIRE_LABEL_STUDIO=1 (CI), where skipping would hide a broken setup."""
+    import pytest
+
+    from ka2l.annotate import server
+
+    if not server.installed():
+        message = f"Label Studio is not installed in {server.venv_dir()}: run `make setup`"
+        if os.environ.get("KA2L_REQUIRE_LABEL_STUDIO") == "1":
+            pytest.fail(message + " (KA2L_REQUIRE_LABEL_STUDIO=1 requires it)")
+        pytest.skip(message)

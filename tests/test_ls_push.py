@@ -130,6 +130,25 @@ def test_pushing_again_sends_nothing_and_one_more_approval_sends_one(data, clien
     assert link["task_id"] == new and link["rank"] == first["pushed"] + 1 == int(before.loc[~before["pushed"], "rank"].iloc[0])
 
 
+def test_a_server_answering_at_a_new_url_keeps_its_project_and_gets_nothing_twice(data, client, label_studio, request):
+    """The local server restarted on another port: the same server, another URL. Push must find the project
+    (same id, same title there) instead of creating a second one and sending every task again; a
+    different project under that id on the new server is not taken for it."""
+    pool, _ = data
+    first = P.push(pool, _cfg(request), client=client)
+    moved = Client(label_studio.url.replace("127.0.0.1", "localhost"), label_studio.token, retries=1, backoff=0.01)
+    assert moved.url != client.url
+    again = P.push(pool, _cfg(request), client=moved)
+    assert again["pushed"] == 0 and again["project"] == first["project"] and again["project_id"] == first["project_id"]
+    assert client.task_count(first["project_id"]) == first["pushed"]
+    with connect() as db:
+        assert [r["url"] for r in A.projects(db, pool_id=pool)] == [moved.url]  # pull and the next push use it too
+        A.move_project(db, first["project"], "http://127.0.0.1:1")  # an old URL again ...
+        db.execute("UPDATE ls_projects SET title = 'some other project' WHERE id = ?", [first["project"]])  # ... whose title differs
+    third = P.push(pool, _cfg(request), client=client)
+    assert third["project"] != first["project"] and third["pushed"] == first["pushed"]  # a new project, not someone else's
+
+
 def test_a_push_that_died_after_an_import_creates_no_duplicate(data, client, request, monkeypatch):
     pool, _ = data
     real, calls = A.add_links, []

@@ -15,6 +15,7 @@ import pytest
 
 from ka2l.annotate import connection, server
 from ka2l.paths import PROJECT_ROOT
+from helpers import require_label_studio
 
 
 def group_members(pgid: int) -> list[int]:
@@ -35,8 +36,7 @@ def group_members(pgid: int) -> list[int]:
 @pytest.fixture(scope="module")
 def own_server(tmp_path_factory):
     """A second real server (on a port chosen up front), for the test that stops it."""
-    if not server.installed():
-        pytest.skip("Label Studio is not installed: run `make setup`")
+    require_label_studio()
     folder = tmp_path_factory.mktemp("own-labelstudio")
     info = server.start(port=server.free_port(), folder=folder, save_connection=False)
     yield info
@@ -124,6 +124,19 @@ def test_stop_leaves_no_process(own_server):
 
 
 # -- installing, without reinstalling --------------------------------------------------------------
+
+
+def test_a_restart_takes_the_last_port_again(own_server):
+    """After a stop, a start without a port reuses the last one when it is free, so the saved connection and
+    the projects recorded on that URL stay valid."""
+    server.stop(own_server.folder)  # a no-op when the test above already stopped it
+    if not server.port_free(own_server.port):  # an outgoing connection took it as its local port meanwhile: rare
+        pytest.skip(f"port {own_server.port} was taken by another socket since the stop")
+    again = server.start(folder=own_server.folder, save_connection=False)
+    try:
+        assert again.port == own_server.port and again.url == own_server.url and server.health(again.url)
+    finally:
+        server.stop(own_server.folder)
 
 
 def test_install_uses_the_one_pin_that_the_makefile_uses_too(monkeypatch, tmp_path):

@@ -167,7 +167,7 @@ def resolve_project(db, pool: str | int | None = None, project: int = 0) -> dict
     rows = A.projects(db, pool_id=pool_row["id"])
     if not rows:
         raise NotFound(f"Pool {pool_row['name']!r} has no Label Studio project yet: push it first "
-                       f"(the Annotate page's Push, or `python -m ka2l annotate push {pool_row['name']}`).")
+                       f"(the Annotate page's Push, or `python -m ka2l annotate push --pool {pool_row['name']}`).")
     return rows[0]
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..config import PushConfig
-from ..errors import ConfigError, NotFound
+from ..errors import ConfigError, NotFound, ProjectGone
 from ..progress import NullProgress, Progress
 from ..store import annotate as A
 from ..store import queries as Q
@@ -226,6 +226,29 @@ def _project_row(db, pool_row: dict[str, Any], cfg: PushConfig, url: str) -> dic
     return rows[0] if rows else None
 
 
+def _moved_project(pool_row: dict[str, Any], client) -> dict[str, Any] | None:
+    """The pool's newest project when the server it was made on now answers at ``client.url`` (the local
+    server restarted on another port): the project of that id there has the recorded title. Its URL is
+    updated, so this push, the next pull and the links all keep using it instead of a second project that
+    would receive every task again."""
+    with connect() as db:
+        rows = A.projects(db, pool_id=pool_row["id"])
+    if not rows:
+        return None
+    row = rows[0]
+    try:
+        there = client.project(row["project_id"])
+    except ProjectGone:
+        return None
+    if there["title"] != row["title"]:
+        return None
+    log.info("Project %s was made on %s; the server now answers at %s (same id and title): pushing there.",
+             row["id"], row["url"], client.url)
+    with connect() as db:
+        A.move_project(db, row["id"], client.url)
+        return A.get_project(db, row["id"])
+
+
 def new_project(pool: int | str, title: str = "", client=None) -> dict[str, Any]:
     """Create a Label Studio project for the pool and record it (it becomes the pool's newest, so a push
     with project 0 goes there). Use it when the previous project was deleted in Label Studio."""
@@ -307,6 +330,8 @@ def push(pool: int | str, cfg: PushConfig = PushConfig(), progress: Progress | N
     with connect() as db:
         pool_row = Q.get_pool(db, pool)
         row = _project_row(db, pool_row, cfg, client.url)
+    if row is None and not cfg.project:
+        row = _moved_project(pool_row, client)
     ranked = items(pool_row["id"], cfg.diversity, progress)
     if row is None:
         row = new_project(pool_row["id"], cfg.title, client)

@@ -142,6 +142,8 @@ def port_free(port: int, host: str = HOST) -> bool:
         if s.connect_ex((host, port)) == 0:  # something listens (Label Studio's own test; it probes localhost)
             return False
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as servers do: the connections of a server that just stopped (TIME_WAIT) do not make its port busy
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -164,6 +166,14 @@ def default_folder() -> Path:
 
 def _state_path(folder: Path) -> Path:
     return folder / "server.json"
+
+
+def _last_port(folder: Path) -> int | None:
+    """The port this folder's server used last (kept across stops, unlike server.json)."""
+    try:
+        return int((folder / "last_port").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _credentials_path(folder: Path) -> Path:
@@ -270,7 +280,7 @@ def start(
     if not installed():
         raise ServerError(
             f"Label Studio is not installed (no {executable()}). Run `make setup`, "
-            "or `python -m ka2l annotate serve --install`, or press Install on the Annotate page."
+            "or `python -m ka2l annotate serve --install`, or press Start local server on the Annotate page (it installs first)."
         )
     current = status(folder)
     if current and current["running"]:
@@ -286,8 +296,9 @@ def start(
     if current:
         _state_path(folder).unlink(missing_ok=True)  # a stale file: that server is gone
 
-    if port is None:
-        port = free_port()
+    if port is None:  # the last port again when it is free, so the saved connection and project URLs stay valid
+        last = _last_port(folder)
+        port = last if last and port_free(last) else free_port()
     elif not port_free(port):
         raise ServerError(
             f"Port {port} on {HOST} is already in use. Stop what runs there, or choose another port "
@@ -324,6 +335,7 @@ def start(
     tmp = _state_path(folder).with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=1))
     os.replace(tmp, _state_path(folder))
+    (folder / "last_port").write_text(str(state["port"]))
     log.info("Label Studio starting at %s (pid %d, folder %s)", url, proc.pid, folder)
     try:
         if not _wait_healthy(url, proc.pid, folder, timeout, progress):

@@ -58,6 +58,11 @@ def projects(db: Db, pool_id: int | None = None, url: str | None = None) -> list
     return list(db.query(f"SELECT * FROM ls_projects {clause} ORDER BY id DESC", args))
 
 
+def move_project(db: Db, project: int, url: str) -> None:
+    """The project's server now answers at ``url`` (the local server restarted on another port)."""
+    db.execute("UPDATE ls_projects SET url = ? WHERE id = ?", [url.rstrip("/"), project])
+
+
 def touch_project(db: Db, project: int, field: str) -> None:
     if field not in ("pushed_at", "pulled_at"):
         raise ValueError(field)
