@@ -157,3 +157,16 @@ def test_map_shows_the_annotation_rank_and_the_unknown_region_it_covers(data):
     box.set_value(1).run()
     fewer = int(next(m for m in at.metric if m.label.startswith("The first")).value.split("%")[0])
     assert fewer <= share
+    assert _rank_ring_labels(at, 1) == ["1"]
+    box.set_value(N_CURATED).run()
+    assert sorted(_rank_ring_labels(at, N_CURATED), key=int) == [str(r) for r in range(1, N_CURATED + 1)]
+
+
+def _rank_ring_labels(at, n: int) -> list[str]:
+    """The rank labels of the map's ring trace for the first ``n`` tasks (the figure as the page sent it)."""
+    import json
+
+    figures = [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+    rings = [t for f in figures for t in f["data"] if t.get("name") == f"first {n} tasks (rank)"]
+    assert len(rings) == 1, [t.get("name") for f in figures for t in f["data"]]
+    return list(rings[0]["text"])

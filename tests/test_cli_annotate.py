@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from ka2l import jobs
+from ka2l import jobs, paths
+from ka2l.annotate import connection
 from ka2l.annotate import push as P
 from ka2l.annotate.connection import mask
 from ka2l.annotate.labelstudio import Client
@@ -151,6 +152,17 @@ def test_background_push_is_a_job_whose_row_holds_no_token(data, connected, labe
     wait_for(lambda: all(j["status"] in ("done", "failed") for j in jobs.list_jobs() if j["kind"] == "push"), timeout=240)
     second = [j for j in jobs.list_jobs() if j["kind"] == "push"][0]
     assert second["status"] == "done" and second["result"]["pushed"] == 0 and second["result"]["linked"] == N_CURATED
+    _assert_token_in_no_file(label_studio.token)
+
+
+def _assert_token_in_no_file(token: str) -> None:
+    """The token is in no file of the data folder but the 0600 ones kept for it (the connection file and the local
+    server's credentials): not in the database, its WAL, or a job's log."""
+    kept_for_it = {connection.secrets_file().resolve()}
+    scanned = [p for p in paths.data_dir().rglob("*") if p.is_file() and p.resolve() not in kept_for_it and "labelstudio" not in p.parts]
+    assert any(p.name.startswith("ka2l.db") for p in scanned) and any(p.suffix == ".log" for p in scanned), scanned
+    leaked = [str(p) for p in scanned if token.encode() in p.read_bytes()]
+    assert not leaked, f"the Label Studio token is written in {leaked}"
 
 
 def test_without_a_connection_or_a_project_the_messages_say_what_to_do(data, capsys, monkeypatch):
