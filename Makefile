@@ -48,12 +48,13 @@ app: setup
 test: setup
 	$(PY) -m pytest -q
 
-## bench: Stage 1 speed and cost, app page times on 10k questions, the Stage 2 decoder, Label Studio push/pull of 10k tasks -> bench/results/
+## bench: Stage 1 speed and cost, app page times on 10k questions, the Stage 2 decoder, Label Studio push/pull of 10k tasks, SmolLM2 LoRA speed and memory -> bench/results/
 bench: setup
 	$(PY) bench/bench_stage1.py
 	$(PY) bench/bench_app.py
 	$(PY) bench/bench_decoder.py
 	$(PY) bench/bench_annotate.py
+	$(PY) bench/bench_finetune.py
 
 clean-data:
 	rm -rf data/ka2l.db data/ka2l.db-* data/arrays data/probes data/logs test-artifacts
