@@ -173,6 +173,7 @@ def test_a_model_spec_with_an_adapter_loads_the_tuned_model(store, memo_model):
         a, b, c = (lm.model(**ids).logits for lm in (base, tuned, reference))
     assert (a - b).abs().max() > 1e-2 and torch.allclose(b, c, atol=1e-5)
     assert "adapter" in tuned.source
+    assert tuned.model.state_dict().keys() == base.model.state_dict().keys()  # merged and unloaded: a plain model again
     with pytest.raises(ModelLoadError, match="has no adapter_config.json"):
         load_model(ModelSpec(name_or_path=str(memo_model), device="cpu", adapter=str(store["folder"] / "nowhere")))
 

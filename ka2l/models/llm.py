@@ -110,13 +110,18 @@ def _apply_adapter(model, folder: Path, spec: ModelSpec) -> None:
         raise ModelLoadError(f"Could not apply the adapter in {str(folder)!r} to {spec.name_or_path!r}: {str(exc).splitlines()[0]}. "
                              f"Was it trained on this model? Its ka2l-finetune.json names the model it was trained on.") from exc
     merged = 0
-    for module in model.modules():  # peft's LoRA layers: merge() adds B @ A * scaling to the base weight
+    for name, module in list(model.named_modules()):  # peft's LoRA layers: merge() adds B @ A * scaling to the base weight ...
         if getattr(module, "merged", None) is False and callable(getattr(module, "merge", None)):
             module.merge()
+            parent, _, child = name.rpartition(".")  # ... and the merged base layer takes the wrapper's place
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
             merged += 1
     if not merged:
         raise ModelLoadError(f"The adapter in {str(folder)!r} loaded but changed no layer of {spec.name_or_path!r}; "
                              f"its target modules do not match this model. Use the base model it was trained on.")
+    # a plain model again, as peft's merge_and_unload leaves it (else save_pretrained would write the adapter alone)
+    model._hf_peft_config_loaded = False
+    model.__dict__.pop("peft_config", None)
 
 
 # -- prompts -------------------------------------------------------------------------------------
