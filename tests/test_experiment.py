@@ -14,6 +14,7 @@ from ka2l.cli.main import main
 from ka2l.config import EXPERIMENT_STRATEGIES, ExperimentConfig, FinetuneConfig, from_dict, to_dict
 from ka2l.errors import Cancelled, ConfigError
 from ka2l.finetune import data as D
+from ka2l.finetune import evaluate as EV
 from ka2l.finetune import experiment as X
 from ka2l.finetune import experiment_report as R
 from ka2l.finetune import selection as SEL
@@ -96,7 +97,7 @@ def test_a_file_split_column_fixes_the_split_and_item_keys_key_the_rows(store, t
         D.build("caps", FinetuneConfig(source="file", file=str(path), device="cpu"))
 
 
-def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel(store, capsys):
+def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel_and_a_failure(store, capsys, monkeypatch):
     c = cfg()
     with pytest.raises(Cancelled):
         X.run_experiment("caps", c, progress=CancelAfter(cells=1))
@@ -113,6 +114,19 @@ def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel(s
     assert 5 <= len(test) <= 14 and exp["n_pool"] == 30 - len(test)
     assert first["n"] == X.budget_size(0.5, exp["n_pool"]) == len(first["selected"]) and not test & set(first["selected"])
 
+    def broken(*a, **k):
+        raise RuntimeError("evaluation died")
+
+    with monkeypatch.context() as m, pytest.raises(RuntimeError):
+        m.setattr(EV, "evaluate", broken)  # the second cell dies after its fine-tune finished
+        X.run_experiment("caps", c)
+    with connect() as db:
+        failed = SX.get_cell(db, second["id"])
+        exp_row = SX.get_experiment(db, exp["id"])
+        trained = SF.get_finetune(db, failed["finetune_id"])
+    assert failed["status"] == "failed" and "evaluation died" in failed["error"] and exp_row["status"] == "failed"
+    assert trained["status"] == "done"
+
     recorder = CancelAfter(cells=99)
     eid = X.run_experiment("caps", c, progress=recorder)  # resumes: the finished cell is kept as it is
     assert eid == exp["id"]
@@ -124,6 +138,9 @@ def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel(s
     kept = again[first["id"]]
     assert (kept["finetune_id"], kept["finished_at"], kept["selected"]) == (first["finetune_id"], first["finished_at"], first["selected"])
     assert len(finetunes) == 2 and all(cell["status"] == "done" for cell in again.values())
+    assert again[second["id"]]["finetune_id"] == trained["id"]  # the second cell's fine-tune was reused, not trained again
+    reused = next(f for f in finetunes if f["id"] == trained["id"])
+    assert (reused["step"], reused["seconds"], reused["adapter_dir"]) == (trained["step"], trained["seconds"], trained["adapter_dir"])
     resumed_ft = next(f for f in finetunes if f["id"] == first["finetune_id"])
     assert (resumed_ft["updated_at"], resumed_ft["step"], resumed_ft["evaluation"]) == (first_ft["updated_at"], first_ft["step"], first_ft["evaluation"])
     for f in finetunes:
