@@ -259,3 +259,12 @@ def test_the_reprobe_job_and_command(store, tmp_path, monkeypatch, capsys):
     summary = shift.shift_summary(store["fid"])
     assert f"{summary['n_unknown_to_known']} unknown -> known" in out and f"re-probe run {store['run_id']}" in out
     assert out.count("[unknown → known]") == summary["n_unknown_to_known"]
+    # evaluate --background queues an 'evaluate' job with the command's settings, once
+    args = ["evaluate", "--finetune", str(store["fid"]), "--model", "base", "--seed", "3", "--background"]
+    assert main(args) == 0 and main(args) == 0
+    out = capsys.readouterr().out
+    evaluate_jobs = [j for j in jobs.list_jobs() if j["kind"] == "evaluate"]
+    assert len(evaluate_jobs) == 1 and "already job" in out
+    cfg = evaluate_jobs[0]["config"]["evaluate"]
+    assert cfg["finetune_id"] == store["fid"] and cfg["models"] == ["base"] and cfg["seed"] == 3 and cfg["temperature"] == 0.1
+    jobs.cancel(evaluate_jobs[0]["id"], wait=True)
