@@ -244,3 +244,106 @@ def test_augmented_cells_take_approved_decoded_questions_but_none_that_paraphras
     picked = X.select_cell({"strategy": "ka2l-augmented", "n": 6, "seed": 0}, sel_pool, inputs, test)
     assert f"c:{ids[0]}" in picked and not {f"c:{i}" for i in ids[1:]} & set(picked) and not test & set(picked)
     assert len(picked) == 6
+
+
+def test_prompt_entropy_is_one_forward_pass_stored_once_and_timed(store, monkeypatch):
+    import torch
+
+    from ka2l.config import Stage1Config
+    from ka2l.models import llm
+    from ka2l.store.experiment import prompt_entropies
+
+    with connect() as db:
+        pool_id = Q.get_pool(db, "caps")["id"]
+        run = D.resolve_run(db, pool_id, 0)
+        questions = Q.pool_questions(db, pool_id)
+    stage1 = from_dict(Stage1Config, run["config"])
+    got = X.ensure_prompt_entropies(run["id"], questions[:5], batch_size=2)
+    lm = llm.load_model(stage1.model)
+    prompt = llm.build_prompt(lm.tokenizer, questions[3]["question"], stage1.prompt)
+    ids = lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=not prompt.startswith(lm.tokenizer.bos_token or "\0"))
+    with torch.no_grad():
+        p = torch.softmax(lm.model(**ids).logits[0, -1].float(), -1)
+    assert got[questions[3]["id"]] == pytest.approx(float(-(p * p.log()).sum()), rel=1e-4, abs=1e-5)  # padded batch = alone
+    assert len({round(v, 6) for v in got.values()}) > 1
+
+    def no_model(*a, **k):
+        raise AssertionError("stored entropies were computed again")
+
+    monkeypatch.setattr(llm, "load_model", no_model)
+    assert X.ensure_prompt_entropies(run["id"], questions[:5]) == got  # resumable: nothing recomputed
+    with connect() as db:
+        assert prompt_entropies(db, run["id"]) == got
+        assert Q.get_run(db, run["id"])["timings"]["prompt_entropy"]["n"] == 5
+
+
+def planted_experiment(per_question: dict[tuple[str, float], list[float]], n: dict[float, int], seconds: dict[str, float]) -> int:
+    """An experiment whose cells are done, with the given tuned ROUGE-L per test question, stored as the
+    experiment stores them (no training: the report reads only rows)."""
+    from ka2l.store.db import now
+
+    n_test = len(next(iter(per_question.values())))
+    c = cfg(strategies=tuple(dict.fromkeys(s for s, _ in per_question)), budgets=tuple(sorted({b for _, b in per_question})))
+    with connect() as db:
+        pool_id = Q.get_pool(db, "caps")["id"]
+        run = D.resolve_run(db, pool_id, 0)
+        questions = Q.pool_questions(db, pool_id)[:n_test]
+        keys = [f"q:{q['id']}" for q in questions]
+        eid = SX.create_experiment(db, {"pool_id": pool_id, "run_id": run["id"], "config": to_dict(c), "config_hash": "planted",
+                                        "test_keys": keys, "n_pool": max(n.values()), "status": "done", "inputs": {"device": "cpu"}})
+        SX.ensure_cells(db, eid, [{"strategy": s, "budget": b, "seed": 0, "n": n[b]} for s, b in per_question])
+        for cell in SX.cells(db, eid):
+            fid = SF.create_finetune(db, {"pool_id": pool_id, "run_id": run["id"], "config": {}, "config_hash": f"{cell['id']}",
+                                          "model": "m", "data_source": "file", "dataset_hash": "d", "n_train": cell["n"], "n_eval": n_test,
+                                          "status": "done"})
+            SF.save_data(db, fid, [{"item_key": k, "split": "eval", "question": q["question"], "answer": "a", "origin": "file"}
+                                   for k, q in zip(keys, questions)])
+            values = per_question[(cell["strategy"], cell["budget"])]
+            E.add_answers(db, fid, "tuned", [{"item_key": k, "question": "q", "gold": "a", "answer": "a", "correct": int(v > 50),
+                                              "bleu": v, "rouge_l": v, "meteor": v, "bertscore": v} for k, v in zip(keys, values)])
+            SX.update_cell(db, cell["id"], status="done", finetune_id=fid, finished_at=now())
+            SX.add_cell_seconds(db, cell["id"], "finetune_seconds", seconds[cell["strategy"]] * cell["n"])
+    return eid
+
+
+def test_the_report_answers_rq1_to_rq3_from_the_cells(store):
+    rng = np.random.default_rng(0)
+    noise = {k: rng.normal(0, 2, 20) for k in range(4)}
+    unknown_half = 50 + noise[2]
+    planted = {("random", 0.5): 30 + noise[0], ("random", 1.0): 40 + noise[1], ("ka2l-unknown", 0.5): unknown_half,
+               ("ka2l-unknown", 1.0): 40 + noise[3], ("ka2l-augmented", 0.5): unknown_half + np.tile([0.5, -0.5], 10)}
+    eid = planted_experiment({k: list(v) for k, v in planted.items()}, {0.5: 10, 1.0: 20}, {"random": 1.0, "ka2l-unknown": 1.0,
+                                                                                              "ka2l-augmented": 1.0})
+    rep = R.build_report(eid)
+    with connect() as db:
+        timings = Q.get_run(db, rep["run_id"])["timings"]
+    se_cost = sum(timings[k]["seconds"] for k in ("hidden", "answers", "scores", "probes"))
+
+    rq1 = rep["rq1"]
+    assert rq1["available"] and (rq1["ka2l"]["budget"], rq1["full"]["strategy"], rq1["full"]["budget"]) == (0.5, "random", 1.0)
+    assert rq1["delta"]["value"] == pytest.approx(np.mean(planted[("ka2l-unknown", 0.5)] - planted[("random", 1.0)]))
+    assert rq1["delta"]["excludes_zero"] and rq1["verdict"] == "better"
+    assert rq1["annotation_ratio"] == 0.5 and rq1["finetune_compute_ratio"] == pytest.approx(0.5)
+    assert rq1["compute_ratio"] == pytest.approx((se_cost + 10.0) / 20.0)  # the SE sampling and probes count against KA2L
+
+    rq2 = {r["budget"]: r for r in rep["rq2"]["comparisons"]}
+    assert set(rq2) == {0.5, 1.0} and all(r["versus"] == "random" for r in rq2.values())
+    assert rq2[0.5]["verdict"] == "better" and rq2[0.5]["delta"]["value"] == pytest.approx(np.mean(unknown_half - planted[("random", 0.5)]))
+    one = np.mean(planted[("ka2l-unknown", 1.0)] - planted[("random", 1.0)])
+    assert rq2[1.0]["delta"]["value"] == pytest.approx(one)
+    assert rep["rq2"]["wins"] == 1 + (rq2[1.0]["verdict"] == "better") and rep["rq2"]["losses"] == (rq2[1.0]["verdict"] == "worse")
+
+    (rq3,) = rep["rq3"]["comparisons"]
+    assert (rq3["strategy"], rq3["versus"], rq3["budget"]) == ("ka2l-augmented", "ka2l-unknown", 0.5)
+    assert rq3["delta"]["value"] == pytest.approx(0.0, abs=1e-9) and not rq3["delta"]["excludes_zero"]
+    assert rq3["verdict"] == "no difference the interval can tell from zero"
+
+    frame = {(f["strategy"], f["budget"]): f for f in rep["frame"]}
+    assert set(frame) == set(planted) and frame[("random", 0.5)]["value"] == pytest.approx(np.mean(planted[("random", 0.5)]))
+    assert all(f["lo"] <= f["value"] <= f["hi"] for f in frame.values())
+    costs = {c["strategy"]: c for c in rep["costs"]}
+    assert costs["ka2l-unknown"]["annotations"] == 30 and costs["ka2l-unknown"]["one_off_seconds"] == pytest.approx(se_cost)
+    text = R.render_report(rep)
+    assert f"Difference {rq1['delta']['value']:.2f}" in text and "x0.50" in text and "RQ3" in text
+    assert R.build_report(eid, metric="correct")["rq1"]["delta"]["value"] == pytest.approx(100 * np.mean(
+        (planted[("ka2l-unknown", 0.5)] > 50).astype(int) - (planted[("random", 1.0)] > 50).astype(int)))
