@@ -215,6 +215,17 @@ def test_a_tuned_model_too_sure_for_probes_of_its_own_is_still_compared(store, t
     assert summary["n"] == 32 and summary["p_unknown_after_mean"] is not None
 
 
+def test_a_pool_without_gold_answers_has_no_correctness_shares(store, tmp_path, monkeypatch):
+    private_copy(store["folder"], tmp_path, monkeypatch)
+    with connect() as db:
+        db.execute("UPDATE scores SET correct = NULL")
+        db.execute("UPDATE questions SET answers = '[]'")
+    summary, table = shift.shift_summary(store["fid"]), shift.shift_table(store["fid"])
+    assert summary["correct_before"] is None and summary["correct_after"] is None
+    assert table["correct_before"].isna().all() and (table["gold"] == "").all()
+    assert summary["share_unknown_before"] == pytest.approx(table["bise_before"].mean())
+
+
 def test_unfinished_fine_tunes_and_missing_reprobes_are_refused_with_the_fix(store, tmp_path, monkeypatch):
     private_copy(store["folder"], tmp_path, monkeypatch)
     with connect() as db:

@@ -122,9 +122,17 @@ def moved_counts_by_training(table) -> dict[str, dict[str, int]]:
     return out
 
 
-def _share(values) -> float | None:
-    known = [float(v) for v in values if v is not None and v == v]
-    return sum(known) / len(known) if known else None
+def _share(column) -> float | None:
+    """Mean of a column's known values (a share for 0 / 1 columns); None when none is known.
+
+    >>> import pandas as pd
+    >>> _share(pd.Series([1, 0, None, 1], dtype="Int64")), _share(pd.Series([None, None], dtype="Int64"))
+    (0.6666666666666666, None)
+    """
+    import pandas as pd
+
+    known = pd.to_numeric(column, errors="coerce").dropna()
+    return float(known.mean()) if len(known) else None
 
 
 def shift_summary(finetune_id: int) -> dict[str, Any]:
@@ -137,11 +145,11 @@ def shift_summary(finetune_id: int) -> dict[str, Any]:
     after = ctx["after"]
     return {
         "finetune_id": finetune_id, "base_run_id": ctx["base"]["id"], "reprobe_run_id": after["id"], "n": int(len(both)),
-        "share_unknown_before": _share(both["bise_before"].tolist()), "share_unknown_after": _share(both["bise_after"].tolist()),
+        "share_unknown_before": _share(both["bise_before"]), "share_unknown_after": _share(both["bise_after"]),
         "n_unknown_to_known": int((both["moved"] == UNKNOWN_TO_KNOWN).sum()),
         "n_known_to_unknown": int((both["moved"] == KNOWN_TO_UNKNOWN).sum()),
-        "correct_before": _share(table["correct_before"].tolist()), "correct_after": _share(table["correct_after"].tolist()),
-        "p_unknown_before_mean": _share(table["p_unknown_before"].tolist()), "p_unknown_after_mean": _share(table["p_unknown_after"].tolist()),
+        "correct_before": _share(table["correct_before"]), "correct_after": _share(table["correct_after"]),
+        "p_unknown_before_mean": _share(table["p_unknown_before"]), "p_unknown_after_mean": _share(table["p_unknown_after"]),
         "gamma": ctx["base"]["threshold"]["gamma"], "threshold_rule": ctx["base"]["threshold"]["rule"],
         "probe_id": ctx["probe"]["id"], "layer": ctx["probe"]["layer"], "moved_by_training": moved_counts_by_training(table),
         "reprobe_status": after["status"], "reprobe_error": after["error"],
