@@ -126,17 +126,27 @@ def test_stop_leaves_no_process(own_server):
 # -- installing, without reinstalling --------------------------------------------------------------
 
 
-def test_a_restart_takes_the_last_port_again(own_server):
-    """After a stop, a start without a port reuses the last one when it is free, so the saved connection and
-    the projects recorded on that URL stay valid."""
-    server.stop(own_server.folder)  # a no-op when the test above already stopped it
+def test_annotate_serve_restarts_on_the_last_port_saves_the_connection_and_stops(own_server, capsys):
+    """`python -m ka2l annotate serve` after a stop: the last port again when it is free (so the saved connection and
+    the projects recorded on that URL stay valid), the connection saved with the token masked in what it prints;
+    `serve --stop` stops that process group."""
+    from ka2l.cli.main import main
+
+    folder = own_server.folder
+    server.stop(folder)  # a no-op when the test above already stopped it
     if not server.port_free(own_server.port):  # an outgoing connection took it as its local port meanwhile: rare
         pytest.skip(f"port {own_server.port} was taken by another socket since the stop")
-    again = server.start(folder=own_server.folder, save_connection=False)
     try:
-        assert again.port == own_server.port and again.url == own_server.url and server.health(again.url)
+        assert main(["annotate", "serve", "--folder", folder, "-q"]) == 0
+        out = capsys.readouterr().out
+        state = server.status(folder)
+        assert state["healthy"] and state["port"] == own_server.port and f"Label Studio runs at {own_server.url}" in out
+        saved = connection.load()
+        assert saved.url == own_server.url and saved.token == own_server.token and own_server.token not in out
     finally:
-        server.stop(own_server.folder)
+        assert main(["annotate", "serve", "--stop", "--folder", folder]) == 0
+    assert f"stopped the local Label Studio at {own_server.url} (pid {state['pid']})" in capsys.readouterr().out
+    assert group_members(state["pid"]) == [] and not server.health(own_server.url)
 
 
 def test_install_uses_the_one_pin_that_the_makefile_uses_too(monkeypatch, tmp_path):

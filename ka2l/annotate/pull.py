@@ -71,7 +71,13 @@ _EDGE_PUNCT = re.compile(r"(?<!\w)[^\w\s]+|[^\w\s]+(?!\w)")
 
 def _annotator(completed_by: Any) -> str | None:
     """Label Studio 1.23's JSON export names the annotator by user id ("user 1"); an object (other
-    versions) by its email."""
+    versions) by its email, else its username, else its id. Two annotators stay two:
+
+    >>> _annotator(1), _annotator(2), _annotator(None)
+    ('user 1', 'user 2', None)
+    >>> _annotator({"id": 3, "email": "ann@example.org"}), _annotator({"id": 4, "username": "bo"}), _annotator({"id": 5})
+    ('ann@example.org', 'bo', 'user 5')
+    """
     if isinstance(completed_by, dict):
         return completed_by.get("email") or completed_by.get("username") or (f"user {completed_by['id']}" if "id" in completed_by else None)
     return None if completed_by is None else f"user {completed_by}"

@@ -198,7 +198,7 @@ def add_commands(sub) -> None:
     a = asub.add_parser("serve", help="install (once) and start a local Label Studio on loopback and connect ka2l to it",
                         description="Install (once) and start a local Label Studio on 127.0.0.1 with its own data folder under "
                                     "ka2l's; the user and token are created headlessly and the connection saved. Or stop it.")
-    a.add_argument("--port", type=int, help="port to listen on (default: a free one)")
+    a.add_argument("--port", type=int, help="port to listen on (default: the last one when it is free, else a free one)")
     a.add_argument("--folder", help="Label Studio's data folder (default: <data folder>/labelstudio)")
     a.add_argument("--stop", action="store_true", help="stop the running local server (by its pid) instead")
     a.add_argument("--install", action="store_true", help="only install Label Studio into its own venv (if missing); do not start it")
