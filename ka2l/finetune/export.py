@@ -294,6 +294,8 @@ def _write_recipe(folder: Path, args: dict[str, Any], side: dict[str, Any]) -> N
             "Mapped from ka2l's FinetuneConfig:"]
     head += [f"  {k} -> {v}" for k, v in LLAMAFACTORY_FIELDS.items()]
     head += ["No LLaMA-Factory equivalent:"] + [f"  {k}: {v}" for k, v in UNMAPPED.items()]
+    prompt = from_dict(PromptConfig, side.get("prompt") or {})
+    head += [f"  ka2l's instruction line was: {prompt.instruction!r}" + (f", with {len(prompt.few_shot)} few-shot pairs" if prompt.few_shot else "")]
     head += [f"template: '{args['template']}' is the closest match to the prompt ka2l used; check it against the model's chat template."]
     comment = "".join(f"# {line}\n" for line in head)
     (folder / YAML_NAME).write_text(comment + "\n" + yaml.safe_dump(args, sort_keys=False, allow_unicode=True), encoding="utf-8")
