@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,6 +164,27 @@ def last_token_index(mask) -> "object":
 
 # -- hidden states -------------------------------------------------------------------------------
 
+def _body(lm: LoadedLM):
+    """The transformer without its LM head (LlamaModel, GPT2Model, ...): hidden states need no logits."""
+    return lm.model.base_model
+
+
+def _decoder_layers(lm: LoadedLM):
+    """The model's list of decoder blocks (``model.layers`` for Llama-family models, ``transformer.h`` for GPT-2)."""
+    import torch
+
+    body = _body(lm)
+    for module in body.children():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == lm.n_layers:
+            return module
+    raise ModelLoadError(f"Could not find the {lm.n_layers} decoder layers of {lm.spec.name_or_path!r} "
+                         f"({type(body).__name__} has no ModuleList of that length); a single-layer pass is not possible for it.")
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the wanted layer's input was seen."""
+
+
 def extract_hidden_states(lm: LoadedLM, prompts: Sequence[str], batch_size: int = 16) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (start, states) per batch; states: float16 (batch, n_layers+1, hidden), the state of
     the last prompt token (the token before generation) at every layer, embeddings as layer 0."""
@@ -172,12 +192,47 @@ def extract_hidden_states(lm: LoadedLM, prompts: Sequence[str], batch_size: int 
 
     for start in range(0, len(prompts), batch_size):
         enc = _encode(lm, prompts[start : start + batch_size])
-        with torch.no_grad():
-            out = lm.model(**enc, position_ids=_position_ids(enc["attention_mask"]), output_hidden_states=True, use_cache=False)
+        with torch.no_grad():  # the body alone: the LM head's logits are not needed here
+            out = _body(lm)(**enc, position_ids=_position_ids(enc["attention_mask"]), output_hidden_states=True, use_cache=False)
         stacked = torch.stack(out.hidden_states, dim=1)  # (batch, L+1, seq, hidden)
         idx = last_token_index(enc["attention_mask"])  # (batch,)
         rows = stacked[torch.arange(stacked.shape[0]), :, idx]  # (batch, L+1, hidden)
         yield start, rows.float().cpu().numpy().astype(np.float16)
+
+
+def extract_layer_states(lm: LoadedLM, prompts: Sequence[str], layer: int, batch_size: int = 16) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (start, states) per batch; states: float16 (batch, hidden), the last prompt token's state at
+    ``layer`` alone (0 = embeddings), equal to ``extract_hidden_states(...)[:, layer]``. The forward pass
+    stops at that layer: the layers above it and the LM head are never run (what triage needs)."""
+    import torch
+
+    if not 0 <= layer <= lm.n_layers:
+        raise ModelLoadError(f"Layer {layer} does not exist: the model has layers 0..{lm.n_layers}.")
+    if layer == lm.n_layers:  # the last state is the final norm's output: the whole body runs anyway
+        for start, states in extract_hidden_states(lm, prompts, batch_size):
+            yield start, states[:, layer]
+        return
+    seen: list = []
+
+    def grab(module, args, kwargs):  # the input of decoder layer `layer` is hidden state `layer`
+        seen.append(args[0] if args else kwargs["hidden_states"])
+        raise _StopForward
+
+    handle = _decoder_layers(lm)[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            enc = _encode(lm, prompts[start : start + batch_size])
+            seen.clear()
+            with torch.no_grad():
+                try:
+                    _body(lm)(**enc, position_ids=_position_ids(enc["attention_mask"]), use_cache=False)
+                except _StopForward:
+                    pass
+            states = seen[0]  # (batch, seq, hidden)
+            rows = states[torch.arange(states.shape[0]), last_token_index(enc["attention_mask"])]  # (batch, hidden)
+            yield start, rows.float().cpu().numpy().astype(np.float16)
+    finally:
+        handle.remove()
 
 
 def _question_mask(lm: LoadedLM, prompts: Sequence[str], questions: Sequence[str], enc: dict):
@@ -265,67 +320,129 @@ def _cut_at_stop(tokenizer, ids: Sequence[int], stops: Sequence[str], special: s
     return tokenizer.decode(ids[:kept], skip_special_tokens=True).strip(), kept
 
 
-def _sampling_config(lm: LoadedLM, cfg: SamplingConfig, temperature: float, n: int):
-    """A fresh GenerationConfig holding only what ka2l sets: plain ancestral sampling at ``temperature``
-    (top-p as configured, no top-k, no penalties, no banned or forced tokens). Only the stop and pad
-    tokens come from the model: they end an answer, they do not reshape the distribution."""
-    from transformers import GenerationConfig
-
-    own = lm.model.generation_config
-    return GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_p=cfg.top_p,
-        top_k=0,
-        num_return_sequences=n,
-        max_new_tokens=cfg.max_new_tokens,
-        stop_strings=[s for s in cfg.stop if s] or None,
-        eos_token_id=own.eos_token_id if own.eos_token_id is not None else lm.tokenizer.eos_token_id,
-        bos_token_id=own.bos_token_id,
-        pad_token_id=lm.tokenizer.pad_token_id,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
+def _stop_token_ids(lm: LoadedLM) -> set[int]:
+    """Tokens that end an answer: the checkpoint's eos id(s) (the tokenizer's when it names none) and every
+    special token (``_cut_at_stop`` cuts there, so nothing after one could change the answer)."""
+    eos = lm.model.generation_config.eos_token_id
+    eos = lm.tokenizer.eos_token_id if eos is None else eos
+    ids = set(lm.tokenizer.all_special_ids)
+    ids.update([] if eos is None else eos if isinstance(eos, (list, tuple)) else [eos])
+    return ids
 
 
-@contextmanager
-def _generation_config_only(model, gen_cfg) -> Iterator[None]:
-    # generate() fills every field left unset in the config it is given from the checkpoint's own
-    # generation_config (repetition_penalty, suppress_tokens, bad_words_ids, min_new_tokens, ...), so a
-    # fresh config alone is not enough: the model's is swapped out for the call. Not thread-safe: one
-    # generate call per model at a time (ka2l's stages sample from one thread).
-    saved = model.generation_config
-    model.generation_config = gen_cfg
-    try:
-        yield
-    finally:
-        model.generation_config = saved
+def _logit_kwargs(model) -> dict:
+    """Ask only for the last position's logits where the model allows it (the prefill's other positions
+    would cost a (prompt length, vocab) matrix each)."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
-def _generate(lm: LoadedLM, enc: dict, cfg: SamplingConfig, temperature: float, n: int):
-    gen_cfg = _sampling_config(lm, cfg, temperature, n)
-    with _generation_config_only(lm.model, gen_cfg):
-        return lm.model.generate(**enc, generation_config=gen_cfg, tokenizer=lm.tokenizer)
-
-
-def generate_answers(lm: LoadedLM, prompts: Sequence[str], cfg: SamplingConfig, temperature: float, n: int, seed: int) -> list[list[Generation]]:
-    """``n`` sampled answers per prompt at ``temperature``; one batched generate call."""
+def _top_p_filter(scores, top_p: float):
+    """Transformers' TopPLogitsWarper, verbatim in effect: drop the least likely tokens whose cumulative
+    probability stays <= 1 - top_p, always keeping the most likely one."""
     import torch
 
-    torch.manual_seed(seed)
+    sorted_scores, order = torch.sort(scores, descending=False)  # (rows, vocab)
+    remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+    remove[..., -1:] = False
+    return scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+
+
+def _draw(logits, temperature: float, top_p: float, uniforms):
+    """One token per row from softmax(logits / temperature) (top-p filtered when top_p < 1), by inverting
+    the cumulative distribution at the row's own uniform number; and the token's raw (temperature-1)
+    log-prob. logits: float32 (rows, vocab); uniforms: float64 (rows,) in [0, 1)."""
+    import torch
+
+    scores = logits / temperature
+    if top_p < 1:
+        scores = _top_p_filter(scores, top_p)
+    cdf = torch.softmax(scores, dim=-1).double().cumsum(dim=-1)  # (rows, vocab)
+    target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(1)  # (rows, 1), below the total mass
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)  # (rows,)
+    logp = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)  # (rows,)
+    return tokens, logp
+
+
+def _has_stop_string(tokenizer, ids: list[int], stops: Sequence[str]) -> bool:
+    # As transformers' StopStringCriteria: the raw generated text (leading whitespace included) holds a stop string.
+    if not stops:
+        return False
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return any(s in text for s in stops)
+
+
+def _sample_tokens(lm: LoadedLM, enc: dict, cfg: SamplingConfig, temperature: float, n: int,
+                   seeds: Sequence[int]) -> list[tuple[list[int], list[float]]]:
+    """(token ids, raw log-probs) of ``n`` samples per prompt, rows ordered prompt by prompt.
+
+    Each prompt is prefilled once and its key/value cache repeated ``n`` times; a row leaves the batch
+    (and the cache) as soon as it produced a stop token or a stop string, so no row is computed past its
+    own end. Row i of prompt j reads its random numbers from a table drawn by a generator seeded with
+    ``seeds[j]``: its sample depends on that seed alone, not on the other prompts of the batch, nor on
+    which rows finished first."""
+    import torch
+
+    model, tok = lm.model, lm.tokenizer
+    stops = [s for s in cfg.stop if s]
+    stop_ids = _stop_token_ids(lm)
+    mask = enc["attention_mask"]  # (P, S)
+    out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=_position_ids(mask), use_cache=True, **_logit_kwargs(model))
+    cache = out.cache
+    if not callable(getattr(cache, "batch_select_indices", None)):
+        raise ModelLoadError(f"{type(model).__name__} returned a {type(cache).__name__} cache, which cannot drop finished rows; "
+                             f"ka2l's sampler needs a transformers Cache (DynamicCache).")
+    logits = out.logits[:, -1].float()  # (P, vocab)
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        mask, logits = mask.repeat_interleave(n, dim=0), logits.repeat_interleave(n, dim=0)  # (P*n, S), (P*n, vocab)
+    del out
+    position = mask.long().sum(-1)  # (P*n,) position of each row's next token
+    uniforms = torch.cat([torch.rand((n, cfg.max_new_tokens), generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+                          for s in seeds])  # (P*n, max_new)
+    rows = torch.arange(mask.shape[0], device=mask.device)  # original row of each batch row
+    ids: list[list[int]] = [[] for _ in range(mask.shape[0])]
+    lps: list[list[float]] = [[] for _ in range(mask.shape[0])]
+    for step in range(cfg.max_new_tokens):
+        tokens, logp = _draw(logits, temperature, cfg.top_p, uniforms[rows.cpu(), step])  # (rows,), (rows,)
+        keep = []
+        for i, (r, t, lp) in enumerate(zip(rows.tolist(), tokens.tolist(), logp.tolist())):
+            ids[r].append(t)
+            lps[r].append(lp)
+            if t not in stop_ids and not _has_stop_string(tok, ids[r], stops):
+                keep.append(i)
+        if not keep or step + 1 == cfg.max_new_tokens:
+            break
+        if len(keep) < len(rows):  # finished rows leave the batch and the cache
+            sel = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(sel)
+            mask, position, rows, tokens = mask[sel], position[sel], rows[sel], tokens[sel]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)  # (rows, S + step + 1)
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1].float()  # (rows, vocab)
+        position = position + 1
+    return list(zip(ids, lps))
+
+
+def generate_answers(lm: LoadedLM, prompts: Sequence[str], cfg: SamplingConfig, temperature: float, n: int,
+                     seed: int | Sequence[int]) -> list[list[Generation]]:
+    """``n`` sampled answers per prompt at ``temperature`` (top-p as configured, no top-k, no penalties:
+    the checkpoint's own generation_config does not reshape them), each with the model's raw
+    (temperature-1) log-prob of every kept token. ``seed``: one per prompt (a prompt's answers then depend
+    only on its own seed), or one int for the call (prompt j gets ``seed + j``)."""
+    import torch
+
+    seeds = [seed + j for j in range(len(prompts))] if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"generate_answers got {len(seeds)} seeds for {len(prompts)} prompts; give one per prompt or a single int")
     enc = _encode(lm, prompts)
     with torch.no_grad():
-        out = _generate(lm, enc, cfg, temperature, n)
-    # Raw (temperature-1) log-probs of the chosen tokens: the model's own likelihood, used by the
-    # likelihood-weighted SE and the mean log-likelihood baseline.
-    logp = lm.model.compute_transition_scores(out.sequences, out.logits, normalize_logits=True)  # (batch*n, new)
-    new_tokens = out.sequences[:, enc["input_ids"].shape[1] :]  # (batch*n, new)
+        sampled = _sample_tokens(lm, enc, cfg, temperature, n, seeds)
     special = set(lm.tokenizer.all_special_ids)
     result: list[list[Generation]] = [[] for _ in prompts]
-    for row in range(new_tokens.shape[0]):
-        ids = new_tokens[row].tolist()
+    for row, (ids, lps) in enumerate(sampled):
         text, kept = _cut_at_stop(lm.tokenizer, ids, cfg.stop, special)
         kept = max(kept, 1)  # nothing kept: the stop token stands for the (empty) answer
-        lps = tuple(float(x) for x in logp[row, :kept].tolist())
-        result[row // n].append(Generation(text=text, token_logprobs=lps, token_ids=tuple(ids[:kept])))
+        result[row // n].append(Generation(text=text, token_logprobs=tuple(lps[:kept]), token_ids=tuple(ids[:kept])))
     return result

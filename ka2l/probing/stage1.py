@@ -175,12 +175,14 @@ def _stage_answers(db, run_id: int, lm: LoadedLM, questions: list[dict], prompts
         for b in range(0, len(todo), s.batch_size):
             rows = todo[b : b + s.batch_size]
             batch_prompts = [prompts[i] for i in rows]
-            seed = s.seed * 1_000_003 + rows[0]  # depends on the questions, not on where a resume started
+            # One seed per question and draw: a question's answers depend on its place in the pool alone,
+            # not on its batch or on where a resume started.
+            seeds = [2 * (s.seed * 1_000_003 + i) for i in rows]
             where = f"questions {b + 1}-{b + len(rows)} of the {len(todo)} left"
             progress.advance(0, f"{where}: the low-temperature answer")  # a note between batches, so 0/61 reads as busy
-            low = generate_answers(lm, batch_prompts, s, s.low_temperature, 1, seed)
+            low = generate_answers(lm, batch_prompts, s, s.low_temperature, 1, seeds)
             progress.advance(0, f"{where}: {s.k} samples each")
-            samples = generate_answers(lm, batch_prompts, s, s.temperature, s.k, seed + 1)
+            samples = generate_answers(lm, batch_prompts, s, s.temperature, s.k, [x + 1 for x in seeds])
             Q.insert_answers(db, run_id, {questions[i]["id"]: (low[j][0], samples[j]) for j, i in enumerate(rows)})
             timer.n += len(rows)
             progress.advance(len(rows), f"e.g. {low[0][0].text[:40]!r}")
