@@ -18,6 +18,7 @@ page = st.navigation({
     "Stage 3": [
         st.Page("app_pages/annotate.py", title="Annotate", icon=":material/rate_review:"),
         st.Page("app_pages/finetune.py", title="Fine-tune", icon=":material/model_training:"),
+        st.Page("app_pages/experiment.py", title="Experiment", icon=":material/science:"),
     ],
     "System": [
         st.Page("app_pages/jobs.py", title="Jobs", icon=":material/work_history:"),

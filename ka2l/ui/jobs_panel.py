@@ -18,7 +18,7 @@ RESULT_PAGES = {"stage1": ("app_pages/scores.py", "Scores"), "triage": ("app_pag
                 "decoder": ("app_pages/augment.py", "Augment"), "generate": ("app_pages/augment.py", "Augment"),
                 "push": ("app_pages/annotate.py", "Annotate"), "pull": ("app_pages/annotate.py", "Annotate"),
                 "finetune": ("app_pages/finetune.py", "Fine-tune"), "evaluate": ("app_pages/finetune.py", "Fine-tune"),
-                "reprobe": ("app_pages/finetune.py", "Fine-tune")}
+                "reprobe": ("app_pages/finetune.py", "Fine-tune"), "experiment": ("app_pages/experiment.py", "Experiment")}
 
 
 def _local(iso: str | None) -> str:
