@@ -45,7 +45,7 @@ def app(app_data, monkeypatch):
 
 def test_empty_store_guides_the_user(tmp_path, monkeypatch):
     monkeypatch.setenv("KA2L_DATA_DIR", str(tmp_path / "empty"))
-    for page in ("scores", "map", "probes", "probe", "augment", "annotate", "finetune"):
+    for page in ("scores", "map", "probes", "probe", "augment", "annotate", "finetune", "experiment"):
         at = AppTest.from_file(APP, default_timeout=60).run()
         at.switch_page(f"app_pages/{page}.py").run()
         assert not at.exception
