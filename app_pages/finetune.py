@@ -39,5 +39,7 @@ if row is None:
 # -- evaluation and the adapter -------------------------------------------------------------------------
 st.subheader("Evaluation: base vs tuned on the held-out questions")
 ft.evaluation_section(row)
+st.subheader("Boundary shift: re-probe with the adapter")
+ft.shift_section(row)
 st.subheader("Adapter")
 ft.adapter_section(row)

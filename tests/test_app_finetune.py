@@ -14,6 +14,7 @@ from ka2l import jobs
 from ka2l.config import FINETUNE_PRESETS, FinetuneConfig
 from ka2l.finetune.evaluate import evaluate
 from ka2l.finetune.lora import finetune
+from ka2l.finetune.reprobe import reprobe
 from ka2l.probing.stage1 import run_stage1
 from ka2l.store import finetune as S
 from ka2l.store import queries as Q
@@ -29,13 +30,14 @@ TRAINED = dict(source="gold", gold_set="all", device="cpu", dtype="float32", epo
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, memo_model, capitals):
     """Pool 'caps' (12 questions the tiny model knows, 12 it does not, all with gold answers), a finished Stage 1
-    run, a finished fine-tune on every gold answer with its evaluation; pool 'bare' with no run."""
+    run, a finished fine-tune on every gold answer with its evaluation and its re-probe; pool 'bare' with no run."""
     folder = tmp_path_factory.mktemp("app-finetune")
     with data_dir(folder):
         import_pool(capitals, rows=capitals[N_KNOWN - 12:N_KNOWN + 12])
         run_id = run_stage1("caps", stage1_cfg(memo_model))
         fid = finetune("caps", FinetuneConfig(run_id=run_id, **TRAINED))
         evaluate(fid, batch_size=8, bootstrap=50)
+        reprobe(fid)
         import_pool(capitals[:3], name="bare")
     return {"folder": folder, "run_id": run_id, "finetune_id": fid}
 
@@ -71,9 +73,23 @@ def _finetune_jobs() -> list[dict]:
     return [j for j in jobs.list_jobs() if j["kind"] == "finetune"]
 
 
-def _figure(at) -> dict:
-    (chart,) = at.get("plotly_chart")
-    return json.loads(chart.proto.spec)
+def _values(v) -> list:
+    """A trace's values as a list (plotly writes numpy arrays as base64 'bdata')."""
+    import base64
+
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).tolist() if isinstance(v, dict) else list(v)
+
+
+def _figures(at) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def _figure(at, trace: str = "train loss") -> dict:
+    """The plotly figure on the page that has a trace named ``trace``."""
+    (fig,) = [f for f in _figures(at) if any(t.get("name") == trace for t in f["data"])]
+    return fig
 
 
 def test_without_pool_run_or_data_the_page_says_what_to_do(data, tmp_path, monkeypatch):
@@ -82,7 +98,7 @@ def test_without_pool_run_or_data_the_page_says_what_to_do(data, tmp_path, monke
     assert "Pool page" in _texts(at, "info")
     monkeypatch.setenv("KA2L_DATA_DIR", str(tmp_path / "store"))
     at = open_page("finetune")  # the newest pool, 'bare', has no Stage 1 run
-    assert "Probe page" in _texts(at, "info") and not at.get("plotly_chart")
+    assert "Probe page" in _texts(at, "info") and not _figures(at)
     at = _caps(at)
     # the default source is Label Studio, and nothing was pushed or pulled for this pool
     assert at.radio(key=F + "source").value == "labelstudio"
@@ -210,3 +226,48 @@ def test_the_chart_follows_a_finetune_in_training_without_a_reload(data):
         S.update_finetune(db, fid, status="interrupted")
     at = _rerun_fragments(at)  # it stopped: the whole page is redrawn
     assert at.title and any("is interrupted" in c.value for c in at.caption)
+
+
+def test_the_boundary_shift_shows_the_moved_questions_and_one_map(data):
+    from ka2l.ui.charts import hover_text
+    from ka2l.views.shift import shift_summary, shift_table
+
+    fid = data["finetune_id"]
+    summary, table = shift_summary(fid), shift_table(fid)
+    at = _caps(open_page("finetune"))
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Unknown before"] == f"{summary['share_unknown_before']:.0%}"
+    assert metrics["Unknown after"] == f"{summary['share_unknown_after']:.0%}"
+    assert metrics["Unknown → known"] == str(summary["n_unknown_to_known"])
+    assert metrics["Known → unknown (forgetting)"] == str(summary["n_known_to_unknown"])
+    assert metrics["Mean P(unknown) after"] == f"{summary['p_unknown_after_mean']:.3f}"
+    moved = next(d.value for d in at.dataframe if "moved" in d.value.columns)
+    assert len(moved) == summary["n_unknown_to_known"] + summary["n_known_to_unknown"] > 0, summary
+    assert set(moved["question"]) == set(table.loc[table["moved"] != "", "question"])
+    fig = _figure(at, "after fine-tune")
+    traces = {t["name"]: t for t in fig["data"]}
+    assert set(traces) == {"before fine-tune", "after fine-tune"} and traces["before fine-tune"]["marker"]["symbol"] != traces["after fine-tune"]["marker"]["symbol"]
+    assert len(_values(traces["before fine-tune"]["x"])) == len(_values(traces["after fine-tune"]["y"])) == len(table) == 24
+    questions = dict(zip(table["question_id"], table["question"]))
+    assert all(c[1] == hover_text(questions[c[0]]) for c in traces["after fine-tune"]["customdata"])
+
+
+def test_evaluate_and_reprobe_buttons_queue_their_jobs(data):
+    fid = data["finetune_id"]
+    at = _caps(open_page("finetune"))
+    try:
+        at.number_input(key=f"finetune-eval-boot-{fid}").set_value(200)
+        _button(at, "Evaluate").click().run()
+        assert not at.exception, at.exception
+        (job,) = [j for j in jobs.list_jobs() if j["kind"] == "evaluate"]
+        assert job["config"]["evaluate"]["finetune_id"] == fid and job["config"]["evaluate"]["models"] == ["base", "tuned"]
+        assert job["config"]["evaluate"]["bootstrap"] == 200 and f"Job {job['id']} evaluates fine-tune {fid}" in _texts(at, "success")
+        _button(at, "Re-probe with the adapter").click().run()
+        assert not at.exception, at.exception
+        (job,) = [j for j in jobs.list_jobs() if j["kind"] == "reprobe"]
+        assert job["config"]["reprobe"]["finetune_id"] == fid and job["status"] == "queued"  # behind the evaluation, one model job at a time
+        _button(at, "Re-probe with the adapter").click().run()
+        assert "already job" in _texts(at, "info") and len([j for j in jobs.list_jobs() if j["kind"] == "reprobe"]) == 1
+    finally:
+        for j in jobs.list_jobs():
+            jobs.cancel(j["id"], wait=True)

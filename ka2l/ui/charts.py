@@ -111,9 +111,9 @@ def map_figure(frame, color: str, contour: bool):
     return fig
 
 
-def loss_figure(curves: dict[str, dict[str, list]], total_steps: int | None = None):
+def loss_figure(curves: dict[str, dict[str, list]]):
     """A fine-tune's loss by optimizer step: training loss (a line) and held-out loss (markers), from
-    ``ka2l.views.finetune.losses``. The x axis spans the planned steps, so the curve visibly grows into it."""
+    ``ka2l.views.finetune.losses``."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -121,9 +121,36 @@ def loss_figure(curves: dict[str, dict[str, list]], total_steps: int | None = No
     fig.add_trace(go.Scatter(x=train["step"], y=train["loss"], mode="lines", name="train loss", line={"color": CATEGORY_COLOURS["known"]}))
     fig.add_trace(go.Scatter(x=held["step"], y=held["loss"], mode="lines+markers", name="held-out loss",
                              line={"color": CATEGORY_COLOURS["unknown"], "dash": "dot"}, marker={"size": 8}))
-    if total_steps:
-        fig.update_xaxes(range=[0, max(int(total_steps), *(train["step"] or [0]))])
     fig.update_layout(xaxis_title="optimizer step", yaxis_title="loss (answer tokens)", height=340, margin={"t": 30},
                       legend={"orientation": "h"}, hovermode="x unified")
     return fig
 
+
+
+SHIFT_STYLE = {"before": {"color": "#999999", "symbol": "circle"}, "after": {"color": "#0072B2", "symbol": "diamond"}}
+
+
+def shift_figure(frame):
+    """The knowledge-boundary map before and after a fine-tune in ONE projection (``ka2l.views.shift.shift_projection``:
+    x, y, when, question_id, question, bise, moved): before grey circles, after blue diamonds, unknown (BiSE 1) points
+    larger, questions that crossed the boundary ringed orange. Hover shows the (escaped) question, its side and label."""
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for when, style in SHIFT_STYLE.items():
+        part = frame[frame["when"] == when]
+        if part.empty:
+            continue
+        labels = ["no label" if pd.isna(b) else ("unknown" if int(b) == 1 else "known") for b in part["bise"]]
+        moved = [bool(m) for m in part["moved"]]
+        fig.add_trace(go.Scattergl(
+            x=part["x"], y=part["y"], mode="markers", name=f"{when} fine-tune",
+            marker={"color": style["color"], "symbol": style["symbol"], "opacity": 0.8,
+                    "size": [11 if lab == "unknown" else 7 for lab in labels],
+                    "line": {"width": [2 if m else 0 for m in moved], "color": CATEGORY_COLOURS["unknown"]}},
+            customdata=[[int(q), hover_text(t), lab, when, f" · {m}" if m else ""]
+                        for q, t, lab, m in zip(part["question_id"], part["question"], labels, part["moved"])],
+            hovertemplate="%{customdata[1]}<br>%{customdata[3]}: %{customdata[2]}%{customdata[4]}<extra></extra>"))
+    fig.update_layout(height=520, margin={"t": 30}, hovermode="closest", xaxis_title="x", yaxis_title="y", legend={"orientation": "h"})
+    return fig

@@ -10,12 +10,15 @@ from typing import Any
 import streamlit as st
 
 from .. import jobs
-from ..config import FINETUNE_PRESETS, FINETUNE_SOURCES, GOLD_SETS, LR_SCHEDULERS, FinetuneConfig, field_help, from_dict, to_dict
+from ..config import (EVALUATE_MODELS, FINETUNE_PRESETS, FINETUNE_SOURCES, GOLD_SETS, LR_SCHEDULERS, EvaluateConfig, FinetuneConfig,
+                      ReprobeConfig, field_help, from_dict, to_dict)
 from ..device import DEVICES, DTYPES
 from ..errors import Ka2lError
 from ..views import finetune as V
 from ..views.jobs import format_duration
-from .charts import loss_figure
+from ..views import shift as shift_views
+from ..views.maps import METHODS
+from .charts import loss_figure, shift_figure
 from .jobs_panel import render_job
 
 LIVE_SECONDS = 2            # how often a fine-tune in training is redrawn
@@ -38,7 +41,7 @@ LABELS = {"epochs": "Epochs", "lr": "Learning rate", "batch_size": "Batch size",
           "checkpoint_every": "Checkpoint every N steps", "seed": "Seed", "mix_known": "Mix in k known questions",
           "project": "Label Studio project (ka2l id, 0 = newest)"}
 CHOICES = {"device": DEVICES, "dtype": DTYPES, "lr_scheduler": LR_SCHEDULERS}
-BOUNDS = {"epochs": (0.01, 1000.0, 0.5), "lr": (1e-7, 1.0, 1e-5), "batch_size": (1, 4096, 1), "grad_accum": (1, 4096, 1),
+BOUNDS = {"epochs": (0.01, 100000.0, 0.5), "lr": (1e-7, 1.0, 1e-5), "batch_size": (1, 4096, 1), "grad_accum": (1, 4096, 1),
           "max_length": (8, 1 << 20, 64), "lora_r": (1, 1024, 1), "lora_alpha": (0.01, 4096.0, 1.0), "lora_dropout": (0.0, 0.99, 0.05),
           "warmup_ratio": (0.0, 0.99, 0.01), "eval_share": (0.01, 0.89, 0.05), "eval_every": (1, 100000, 1), "patience": (0, 1000, 1),
           "checkpoint_every": (1, 100000, 1), "seed": (0, 2**31 - 1, 1), "mix_known": (0, 100000, 1), "project": (0, 10**9, 1)}
@@ -213,7 +216,7 @@ def _live(pool_id: int, finetune_id: int | None, seen: tuple) -> None:
     c[1].metric("Learning rate", f"{s['lr']:.2e}" if s["lr"] is not None else "-")
     c[2].metric("Tokens / s", f"{s['tokens_per_s']:.0f}" if s["tokens_per_s"] else "-")
     c[3].metric("Time left", format_duration(s["eta_s"]) if running and s["eta_s"] is not None else "-")
-    st.plotly_chart(loss_figure(curves, s["total"]), key=f"finetune-loss-{finetune_id}", width="stretch")
+    st.plotly_chart(loss_figure(curves), key=f"finetune-loss-{finetune_id}", width="stretch")
     points = len(curves["train"]["step"])
     if running:
         st.caption(f"Training: step {s['step']} of {s['total'] or '?'} · {points} loss points · the chart updates every {LIVE_SECONDS} s.")
@@ -234,13 +237,73 @@ def live_section(pool_id: int, row: dict[str, Any] | None) -> None:
     st.fragment(_live, run_every=LIVE_SECONDS if active else None)(pool_id, row["id"] if row else None, seen)
 
 
-# -- evaluation, adapter -----------------------------------------------------------------------------
+# -- jobs bound to a fine-tune (evaluate, reprobe) -------------------------------------------------------
+
+EVAL_HELP = field_help(EvaluateConfig)
+REPROBE_HELP = field_help(ReprobeConfig)
+
+
+def _submit(kind: str, cfg: dict[str, Any], what: str) -> None:
+    """Queue an evaluate or reprobe job; the same one already queued or running is named, not doubled."""
+    try:
+        job_id = jobs.submit(kind, {kind: cfg})
+    except jobs.JobPending as exc:
+        st.info(str(exc))
+    except Ka2lError as exc:
+        st.error(str(exc))
+    else:
+        st.success(f"Job {job_id} {what}; it keeps running if you reload or close the tab.")
+
+
+def _follow(finetune_id: int, kind: str, seen: str | None) -> None:
+    """The newest ``kind`` job of the fine-tune (progress, Cancel, Resume); the page is redrawn when it ends."""
+    job = V.job_for(finetune_id, kind)
+    if (job["status"] if job else None) != seen:
+        st.rerun(scope="app")
+    if job is not None and job["status"] in jobs.PENDING + ("failed", "cancelled"):
+        render_job(job, f"finetune-{kind}")
+
+
+def _job_follow(finetune_id: int, kind: str) -> None:
+    job = V.job_for(finetune_id, kind)
+    status = job["status"] if job else None
+    st.fragment(_follow, run_every=LIVE_SECONDS if status in jobs.PENDING else None)(finetune_id, kind, status)
+
+
+# -- evaluation, shift, adapter -----------------------------------------------------------------------
+
+def _evaluate_form(row: dict[str, Any]) -> None:
+    done = row["status"] == "done"
+    with st.expander("Evaluation settings"):
+        c = st.columns(4)
+        models = c[0].multiselect("Models", EVALUATE_MODELS, default=list(EVALUATE_MODELS) if done else ["base"],
+                                  key=f"finetune-eval-models-{row['id']}", help=EVAL_HELP["models"])
+        temperature = c[1].number_input("Temperature", 0.01, 2.0, 0.1, 0.05, key=f"finetune-eval-t-{row['id']}", help=EVAL_HELP["temperature"])
+        bootstrap = c[2].number_input("Bootstrap resamples", 0, 100000, 1000, 100, key=f"finetune-eval-boot-{row['id']}",
+                                      help=EVAL_HELP["bootstrap"])
+        batch = c[3].number_input("Batch size", 1, 1024, 16, key=f"finetune-eval-batch-{row['id']}", help=EVAL_HELP["batch_size"])
+        c = st.columns(4)
+        seed = c[0].number_input("Seed", 0, 2**31 - 1, 0, key=f"finetune-eval-seed-{row['id']}", help=EVAL_HELP["seed"])
+        device = c[1].selectbox("Device", ("(the fine-tune's)",) + DEVICES, key=f"finetune-eval-device-{row['id']}", help=EVAL_HELP["device"])
+        bert = c[2].text_input("BERTScore model folder", "", key=f"finetune-eval-bert-{row['id']}", help=EVAL_HELP["bertscore_model"])
+        fresh = c[3].checkbox("Answer again (fresh)", False, key=f"finetune-eval-fresh-{row['id']}", help=EVAL_HELP["fresh"])
+    if st.button("Evaluate", key=f"finetune-evaluate-{row['id']}", type="primary", disabled=not models,
+                 help="Base and tuned answer the held-out questions at T = 0.1; BLEU, ROUGE-L, METEOR, BERTScore and correctness "
+                      "with bootstrap intervals. Resumable: stored answers are not asked again."):
+        _submit("evaluate", {"finetune_id": row["id"], "models": list(models), "temperature": float(temperature), "seed": int(seed),
+                             "batch_size": int(batch), "bootstrap": int(bootstrap), "bertscore_model": bert.strip() or None,
+                             "device": None if device.startswith("(") else device, "fresh": bool(fresh)},
+                f"evaluates fine-tune {row['id']} ({' and '.join(models)})")
+    if not done:
+        st.caption(f"Fine-tune {row['id']} is {row['status']}: the base model can be evaluated now, the tuned one once training is done.")
+    _job_follow(row["id"], "evaluate")
+
 
 def evaluation_section(row: dict[str, Any]) -> None:
+    _evaluate_form(row)
     summary = V.evaluation(row["id"])
     if summary is None:
-        st.caption(f"Fine-tune {row['id']} has no evaluation yet" + (": it runs once training is done." if row["status"] != "done"
-                   else f": `python -m ka2l evaluate --finetune {row['id']}` answers its held-out questions with the base and the tuned model."))
+        st.caption(f"Fine-tune {row['id']} has no evaluation yet.")
         return
     st.caption(f"{summary['n_eval']} held-out questions · T = {summary['temperature']} · {summary['interval']} "
                f"({summary['bootstrap']} resamples) · scores 0-100 · BERTScore model: **{summary['bertscore_model']}**")
@@ -254,6 +317,64 @@ def evaluation_section(row: dict[str, Any]) -> None:
                                 "tuned_rouge_l": st.column_config.NumberColumn("tuned ROUGE-L", format="%.1f"),
                                 "base_bertscore": st.column_config.NumberColumn("base BERTScore", format="%.1f"),
                                 "tuned_bertscore": st.column_config.NumberColumn("tuned BERTScore", format="%.1f")})
+
+
+def shift_section(row: dict[str, Any]) -> None:
+    """Re-probe with the adapter, then the boundary before and after: shares unknown, the moved questions, one map."""
+    done = row["status"] == "done"
+    if st.button("Re-probe with the adapter", key=f"finetune-reprobe-{row['id']}", disabled=not done,
+                 help="Runs Stage 1 again on the pool with the tuned model (the base run's settings, the adapter applied) and "
+                      "scores its states with the base run's saved probe. " + REPROBE_HELP["finetune_id"]):
+        _submit("reprobe", {"finetune_id": row["id"]}, f"re-probes the pool with fine-tune {row['id']}'s adapter")
+    if not done:
+        st.caption(f"Fine-tune {row['id']} is {row['status']}: re-probing needs its finished adapter.")
+    _job_follow(row["id"], "reprobe")
+    try:
+        summary = shift_views.shift_summary(row["id"])
+    except Ka2lError as exc:
+        st.caption(str(exc))
+        return
+    if summary["reprobe_status"] != "done":  # a tuned model sure of nearly everything gets no labels or probes of its own
+        st.caption(f"Re-probe run {summary['reprobe_run_id']} is {summary['reprobe_status']} on its own labels and probes "
+                   f"({summary['reprobe_error'] or 'no reason stored'}); its states, answers and scores are complete, so the "
+                   "comparison below uses the base run's threshold and saved probe.")
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0%}"
+
+    c = st.columns(4)
+    c[0].metric("Unknown before", pct(summary["share_unknown_before"]))
+    c[1].metric("Unknown after", pct(summary["share_unknown_after"]),
+                delta=None if summary["share_unknown_before"] is None or summary["share_unknown_after"] is None
+                else f"{summary['share_unknown_after'] - summary['share_unknown_before']:+.0%}", delta_color="inverse")
+    c[2].metric("Unknown → known", summary["n_unknown_to_known"])
+    c[3].metric("Known → unknown (forgetting)", summary["n_known_to_unknown"])
+    c = st.columns(4)
+    c[0].metric("Mean P(unknown) before", f"{summary['p_unknown_before_mean']:.3f}" if summary["p_unknown_before_mean"] is not None else "-")
+    c[1].metric("Mean P(unknown) after", f"{summary['p_unknown_after_mean']:.3f}" if summary["p_unknown_after_mean"] is not None else "-")
+    c[2].metric("Correct before", pct(summary["correct_before"]))
+    c[3].metric("Correct after", pct(summary["correct_after"]))
+    st.caption(f"{summary['n']} questions · base run {summary['base_run_id']} vs re-probe run {summary['reprobe_run_id']} · unknown = SE above "
+               f"the base run's γ* = {summary['gamma']:.3f} ({summary['threshold_rule']}) on both sides · P(unknown) from the base run's "
+               f"saved probe {summary['probe_id']} (layer {summary['layer']}) on each model's states.")
+    moved = V.moved_questions(shift_views.shift_table(row["id"]))
+    if moved.empty:
+        st.caption("No question crossed the boundary.")
+    else:
+        st.dataframe(moved[["moved", "question", "gold", "in_training", "correct_before", "correct_after", "p_unknown_before",
+                            "p_unknown_after", "ext_id"]], hide_index=True, key=f"finetune-moved-{row['id']}",
+                     column_config={"in_training": st.column_config.CheckboxColumn("trained on"),
+                                    "p_unknown_before": st.column_config.NumberColumn("P(unknown) before", format="%.2f"),
+                                    "p_unknown_after": st.column_config.NumberColumn("P(unknown) after", format="%.2f"),
+                                    "ext_id": "pool id"})
+    method = st.selectbox("Projection", METHODS, key=f"finetune-shift-method-{row['id']}",
+                          help="Fitted on the base run's states at the probe's layer; the tuned model's states are placed in the same map.")
+    try:
+        frame = shift_views.shift_projection(row["id"], method=method)
+    except Ka2lError as exc:
+        st.error(str(exc))
+        return
+    st.plotly_chart(shift_figure(frame), key=f"finetune-shift-map-{row['id']}", width="stretch")
 
 
 def adapter_section(row: dict[str, Any]) -> None:

@@ -249,3 +249,15 @@ def adapter(row: dict[str, Any]) -> dict[str, Any] | None:
     side = folder / SIDECAR
     return {"dir": str(folder), "files": sorted(p.name for p in folder.iterdir() if p.is_file()),
             "sidecar": side.read_bytes() if side.is_file() else json.dumps({}).encode(), "sidecar_name": SIDECAR}
+
+
+# -- the boundary shift ------------------------------------------------------------------------------
+
+def moved_questions(table):
+    """The questions that crossed the boundary (``ka2l.views.shift.shift_table`` rows with ``moved`` set):
+    unknown -> known first, then known -> unknown (forgetting), each by question id."""
+    from .shift import KNOWN_TO_UNKNOWN, UNKNOWN_TO_KNOWN
+
+    order = {UNKNOWN_TO_KNOWN: 0, KNOWN_TO_UNKNOWN: 1}
+    moved = table[table["moved"].isin(list(order))]
+    return moved.assign(_o=moved["moved"].map(order)).sort_values(["_o", "question_id"]).drop(columns="_o").reset_index(drop=True)
