@@ -1,5 +1,5 @@
 """Probes: layer-wise AUROC, the threshold criterion, baselines and threshold robustness; a plain
-warning when a split is too small to conclude from."""
+warning when a split is too small to conclude from; what full SE and triage cost per question."""
 
 import streamlit as st
 
@@ -39,3 +39,12 @@ st.dataframe(data.evidence_table(p["baselines"]), hide_index=True, width="stretc
 st.subheader("Threshold robustness")
 st.caption("The probe retrained at the chosen layer with the threshold γ* shifted by δ.")
 st.dataframe(data.evidence_table(p["robustness"]), hide_index=True, width="stretch")
+st.subheader("Cost per question")
+cost = rep.get("cost") or {}
+if cost:
+    st.caption("Seconds per question from the runs' own stored timings on this device, extrapolated to larger pools: full semantic "
+               "entropy (hidden states, sampling, judging) against triage with the saved probe (one forward pass that stops at its layer)."
+               + (f" Full SE costs {cost['se_over_triage']:.0f}x triage." if "se_over_triage" in cost else ""))
+    st.dataframe(data.cost_table(cost), hide_index=True, width="stretch")
+else:
+    st.caption("No stored timings for this run yet.")

@@ -94,7 +94,7 @@ def test_probes_page_shows_the_evidence(app):
     at = app("probes")
     assert [m.label for m in at.metric][:2] == ["Known", "Unknown"]
     assert [s.value for s in at.subheader][:2] == ["Layer-wise AUROC", "Threshold criterion"]
-    assert len(at.get("plotly_chart")) == 2 and len(at.dataframe) == 2
+    assert len(at.get("plotly_chart")) == 2 and len(at.dataframe) == 3  # baselines, robustness, cost
 
 
 def test_settings_refuse_bad_values_and_keep_the_stored_ones(app):

@@ -136,6 +136,13 @@ def test_triage_uses_one_forward_pass_and_agrees_with_the_probe(memo_model, capi
         assert Q.answered_ids(db, t_id) == set(), "triage never samples"
         assert "Triage:" in format_report(build_report(db, t_id))
     assert len(preds) == 40 and run["timings"]["hidden"]["n"] == 40
+    # only the probe's layer is computed and stored: the same states Stage 1 stored at that layer
+    with connect() as db:
+        source = Q.get_run(db, run_id)
+        layer = Q.list_probes(db, run_id)[0]["layer"]
+    stored = open_array(run["hidden_path"])
+    assert stored.shape == (40, 1, 64)
+    np.testing.assert_allclose(stored[:20, 0].astype(np.float32), open_array(source["hidden_path"])[:20, layer].astype(np.float32), atol=2e-2)
     p = np.array([x["p_unknown"] for x in preds])
     assert p[:20].mean() < p[20:].mean(), "memorised questions should look more 'known' to the probe"
     assert run["summary"]["shift"]["available"] and not run["summary"]["shift"]["warning"], run["summary"]

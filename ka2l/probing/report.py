@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from ..store import queries as Q
+from .cost import cost_meter, format_cost
 
 
 def build_report(db, run_id: int) -> dict[str, Any]:
@@ -18,6 +19,7 @@ def build_report(db, run_id: int) -> dict[str, Any]:
         preds = Q.load_predictions(db, run_id)
         out["triage"] = {"n": len(preds), "n_unknown": sum(p["label"] for p in preds), "shift": run["summary"].get("shift", {}),
                          "most_unknown": sorted(preds, key=lambda p: -p["p_unknown"])[:10]}
+        out["cost"] = cost_meter(db, run_id)
         return out
     scores = Q.load_scores(db, run_id)
     k = run["config"]["sampling"]["k"]
@@ -29,6 +31,7 @@ def build_report(db, run_id: int) -> dict[str, Any]:
     if run["threshold"] and scores and all(s["bise"] is not None for s in scores):
         out["split"] = _split(scores, run["threshold"])
     probes = Q.list_probes(db, run_id)
+    out["cost"] = cost_meter(db, run_id)
     if probes:
         p = probes[-1]
         out["probe"] = {"id": p["id"], "kind": p["kind"], "best_layer": p["layer"], "path": p["path"],
@@ -79,6 +82,7 @@ def format_report(rep: dict[str, Any]) -> str:
                              "extrapolations. Run Stage 1 on a sample of this pool to train a probe for it.")
         lines.append("Most unknown:")
         lines += [f"  {p['p_unknown']:.2f}  {p['question']}" for p in tr["most_unknown"]]
+        lines += format_cost(rep.get("cost") or {})
         return "\n".join(lines)
     if "judge" in rep:
         j = rep["judge"]
@@ -113,4 +117,5 @@ def format_report(rep: dict[str, Any]) -> str:
             lines.append(f"  {r['delta']:>+6.2f} {r['threshold']:>7.3f} {r['share_unknown']:>8.0%} {_f(r['auroc_bise']):>8} "
                          f"{_f(r['auroc_incorrect']):>13}  {r.get('note', '')}".rstrip())
         lines.append(f"\nSaved probe {p['id']}: {p['path']}  (use it with: python -m ka2l triage --pool NEW_POOL --probe {p['id']})")
+    lines += format_cost(rep.get("cost") or {})
     return "\n".join(lines)

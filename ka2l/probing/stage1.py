@@ -27,7 +27,7 @@ from ..config import Stage1Config, TriageConfig, config_hash, from_dict, to_dict
 from ..device import dtype_name, resolve_device, resolve_dtype_name
 from .entropy import discrete_semantic_entropy, find_threshold, binarize, is_correct, mean_log_likelihood, regular_entropy, weighted_semantic_entropy
 from ..errors import Cancelled, ConfigError, ProbeError
-from ..models.llm import LoadedLM, build_prompt, extract_hidden_states, generate_answers, load_model
+from ..models.llm import LoadedLM, build_prompt, extract_hidden_states, extract_layer_states, generate_answers, load_model
 from ..paths import arrays_dir, probes_dir
 from ..progress import NullProgress, Progress
 from ..store import queries as Q
@@ -140,23 +140,30 @@ def _forget_lost_hidden_states(db, run_id: int) -> None:
         Q.clear_hidden_done(db, run_id)
 
 
-def _stage_hidden(db, run_id: int, lm: LoadedLM, questions: list[dict], prompts: list[str], batch_size: int, progress: Progress) -> np.ndarray:
+def _stage_hidden(db, run_id: int, lm: LoadedLM, questions: list[dict], prompts: list[str], batch_size: int, progress: Progress,
+                  layer: int | None = None) -> np.ndarray:
+    """Last-prompt-token states, (n, L+1, hidden) at every layer; or with ``layer`` (triage), (n, 1, hidden)
+    at that layer alone, from a forward pass that stops there."""
     _forget_lost_hidden_states(db, run_id)
     run = Q.get_run(db, run_id)
-    shape = (len(questions), lm.n_layers + 1, lm.hidden_size)
+    shape = (len(questions), 1 if layer is not None else lm.n_layers + 1, lm.hidden_size)
     path = _hidden_file(run_id)
     if run["hidden_path"] and path.is_file():
         arr = open_array(path, mode="r+")
         if arr.shape != shape:
             raise ProbeError(f"Stored hidden states {arr.shape} do not match the model/pool {shape}; start a new run (--no-resume).")
     else:
-        arr = create_array(path, shape, meta={"run_id": run_id, "model": lm.source, "position": "last prompt token", "layer0": "embeddings"})
+        layers = {"layer0": "embeddings"} if layer is None else {"layers": [layer]}
+        arr = create_array(path, shape, meta={"run_id": run_id, "model": lm.source, "position": "last prompt token", **layers})
         Q.update_run(db, run_id, hidden_path=str(path), n_layers=lm.n_layers, hidden_size=lm.hidden_size)
     done = Q.hidden_done_ids(db, run_id)
     todo = [i for i, q in enumerate(questions) if q["id"] not in done]
     progress.stage("hidden states", total=len(questions), done=len(questions) - len(todo))
     with _Timer(db, run_id, "hidden") as timer:
-        for start, states in extract_hidden_states(lm, [prompts[i] for i in todo], batch_size):
+        todo_prompts = [prompts[i] for i in todo]
+        batches = (extract_hidden_states(lm, todo_prompts, batch_size) if layer is None else
+                   ((start, states[:, None]) for start, states in extract_layer_states(lm, todo_prompts, layer, batch_size)))
+        for start, states in batches:
             rows = todo[start : start + len(states)]
             arr[rows] = states
             arr.flush()
@@ -343,8 +350,9 @@ def shift_summary(distances: np.ndarray, reference_q95: float | None) -> dict[st
 
 def run_triage(pool: int | str, cfg: TriageConfig, progress: Progress | None = None, resume: bool = True,
                lm: LoadedLM | None = None) -> int:
-    """Score a pool with a saved probe from one forward pass per question (no sampling), with the
-    model in the dtype of the probe's Stage 1 run (whatever 'auto' means on this machine)."""
+    """Score a pool with a saved probe from one forward pass per question that stops at the probe's layer
+    (no sampling; only that layer's states are stored), with the model in the dtype of the probe's
+    Stage 1 run (whatever 'auto' means on this machine)."""
     from .probes import distance_from_training, load_probe, predict_unknown
 
     progress = progress or NullProgress()
@@ -367,10 +375,10 @@ def run_triage(pool: int | str, cfg: TriageConfig, progress: Progress | None = N
         with _run_status(db, run_id, progress):
             lm = lm or load_model(replace(source.model, dtype=dtype), device=device)
             prompts = [build_prompt(lm.tokenizer, q["question"], source.prompt) for q in questions]
-            hidden = _stage_hidden(db, run_id, lm, questions, prompts, cfg.batch_size, progress)
             layer = int(meta["layer"])
+            hidden = _stage_hidden(db, run_id, lm, questions, prompts, cfg.batch_size, progress, layer=layer)  # (n, 1, hidden)
             with _Timer(db, run_id, "predict") as timer:
-                x = np.asarray(hidden[:, layer], dtype=np.float32)
+                x = np.asarray(hidden[:, 0], dtype=np.float32)
                 p = predict_unknown(net, x)
                 Q.insert_predictions(db, run_id, cfg.probe_id, [
                     {"question_id": q["id"], "p_unknown": float(pi), "label": int(pi >= 0.5), "layer": layer} for q, pi in zip(questions, p)])

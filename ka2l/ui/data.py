@@ -39,6 +39,15 @@ def report(run_id: int) -> dict[str, Any]:
         return build_report(db, run_id)
 
 
+def cost_table(meter: dict[str, Any]):
+    """The cost meter of a report (``report(run_id)["cost"]``) as the Probes page shows it."""
+    import pandas as pd
+
+    from ..probing.cost import cost_rows
+
+    return pd.DataFrame(cost_rows(meter))
+
+
 def scores(run_id: int):
     from ..views.tables import scores_frame
 
