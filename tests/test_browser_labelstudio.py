@@ -11,6 +11,7 @@ import pytest
 
 from ka2l.annotate import connection
 from ka2l.annotate import push as P
+from ka2l.annotate.labelstudio import Client
 from ka2l.config import PushConfig
 from ka2l.paths import PROJECT_ROOT
 from ka2l.probing.stage1 import run_stage1
@@ -22,6 +23,8 @@ from helpers import N_KNOWN, import_pool, stage1_cfg
 from test_browser import ARTIFACTS, CHROMIUM, FLAGS, JOB_TIMEOUT_MS, RUN_TIMEOUT_MS, App, _requirements_or_skip, streamlit_app
 
 TYPED = "Ankara, typed in Label Studio"
+HOSTILE_ANSWER = "<img src=y onerror=alert(3)>Paris"
+HOSTILE = '<script>alert("ka2l")</script><img src=x onerror=alert(2)> What is the capital of =HYPERLINK("http://x","y")?'
 
 
 @pytest.fixture
@@ -39,9 +42,18 @@ def pushed(memo_model, capitals, label_studio, monkeypatch):
     result = P.push("caps", PushConfig(title="browser round trip"))
     with connect() as db:
         first = A.links(db, result["project"])[0]  # rank 1
-    prediction = P.items("caps").set_index("item_key").loc[first["item_key"], "low_answer"]
+    ranked = P.items("caps").set_index("item_key", drop=False)
+    prediction = ranked.loc[first["item_key"], "low_answer"]
     assert prediction, "the first task carries the model's answer as a prediction"
-    return {"project_id": result["project_id"], "task_id": first["task_id"], "question": first["question"], "prediction": prediction}
+    # a task written to attack whatever renders it, built by push's own task_of, in a project of its own
+    # (so the round trip's counts and tables stay those of the four questions above)
+    client = Client.from_connection(connection.require())
+    hostile_project = client.create_project("browser hostile text", P.LABEL_CONFIG)
+    item = {**ranked.loc[first["item_key"]].to_dict(), "question": HOSTILE, "low_answer": HOSTILE_ANSWER,
+            "clusters": [(HOSTILE, 3), ("<b>bold?</b>", 1)]}
+    (hostile_task,) = client.import_tasks(hostile_project, [P.task_of(item, "caps", 1)])
+    return {"project_id": result["project_id"], "task_id": first["task_id"], "question": first["question"], "prediction": prediction,
+            "hostile_project": hostile_project, "hostile_task": hostile_task}
 
 
 @pytest.fixture
@@ -58,6 +70,8 @@ def test_annotate_in_label_studio_and_pull_into_the_app(pushed, app_server, labe
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(RUN_TIMEOUT_MS)
+        dialogs: list[str] = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
 
         # Label Studio's own UI, as an annotator: log in, open the first task in the order
         page.goto(f"{label_studio.url}/user/login")
@@ -93,6 +107,17 @@ def test_annotate_in_label_studio_and_pull_into_the_app(pushed, app_server, labe
         expect(table).to_contain_text(TYPED, timeout=JOB_TIMEOUT_MS)
         expect(app.main().get_by_test_id("stMetric").filter(has_text="Answered").get_by_test_id("stMetricValue")).to_have_text("1")
         app.screenshot("labelstudio-3-pulled-in-ka2l.png")
+
+        # question, sampled answers and prediction written as an attack show in Label Studio's UI as the text
+        # they are: no script runs, no element is made of them
+        page.goto(f"{label_studio.url}/projects/{pushed['hostile_project']}/data?task={pushed['hostile_task']}")
+        main = page.locator(".lsf-main-view")
+        expect(main.get_by_text(HOSTILE, exact=True)).to_be_visible()
+        expect(page.get_by_test_id("htx-textbox-content")).to_have_text(HOSTILE_ANSWER)
+        expect(main.get_by_text("<b>bold?</b>")).to_be_visible()
+        assert main.locator("script").count() == 0 and main.locator("img[src='x'], img[src='y']").count() == 0
+        page.screenshot(path=str(ARTIFACTS / "labelstudio-4-hostile-text-inert.png"), full_page=True)
+        assert dialogs == [], f"a script from task text ran: {dialogs}"
         browser.close()
     assert all((ARTIFACTS / f).stat().st_size > 10_000 for f in ("labelstudio-1-task-with-prediction.png",
                                                                     "labelstudio-3-pulled-in-ka2l.png"))
