@@ -271,3 +271,24 @@ def test_evaluate_and_reprobe_buttons_queue_their_jobs(data):
     finally:
         for j in jobs.list_jobs():
             jobs.cancel(j["id"], wait=True)
+
+
+def test_export_writes_the_adapter_and_the_llamafactory_recipe_and_offers_them(data):
+    import io
+    import zipfile
+
+    from ka2l.views.finetune import exported, zip_folder
+
+    fid = data["finetune_id"]
+    at = _caps(open_page("finetune"))
+    assert exported(fid) is None and not any(b.label.startswith("Download the adapter (zip)") for b in at.get("download_button"))
+    _button(at, "Export").click().run()
+    assert not at.exception and not at.error, (at.exception, _texts(at, "error"))
+    done = exported(fid)
+    labels = {b.label for b in at.get("download_button")}
+    assert {"Download the adapter (zip)", "Download the LLaMA-Factory dataset and recipe (zip)"} <= labels
+    names = {n.split("/", 1)[1] for n in zipfile.ZipFile(io.BytesIO(zip_folder(done["adapter"]))).namelist()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "ka2l-finetune.json"} <= names
+    names = {n.split("/", 1)[1] for n in zipfile.ZipFile(io.BytesIO(zip_folder(done["dataset"]))).namelist()}
+    assert {"dataset_info.json", "llamafactory_train.yaml", "llamafactory_train.sh"} <= names
+    assert "llamafactory-cli train" in "\n".join(c.value for c in at.code) and done["merged"] is None

@@ -387,4 +387,30 @@ def adapter_section(row: dict[str, Any]) -> None:
                "the sidecar names the model, prompt, dataset hash, config and versions.")
     st.download_button("Download the adapter's sidecar (JSON)", found["sidecar"], file_name=f"finetune-{row['id']}-{found['sidecar_name']}",
                        mime="application/json", key=f"finetune-sidecar-{row['id']}")
+    _exports(row)
+
+
+def _exports(row: dict[str, Any]) -> None:
+    """Export the adapter (optionally merged into the base) and the run's data with a LLaMA-Factory recipe; download them."""
+    c = st.columns([1, 3])
+    merge = c[1].checkbox("Also merge the adapter into the base model (a full model folder; takes a while)", key=f"finetune-merge-{row['id']}")
+    if c[0].button("Export", key=f"finetune-export-{row['id']}",
+                   help="Writes the adapter and the fine-tune's own train / held-out pairs as LLaMA-Factory alpaca with a yaml and "
+                        "the llamafactory-cli command reproducing this run, under the data folder (replacing an earlier export)."):
+        try:
+            with st.spinner("Exporting..."):
+                V.export(row["id"], merge=merge)
+        except Ka2lError as exc:
+            st.error(str(exc))
+    done = V.exported(row["id"])
+    if done is None:
+        return
+    st.caption(f"Exported to `{done['adapter']}` and `{done['dataset']}`" + (f"; merged model in `{done['merged']}`" if done["merged"] else "") + ".")
+    c = st.columns(2)
+    c[0].download_button("Download the adapter (zip)", V.zip_folder(done["adapter"]), file_name=f"finetune-{row['id']}-adapter.zip",
+                         mime="application/zip", key=f"finetune-dl-adapter-{row['id']}")
+    c[1].download_button("Download the LLaMA-Factory dataset and recipe (zip)", V.zip_folder(done["dataset"]),
+                         file_name=f"finetune-{row['id']}-llamafactory.zip", mime="application/zip", key=f"finetune-dl-dataset-{row['id']}")
+    if done["command"]:
+        st.code(done["command"].strip(), language="bash")
 

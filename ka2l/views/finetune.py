@@ -261,3 +261,48 @@ def moved_questions(table):
     order = {UNKNOWN_TO_KNOWN: 0, KNOWN_TO_UNKNOWN: 1}
     moved = table[table["moved"].isin(list(order))]
     return moved.assign(_o=moved["moved"].map(order)).sort_values(["_o", "question_id"]).drop(columns="_o").reset_index(drop=True)
+
+
+# -- exports -------------------------------------------------------------------------------------------
+
+def export_folder(finetune_id: int) -> Path:
+    return data_dir() / "exports" / f"finetune-{finetune_id}"
+
+
+def export(finetune_id: int, merge: bool = False) -> dict[str, Any]:
+    """Write a finished fine-tune's exports (``ka2l.finetune.export``) under the data folder, replacing earlier ones:
+    the adapter (and with ``merge`` the base model with it merged in) and its data as LLaMA-Factory alpaca with the recipe."""
+    from ..finetune import export as X
+
+    folder = export_folder(finetune_id)
+    X.export_adapter(finetune_id, folder / "adapter", merge=merge, overwrite=True)
+    X.export_dataset(finetune_id, folder / "llamafactory", overwrite=True)
+    return exported(finetune_id)
+
+
+def exported(finetune_id: int) -> dict[str, Any] | None:
+    """What ``export`` wrote for the fine-tune: {'adapter', 'dataset', 'merged' (or None), 'command'}; None before."""
+    from ..finetune.export import COMMAND_NAME, MERGED_DIR
+
+    folder = export_folder(finetune_id)
+    adapter, dataset = folder / "adapter", folder / "llamafactory"
+    if not (adapter.is_dir() and dataset.is_dir()):
+        return None
+    cmd = dataset / COMMAND_NAME
+    return {"adapter": str(adapter), "dataset": str(dataset), "merged": str(adapter / MERGED_DIR) if (adapter / MERGED_DIR).is_dir() else None,
+            "command": cmd.read_text() if cmd.is_file() else ""}
+
+
+def zip_folder(folder: str | Path, leave_out: tuple[str, ...] = ("merged",)) -> bytes:
+    """The files of ``folder`` as a zip (sub-folders named in ``leave_out`` left out: a merged model is a folder to copy, not a download)."""
+    import io
+    import zipfile
+
+    folder = Path(folder)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder)
+            if path.is_file() and rel.parts[0] not in leave_out:
+                z.write(path, f"{folder.name}/{rel}")
+    return buf.getvalue()
