@@ -55,10 +55,10 @@ def app_server(tiny_llama_dir, tmp_path):
         yield url
 
 
-def _shot(app: App, name: str) -> None:
-    """A screenshot with the training section in view (the app scrolls its main area, not the page)."""
+def _shot(app: App, name: str, show=None) -> None:
+    """A screenshot with ``show`` (default: the training section's heading) in view (the app scrolls its main area, not the page)."""
     app.settle()
-    app.main().get_by_role("heading", name="Training", exact=True).scroll_into_view_if_needed()
+    (show or app.main().get_by_role("heading", name="Training", exact=True)).scroll_into_view_if_needed()
     app.screenshot(name)
 
 
@@ -109,7 +109,7 @@ def test_launch_watch_reload_and_cancel_a_finetune(app_server):
         panel = app.main().get_by_test_id("stVerticalBlock").filter(has_text=f"Job {job['id']} · finetune").last  # the job's own box
         expect(panel).to_contain_text("running")
         page.wait_for_function(TRAIN_POINTS, arg=seen + 2, timeout=JOB_TIMEOUT_MS)  # and it keeps updating after the reload
-        _shot(app, "finetune-3-after-reload.png")
+        _shot(app, "finetune-3-after-reload.png", panel.get_by_role("button", name="Cancel"))
 
         # cancel: the job stops at a step's end with a checkpoint, the page says so and offers Resume
         app.click(panel.get_by_role("button", name="Cancel"))
@@ -123,5 +123,5 @@ def test_launch_watch_reload_and_cancel_a_finetune(app_server):
         assert row["status"] == "interrupted" and 0 < row["step"] < row["total_steps"]
         stopped = _steps_logged()
         assert page.evaluate(COUNT_POINTS) == stopped, "the chart shows every logged step"
-        _shot(app, "finetune-4-cancelled.png")
+        _shot(app, "finetune-4-cancelled.png", panel.get_by_role("button", name="Resume"))
         browser.close()
