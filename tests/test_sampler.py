@@ -75,6 +75,8 @@ def test_a_prompts_samples_depend_on_its_seed_alone(tiny_lm, prompts):
     more = generate_answers(tiny_lm, prompts, cfg, temperature=1.0, n=9, seed=[11, 12, 13])
     assert [[g.token_ids for g in gens[:5]] for gens in more] == ids_of(together), \
         "rows that finish early or late beside them do not change a row's sample"
+    assert ids_of(generate_answers(tiny_lm, prompts, cfg, temperature=1.0, n=5, seed=[11, 12, 13], max_rows=5)) == ids_of(together), \
+        "decoding the prompts one at a time (a bounded cache) changes no answer"
     other = generate_answers(tiny_lm, prompts, cfg, temperature=1.0, n=5, seed=[21, 22, 23])
     assert ids_of(other) != ids_of(together), "another seed draws other samples"
     single = generate_answers(tiny_lm, prompts, cfg, temperature=1.0, n=5, seed=11)

@@ -349,12 +349,16 @@ def _top_p_filter(scores, top_p: float):
     return scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
 
 
-def _draw(logits, temperature: float, top_p: float, uniforms):
+def _draw(logits, temperature: float, top_p: float, uniforms, chunk: int = 32):
     """One token per row from softmax(logits / temperature) (top-p filtered when top_p < 1), by inverting
     the cumulative distribution at the row's own uniform number; and the token's raw (temperature-1)
-    log-prob. logits: float32 (rows, vocab); uniforms: float64 (rows,) in [0, 1)."""
+    log-prob. logits: float32 (rows, vocab); uniforms: float64 (rows,) in [0, 1). Rows are drawn
+    ``chunk`` at a time: the float64 distribution of 160 rows x 49,152 tokens alone is 63 MB per copy."""
     import torch
 
+    if logits.shape[0] > chunk:
+        parts = [_draw(logits[i : i + chunk], temperature, top_p, uniforms[i : i + chunk], chunk) for i in range(0, logits.shape[0], chunk)]
+        return torch.cat([t for t, _ in parts]), torch.cat([lp for _, lp in parts])
     scores = logits / temperature
     if top_p < 1:
         scores = _top_p_filter(scores, top_p)
@@ -419,26 +423,37 @@ def _sample_tokens(lm: LoadedLM, enc: dict, cfg: SamplingConfig, temperature: fl
             cache.batch_select_indices(sel)
             mask, position, rows, tokens = mask[sel], position[sel], rows[sel], tokens[sel]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)  # (rows, S + step + 1)
+        del logits
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position[:, None], cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1].float()  # (rows, vocab)
+        del out
         position = position + 1
     return list(zip(ids, lps))
 
 
+MAX_ROWS = 64  # sampled rows (prompts x n) decoded together: bounds the key/value cache, see generate_answers
+
+
 def generate_answers(lm: LoadedLM, prompts: Sequence[str], cfg: SamplingConfig, temperature: float, n: int,
-                     seed: int | Sequence[int]) -> list[list[Generation]]:
+                     seed: int | Sequence[int], max_rows: int = MAX_ROWS) -> list[list[Generation]]:
     """``n`` sampled answers per prompt at ``temperature`` (top-p as configured, no top-k, no penalties:
     the checkpoint's own generation_config does not reshape them), each with the model's raw
     (temperature-1) log-prob of every kept token. ``seed``: one per prompt (a prompt's answers then depend
-    only on its own seed), or one int for the call (prompt j gets ``seed + j``)."""
+    only on its own seed), or one int for the call (prompt j gets ``seed + j``). Prompts are decoded
+    ``max_rows // n`` at a time (at least one): the repeated prompt caches of 16 prompts x 10 samples of
+    SmolLM2 alone take about 0.6 GB, and since a row's sample depends on its seed alone, the split
+    changes no answer."""
     import torch
 
     seeds = [seed + j for j in range(len(prompts))] if isinstance(seed, int) else list(seed)
     if len(seeds) != len(prompts):
         raise ValueError(f"generate_answers got {len(seeds)} seeds for {len(prompts)} prompts; give one per prompt or a single int")
-    enc = _encode(lm, prompts)
-    with torch.no_grad():
-        sampled = _sample_tokens(lm, enc, cfg, temperature, n, seeds)
+    step = max(1, max_rows // n)
+    sampled = []
+    for start in range(0, len(prompts), step):
+        enc = _encode(lm, prompts[start : start + step])
+        with torch.no_grad():
+            sampled += _sample_tokens(lm, enc, cfg, temperature, n, seeds[start : start + step])
     special = set(lm.tokenizer.all_special_ids)
     result: list[list[Generation]] = [[] for _ in prompts]
     for row, (ids, lps) in enumerate(sampled):
