@@ -178,6 +178,24 @@ def test_a_model_spec_with_an_adapter_loads_the_tuned_model(store, memo_model):
         load_model(ModelSpec(name_or_path=str(memo_model), device="cpu", adapter=str(store["folder"] / "nowhere")))
 
 
+def test_a_reprobe_run_is_never_taken_for_the_base_run(store, tmp_path, monkeypatch):
+    """The finished re-probe is the pool's newest Stage 1 run, but 'the newest run' of a fine-tune (run 0) stays the
+    base model's; a fine-tune or re-probe on the tuned model's run is refused with the fix."""
+    from ka2l.finetune import data as D
+    from ka2l.finetune.reprobe import reprobe_config
+
+    private_copy(store["folder"], tmp_path, monkeypatch)
+    with connect() as db:
+        pool_id = Q.get_pool(db, "caps")["id"]
+        assert Q.latest_run(db, "stage1", pool_id)["id"] == store["run_id"]  # newest indeed
+        assert D.resolve_run(db, pool_id, 0)["id"] == store["base_run"]
+        with pytest.raises(ConfigError, match="is a re-probe: its model already carries the adapter"):
+            D.resolve_run(db, pool_id, store["run_id"])
+        S.update_finetune(db, store["fid"], run_id=store["run_id"])  # a row made before that check existed
+    with pytest.raises(ConfigError, match="already carried the adapter"):
+        reprobe_config(store["fid"])
+
+
 def test_an_old_stage1_configs_hash_is_unchanged():
     # a default Stage 1 config as runs stored it before ModelSpec had an adapter, and the hash they were stored under
     stored = json.loads('{"model": {"name_or_path": "embedded:smollm2-135m-instruct", "gguf_file": null, "revision": null, "device": "auto", '

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import FinetuneConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, NotFound
 from ..store import queries as Q
 from ..store.db import connect
 
@@ -71,8 +71,22 @@ def resolve_run(db, pool_id: int, run_id: int = 0) -> dict[str, Any]:
         if run["kind"] != "stage1" or run["status"] != "done":
             raise ConfigError(f"Run {run_id} is a {run['kind']} run that is {run['status']}; fine-tuning needs a finished Stage 1 run. "
                               f"Finish it (resume its job) or pick another.")
+        if tuned_adapter(run):
+            raise ConfigError(f"Run {run_id} is a re-probe: its model already carries the adapter {tuned_adapter(run)}, and a second "
+                              f"adapter trained on top of it could not be re-probed or evaluated against the base. Fine-tune from the "
+                              f"base model's Stage 1 run instead (leave run_id at 0 for the newest one).")
         return run
-    return Q.latest_run(db, "stage1", pool_id)
+    base_runs = [r for r in reversed(Q.list_runs(db, pool_id)) if r["kind"] == "stage1" and r["status"] == "done" and not tuned_adapter(r)]
+    if not base_runs:
+        Q.latest_run(db, "stage1", pool_id)  # NotFound with its message when the pool has no finished run at all
+        raise NotFound("The pool's finished Stage 1 runs are all re-probes of fine-tuned models; run Stage 1 on the base model first.")
+    return base_runs[0]
+
+
+def tuned_adapter(run: dict[str, Any]) -> str | None:
+    """The adapter a run's model carried (a re-probe of a fine-tune), or None for a plain model's run."""
+    config = run["config"] if isinstance(run["config"], dict) else {}
+    return (config.get("model") or {}).get("adapter")
 
 
 def split_share(item_key: str, seed: int) -> float:

@@ -68,8 +68,10 @@ def reprobe_config(finetune_id: int, device: str | None = None) -> tuple[dict[st
         raise ConfigError(f"Run {run['id']} is a {run['kind']} run that is {run['status']}; the re-probe repeats a finished Stage 1 run. "
                           f"Finish it first.")
     base = from_dict(Stage1Config, run["config"])
-    if base.model.adapter is not None:
-        log.info("run %d already ran with adapter %s; the re-probe applies fine-tune %d's adapter instead", run["id"], base.model.adapter, finetune_id)
+    if base.model.adapter is not None:  # refused when the fine-tune was launched; kept for rows made before that check
+        raise ConfigError(f"Fine-tune {finetune_id} was trained on run {run['id']}, whose model already carried the adapter "
+                          f"{base.model.adapter}; re-probing would apply its adapter to the bare base model instead. Fine-tune "
+                          f"from the base model's Stage 1 run, then re-probe that fine-tune.")
     model = replace(base.model, adapter=row["adapter_dir"])
     probe = base.probe
     if device is not None:
@@ -130,7 +132,7 @@ def _score_with_saved_probe(run: dict[str, Any], probe: dict[str, Any], question
     hidden = open_array(run["hidden_path"])  # (n, L + 1, hidden)
     if hidden.shape[0] != len(questions) or not 0 <= layer < hidden.shape[1]:
         raise ProbeError(f"Re-probe run {run['id']} has hidden states {hidden.shape}, which do not fit probe {probe['id']} "
-                         f"(layer {layer}) on {len(questions)} questions. Re-probe with a fresh run.")
+                         f"(layer {layer}) on {len(questions)} questions. Delete run {run['id']} (`python -m ka2l runs` lists it) and re-probe again.")
     p = predict_unknown(net, np.asarray(hidden[:, layer], dtype=np.float32))  # (n,)
     with connect() as db:
         Q.insert_predictions(db, run["id"], probe["id"], [

@@ -70,11 +70,20 @@ def select_run(pool: dict[str, Any], kind: str = "stage1") -> dict[str, Any] | N
     if not runs:
         return None
     ids = [r["id"] for r in runs]
-    if st.session_state.get(RUN_KEY) not in ids:
-        st.session_state[RUN_KEY] = ids[0]
-    run_id = st.selectbox("Stage 1 run", ids, key=RUN_KEY,
-                          format_func=lambda i: next(f"Run {r['id']} · {r['model']} · {r['created_at']}" for r in runs if r["id"] == i))
+    if st.session_state.get(RUN_KEY) not in ids:  # the newest run of the plain model; a re-probe of a fine-tune only when chosen
+        st.session_state[RUN_KEY] = next((r["id"] for r in runs if not _adapter(r)), ids[0])
+
+    def label(i: int) -> str:
+        r = next(r for r in runs if r["id"] == i)
+        return f"Run {r['id']} · {r['model']}" + (f" + adapter {_adapter(r)}" if _adapter(r) else "") + f" · {r['created_at']}"
+
+    run_id = st.selectbox("Stage 1 run", ids, key=RUN_KEY, format_func=label)
     return next(r for r in runs if r["id"] == run_id)
+
+
+def _adapter(run: dict[str, Any]) -> str | None:
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    return (config.get("model") or {}).get("adapter")
 
 
 def require_run(kind: str = "stage1") -> tuple[dict[str, Any], dict[str, Any]]:
