@@ -96,6 +96,10 @@ def test_one_row_per_heldout_question_per_model_a_summary_and_nothing_answered_t
     assert again["metrics"] == summary["metrics"]
     with connect() as db:
         assert len(E.answers(db, fid)) == len(rows)
+    with pytest.raises(ConfigError, match=r"other settings \(temperature 0.1 -> 0.7; seed 0 -> 3\).*--fresh"):
+        EV.evaluate(fid, Recorder(), temperature=0.7, seed=3, batch_size=BATCH, bootstrap=200)  # stored T=0.1 answers are not T=0.7's
+    with pytest.raises(ConfigError, match="bertscore_model"):
+        EV.evaluate(fid, Recorder(), batch_size=BATCH, bootstrap=200, bertscore_model=str(memo_model))
 
 
 def test_a_cancel_keeps_its_batch_and_the_rerun_answers_only_the_rest(memo_model, capitals, monkeypatch):

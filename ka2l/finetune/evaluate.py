@@ -122,6 +122,21 @@ def _answer(finetune_id: int, model: str, ctx: dict[str, Any], temperature: floa
     return len(todo)
 
 
+def _require_same_settings(finetune_id: int, models: Sequence[str], **settings: Any) -> None:
+    """Stored answers and scores are reused, so they must come from the settings asked for now: answers made at another
+    temperature or seed (or scored by another BERTScore model) are refused, not passed off as the new settings'."""
+    with connect() as db:
+        previous = E.get_evaluation(db, finetune_id)
+        stored = any(E.answered_keys(db, finetune_id, m) for m in models)
+    if not previous or not stored:
+        return
+    changed = [f"{name} {previous.get(name)!r} -> {value!r}" for name, value in settings.items() if previous.get(name) != value]
+    if changed:
+        raise ConfigError(f"Fine-tune {finetune_id}'s stored answers were made with other settings ({'; '.join(changed)}). Evaluate "
+                          f"with the stored settings to reuse them, or answer every question again: tick 'Answer again (fresh)' on the "
+                          f"Fine-tune page, or `python -m ka2l evaluate --fresh`.")
+
+
 def _free_memory() -> None:
     import gc
 
@@ -218,6 +233,9 @@ def evaluate(finetune_id: int, progress: Progress | None = None, *, temperature:
         _require_adapter(ctx["row"])  # refused before an hour of base answers, not after
     cache_dir = None  # WordNet's folder under the data folder
     T.wordnet_data(cache_dir)  # a missing WordNet is reported before any model is loaded
+    if not fresh:
+        _require_same_settings(finetune_id, models, temperature=temperature, seed=seed,
+                               bertscore_model=T.bertscore_model_name(bertscore_model))
     if fresh:
         with connect() as db:
             E.clear_answers(db, finetune_id)
