@@ -265,7 +265,7 @@ def test_evaluate_and_reprobe_buttons_queue_their_jobs(data):
         _button(at, "Re-probe with the adapter").click().run()
         assert not at.exception, at.exception
         (job,) = [j for j in jobs.list_jobs() if j["kind"] == "reprobe"]
-        assert job["config"]["reprobe"]["finetune_id"] == fid and job["status"] == "queued"  # behind the evaluation, one model job at a time
+        assert job["config"]["reprobe"]["finetune_id"] == fid and job["status"] in jobs.PENDING  # queued behind the evaluation, or already started if it was quick
         _button(at, "Re-probe with the adapter").click().run()
         assert "already job" in _texts(at, "info") and len([j for j in jobs.list_jobs() if j["kind"] == "reprobe"]) == 1
     finally:

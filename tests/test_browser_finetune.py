@@ -85,6 +85,12 @@ def test_launch_watch_reload_and_cancel_a_finetune(app_server):
         epochs = app.main().get_by_label("Epochs", exact=True)
         epochs.fill(EPOCHS)
         app.act(lambda: epochs.press("Enter"))
+        # the preset stops early after 3 held-out checks without improvement: a fast machine could finish the job
+        # before the reload and the cancel below; with early stopping off it trains until cancelled
+        app.click(app.main().get_by_test_id("stExpander").get_by_text("Advanced settings", exact=True), reruns=False)  # opens in the browser alone
+        patience = app.main().get_by_label("Early-stopping patience (0 = off)", exact=True)
+        patience.fill("0")
+        app.act(lambda: patience.press("Enter"))
         app.wait_text("It fits.")
         assert int(app.metric("Training pairs")) + int(app.metric("Held out")) == len(CAPS)  # every gold answer
         app.screenshot("finetune-1-form.png")
@@ -92,6 +98,7 @@ def test_launch_watch_reload_and_cancel_a_finetune(app_server):
         app.click(app.main().get_by_role("button", name="Launch fine-tune"))
         (job,) = jobs.list_jobs()  # queued by the click's run, which has ended
         assert job["kind"] == "finetune" and job["config"]["finetune"]["epochs"] == float(EPOCHS)
+        assert job["config"]["finetune"]["patience"] == 0
 
         # the chart gains points while the job trains (the fragment redraws it from the store)
         page.wait_for_function(TRAIN_POINTS, arg=3, timeout=JOB_TIMEOUT_MS)

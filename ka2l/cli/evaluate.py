@@ -119,11 +119,15 @@ def format_shift(s: dict[str, Any]) -> str:
              f"(trained on: {by['trained']['unknown → known']} of {by['trained']['n']} moved to known; "
              f"not trained on: {by['not trained']['unknown → known']} of {by['not trained']['n']})",
              f"  correct (low-temperature answer): {_pct(s['correct_before'])} -> {_pct(s['correct_after'])}",
-             f"  probe {s['probe_id']} (layer {s['layer']}) mean P(unknown): {s['p_unknown_before_mean']:.3f} -> {s['p_unknown_after_mean']:.3f}"]
+             f"  probe {s['probe_id']} (layer {s['layer']}) mean P(unknown): {_num(s['p_unknown_before_mean'])} -> {_num(s['p_unknown_after_mean'])}"]
     if s["reprobe_status"] != "done":
         lines.append(f"  note: re-probe run {s['reprobe_run_id']} has no labels or probes of its own ({s['reprobe_error']}); "
                      f"the comparison above needs only its states, answers and SE")
     return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "n/a (run `python -m ka2l reprobe` again to score the tuned states)" if value is None else f"{value:.3f}"
 
 
 def format_moved(table) -> str:
