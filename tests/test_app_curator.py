@@ -160,7 +160,9 @@ def test_probes_page_says_when_a_split_is_too_small_and_what_would_do(app):
     assert counts["test"]["n"] < 30 and f"holds {counts['test']['n']} questions" in test_split
     assert "too few to conclude" in test_split and "a pool of about" in test_split and "(this one has 80)" in test_split
     assert "too few to conclude" in next(m.value for m in at.metric if m.label.startswith("Probe test AUROC"))
-    baselines, robustness = (t.value for t in at.dataframe)
+    frames = [t.value for t in at.dataframe]  # baselines, threshold robustness and the cost meter, picked by their columns
+    baselines = next(f for f in frames if "Method" in f.columns)
+    robustness = next(f for f in frames if "Unknown share" in f.columns)
     assert {"Method", "AUROC vs BiSE"} <= set(baselines.columns) and "auroc_bise" not in baselines.columns
     assert {"Threshold τ (nats)", "Unknown share"} <= set(robustness.columns)
     assert not any(len(c.dataframe) for c in at.columns), "tables take the page's width, not half of it in a column"
