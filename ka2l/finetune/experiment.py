@@ -192,10 +192,10 @@ def check_launch(pool: str | int, cfg: ExperimentConfig) -> dict[str, Any]:
 # -- the grid ----------------------------------------------------------------------------------------
 
 def budget_size(share: float, n_available: int) -> int:
-    """Items a budget share buys: rounded, at least 1, at most the pool.
+    """Items a budget share buys: rounded half up, at least 1, at most the pool.
 
     >>> budget_size(0.5, 9), budget_size(0.01, 9), budget_size(1.0, 9)
-    (4, 1, 9)
+    (5, 1, 9)
     """
     return max(1, min(n_available, int(math.floor(share * n_available + 0.5))))
 
