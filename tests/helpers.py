@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ka2l.config import ModelSpec, ProbeConfig, SamplingConfig, Stage1Config
+from ka2l.progress import NullProgress
 from ka2l.pools.reader import PoolData, QuestionRow
 from ka2l.store import queries as Q
 from ka2l.store.db import connect
@@ -99,3 +100,42 @@ def require_label_studio() -> None:
         if os.environ.get("KA2L_REQUIRE_LABEL_STUDIO") == "1":
             pytest.fail(message + " (KA2L_REQUIRE_LABEL_STUDIO=1 requires it)")
         pytest.skip(message)
+
+
+def select_caps(at):
+    """Make pool 'caps' the active one (the sidebar's selectbox) and rerun an AppTest."""
+    with connect() as db:
+        caps = Q.get_pool(db, "caps")["id"]
+    at.sidebar.selectbox[0].set_value(caps).run()
+    assert not at.exception, at.exception
+    return at
+
+
+class Recorder(NullProgress):
+    """A progress that records each stage's (done, total) as it starts."""
+
+    def __init__(self):
+        self.stages = {}
+
+    def stage(self, name, total=None, done=0):
+        self.stages[name] = (done, total)
+
+
+class CancelAfter(Recorder):
+    """Cancels once ``n`` items of ``stage`` were reported (after they were stored)."""
+
+    def __init__(self, stage: str, n: int):
+        super().__init__()
+        self.stage_name, self.n, self.current, self.seen = stage, n, None, 0
+
+    def stage(self, name, total=None, done=0):
+        super().stage(name, total, done)
+        self.current = name
+
+    def advance(self, n=1, message=None):
+        from ka2l.errors import Cancelled
+
+        if self.current == self.stage_name:
+            self.seen += n
+            if self.seen >= self.n:
+                raise Cancelled("test cancel")

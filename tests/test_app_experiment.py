@@ -11,7 +11,7 @@ from ka2l.finetune.experiment_report import build_report
 from ka2l.probing.stage1 import run_stage1
 from ka2l.store import queries as Q
 from ka2l.store.db import connect
-from helpers import N_KNOWN, data_dir, import_pool, open_page, private_copy, stage1_cfg
+from helpers import N_KNOWN, data_dir, import_pool, open_page, private_copy, select_caps, stage1_cfg
 from test_experiment import planted_experiment
 
 P = "ka2l.experiment."  # the form's widget keys (ka2l.ui.experiment.PREFIX)
@@ -41,14 +41,6 @@ def data(store, tmp_path, monkeypatch):
     return store
 
 
-def _caps(at):
-    with connect() as db:
-        caps = Q.get_pool(db, "caps")["id"]
-    at.sidebar.selectbox[0].set_value(caps).run()
-    assert not at.exception, at.exception
-    return at
-
-
 def _texts(at, kind: str) -> str:
     return "\n".join(str(e.value) for e in getattr(at, kind))
 
@@ -66,7 +58,7 @@ def test_without_a_run_the_page_says_what_to_do(data, tmp_path, monkeypatch):
 
 
 def test_the_report_shows_rq1_to_rq3_computed_from_the_cells(data):
-    at = _caps(open_page("experiment"))
+    at = select_caps(open_page("experiment"))
     rep = build_report(data["experiment_id"])
     shown = _texts(at, "markdown")
     assert f"Difference {rep['rq1']['delta']['value']:.2f}" in shown and "## RQ2" in shown
@@ -80,7 +72,7 @@ def test_the_report_shows_rq1_to_rq3_computed_from_the_cells(data):
 
 
 def test_bad_settings_are_refused_and_launch_queues_the_forms_job_once(data):
-    at = _caps(open_page("experiment"))
+    at = select_caps(open_page("experiment"))
     at.text_input(key=P + "budgets").input("0 2").run()
     assert "budgets must be distinct shares in (0, 1]" in _texts(at, "error") and _launch(at).disabled
     at.text_input(key=P + "budgets").input("half").run()

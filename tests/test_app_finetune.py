@@ -19,7 +19,7 @@ from ka2l.probing.stage1 import run_stage1
 from ka2l.store import finetune as S
 from ka2l.store import queries as Q
 from ka2l.store.db import connect
-from helpers import N_KNOWN, data_dir, import_pool, open_page, private_copy, stage1_cfg
+from helpers import N_KNOWN, data_dir, import_pool, open_page, private_copy, select_caps, stage1_cfg
 from test_app import _rerun_fragments
 
 F = "ka2l.finetune.f."  # the form's widget keys (ka2l.ui.finetune.PREFIX)
@@ -46,15 +46,6 @@ def store(tmp_path_factory, memo_model, capitals):
 def data(store, tmp_path, monkeypatch):
     private_copy(store["folder"], tmp_path, monkeypatch)
     return store
-
-
-def _caps(at):
-    """Make pool 'caps' the active one (the sidebar's selectbox) and rerun."""
-    with connect() as db:
-        caps = Q.get_pool(db, "caps")["id"]
-    at.sidebar.selectbox[0].set_value(caps).run()
-    assert not at.exception, at.exception
-    return at
 
 
 def _widget(at, name: str):
@@ -99,7 +90,7 @@ def test_without_pool_run_or_data_the_page_says_what_to_do(data, tmp_path, monke
     monkeypatch.setenv("KA2L_DATA_DIR", str(tmp_path / "store"))
     at = open_page("finetune")  # the newest pool, 'bare', has no Stage 1 run
     assert "Probe page" in _texts(at, "info") and not _figures(at)
-    at = _caps(at)
+    at = select_caps(at)
     # the default source is Label Studio, and nothing was pushed or pulled for this pool
     assert at.radio(key=F + "source").value == "labelstudio"
     warning = _texts(at, "warning")
@@ -110,7 +101,7 @@ def test_without_pool_run_or_data_the_page_says_what_to_do(data, tmp_path, monke
 
 
 def test_presets_fill_the_form_and_every_field_has_its_help(data):
-    at = _caps(open_page("finetune"))
+    at = select_caps(open_page("finetune"))
     assert at.selectbox(key="ka2l.finetune.preset").value == "cpu-small"
     for name, value in FINETUNE_PRESETS["cpu-small"].items():
         assert _widget(at, name) == value, name
@@ -133,7 +124,7 @@ def test_presets_fill_the_form_and_every_field_has_its_help(data):
 
 
 def test_launch_queues_exactly_one_job_with_the_forms_values(data):
-    at = _caps(open_page("finetune"))
+    at = select_caps(open_page("finetune"))
     at.radio(key=F + "source").set_value("gold").run()
     at.radio(key=F + "gold_set").set_value("all").run()
     at.number_input(key=F + "epochs").set_value(7.0)
@@ -167,7 +158,7 @@ def test_launch_queues_exactly_one_job_with_the_forms_values(data):
 
 
 def test_a_launch_that_cannot_fit_is_refused_with_the_fix(data):
-    at = _caps(open_page("finetune"))
+    at = select_caps(open_page("finetune"))
     at.radio(key=F + "source").set_value("gold").run()
     at.number_input(key=F + "batch_size").set_value(64)
     at.number_input(key=F + "max_length").set_value(1 << 20)
@@ -181,7 +172,7 @@ def test_a_launch_that_cannot_fit_is_refused_with_the_fix(data):
 
 
 def test_a_finished_finetune_shows_its_curve_evaluation_and_adapter(data):
-    at = _caps(open_page("finetune"))
+    at = select_caps(open_page("finetune"))
     fid = data["finetune_id"]
     with connect() as db:
         row = S.get_finetune(db, fid)
@@ -210,7 +201,7 @@ def test_the_chart_follows_a_finetune_in_training_without_a_reload(data):
                                                               "n_train", "n_eval", "versions")},
                                      "config_hash": "live", "status": "training", "total_steps": 40, "step": 3, "seconds": 6.0})
         S.add_log(db, fid, [{"step": i, "split": "train", "loss": 3.0 - 0.1 * i, "lr": 1e-3, "tokens_per_s": 50.0} for i in range(1, 4)])
-    at = _caps(open_page("finetune"))
+    at = select_caps(open_page("finetune"))
     assert at.selectbox(key="ka2l.finetune.selected").value == fid, "the newest fine-tune is shown"
     assert len(_figure(at)["data"][0]["x"]) == 3
     with connect() as db:  # the worker trains on
@@ -234,7 +225,7 @@ def test_the_boundary_shift_shows_the_moved_questions_and_one_map(data):
 
     fid = data["finetune_id"]
     summary, table = shift_summary(fid), shift_table(fid)
-    at = _caps(open_page("finetune"))
+    at = select_caps(open_page("finetune"))
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Unknown before"] == f"{summary['share_unknown_before']:.0%}"
     assert metrics["Unknown after"] == f"{summary['share_unknown_after']:.0%}"
@@ -254,7 +245,7 @@ def test_the_boundary_shift_shows_the_moved_questions_and_one_map(data):
 
 def test_evaluate_and_reprobe_buttons_queue_their_jobs(data):
     fid = data["finetune_id"]
-    at = _caps(open_page("finetune"))
+    at = select_caps(open_page("finetune"))
     try:
         at.number_input(key=f"finetune-eval-boot-{fid}").set_value(200)
         _button(at, "Evaluate").click().run()
@@ -280,7 +271,7 @@ def test_export_writes_the_adapter_and_the_llamafactory_recipe_and_offers_them(d
     from ka2l.views.finetune import exported, zip_folder
 
     fid = data["finetune_id"]
-    at = _caps(open_page("finetune"))
+    at = select_caps(open_page("finetune"))
     assert exported(fid) is None and not any(b.label.startswith("Download the adapter (zip)") for b in at.get("download_button"))
     _button(at, "Export").click().run()
     assert not at.exception and not at.error, (at.exception, _texts(at, "error"))

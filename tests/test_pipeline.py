@@ -18,38 +18,13 @@ from ka2l.config import TriageConfig
 from ka2l.errors import Cancelled, ProbeError
 from ka2l.paths import PROJECT_ROOT
 from ka2l.probing.stage1 import run_stage1, run_triage
-from ka2l.progress import NullProgress
 from ka2l.probing.probes import auroc, bootstrap_auroc, load_probe, predict_unknown
 from ka2l.probing.rejection import bootstrap_prr, prediction_rejection_ratio
 from ka2l.probing.report import build_report, format_report
 from ka2l.store import queries as Q
 from ka2l.store.arrays import open_array
 from ka2l.store.db import connect
-from helpers import N_KNOWN, import_pool, stage1_cfg
-
-class CancelAfter(NullProgress):
-    """Cancels once ``n`` items of ``stage`` were reported (after they were stored)."""
-
-    def __init__(self, stage: str, n: int):
-        self.stage_name, self.n, self.current, self.seen = stage, n, None, 0
-
-    def stage(self, name, total=None, done=0):
-        self.current = name
-
-    def advance(self, n=1, message=None):
-        if self.current == self.stage_name:
-            self.seen += n
-            if self.seen >= self.n:
-                raise Cancelled("test cancel")
-
-
-class Recorder(NullProgress):
-    def __init__(self):
-        self.stages = {}
-
-    def stage(self, name, total=None, done=0):
-        self.stages[name] = (done, total)
-
+from helpers import CancelAfter, N_KNOWN, Recorder, import_pool, stage1_cfg
 
 def test_stage1_end_to_end_finds_the_memorised_questions(memo_model, capitals):
     import_pool(capitals)

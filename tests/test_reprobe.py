@@ -16,37 +16,12 @@ from ka2l.finetune.lora import finetune, load_tuned
 from ka2l.finetune.reprobe import STAGE, reprobe
 from ka2l.models.llm import load_model
 from ka2l.probing.stage1 import run_stage1
-from ka2l.progress import NullProgress
 from ka2l.store import finetune as S
 from ka2l.store import queries as Q
 from ka2l.store.arrays import open_array
 from ka2l.store.db import connect
 from ka2l.views import maps, shift
-from helpers import data_dir, import_pool, private_copy, stage1_cfg, wait_for
-
-
-class CancelAfter(NullProgress):
-    """Cancels once ``n`` items of ``stage`` were reported (after they were stored)."""
-
-    def __init__(self, stage: str, n: int):
-        self.stage_name, self.n, self.current, self.seen = stage, n, None, 0
-
-    def stage(self, name, total=None, done=0):
-        self.current = name
-
-    def advance(self, n=1, message=None):
-        if self.current == self.stage_name:
-            self.seen += n
-            if self.seen >= self.n:
-                raise Cancelled("test cancel")
-
-
-class Recorder(NullProgress):
-    def __init__(self):
-        self.stages = {}
-
-    def stage(self, name, total=None, done=0):
-        self.stages[name] = (done, total)
+from helpers import CancelAfter, Recorder, data_dir, import_pool, private_copy, stage1_cfg, wait_for
 
 
 @pytest.fixture(scope="module")
