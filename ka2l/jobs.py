@@ -221,7 +221,21 @@ def _alive(pid: int | None, job_id: int) -> bool:
 
 def refresh() -> None:
     """Mark jobs whose worker died as failed, then start the oldest queued job of each lane that has no
-    active job (one model job at a time; a Label Studio push or pull beside it)."""
+    active job (one model job at a time; a Label Studio push or pull beside it). The transaction reads, then
+    writes: when another process commits in between, SQLite refuses the stale snapshot at once ("database is
+    locked", no busy wait), so it is tried again on a fresh snapshot."""
+    import sqlite3
+
+    for attempt in range(5):
+        try:
+            return _refresh_once()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
+def _refresh_once() -> None:
     with connect() as db:
         with db.atomic():
             for row in db.query("SELECT * FROM jobs WHERE status IN (?, ?)", ACTIVE):
