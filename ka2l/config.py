@@ -66,6 +66,30 @@ class PromptConfig:
     chat_template: bool = _f(True, "Use the tokenizer's chat template when it has one.")
 
 
+BACKENDS = ("hf", "vllm")
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Where Stage 1 and triage run: in this process (local) or on a Ray cluster (``ka2l.scale``). Not part of a
+    run's identity, like the device: both executors store the same rows, so a run may resume under either."""
+
+    kind: str = _f("local", "local (this process, the default) or ray (Ray Data actor pools; pip install 'ka2l[ray]').")
+    address: str | None = _f(None, "Ray cluster address (e.g. ray://head:10001 or auto); unset starts a local single-node cluster.")
+    num_cpus: int = _f(0, "Logical CPUs of a local Ray cluster; 0 = max(4, the machine's cores) (Ray Data starves below 4).")
+    num_actors: int = _f(1, "Actors per model stage (hidden states, sampling, judge), one model load each.")
+    gpus_per_actor: float = _f(0.0, "GPUs each model actor reserves (0 on CPU; 1 for one GPU per actor).")
+    block_size: int = _f(16, "Questions per Ray Data batch and per checkpointed block.")
+
+    def __post_init__(self) -> None:
+        _one_of("ExecutorConfig.kind", self.kind, EXECUTORS)
+        _positive("ExecutorConfig.num_cpus", self.num_cpus, allow_zero=True)
+        _positive("ExecutorConfig.num_actors", self.num_actors)
+        _positive("ExecutorConfig.gpus_per_actor", self.gpus_per_actor, allow_zero=True)
+        _positive("ExecutorConfig.block_size", self.block_size)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     k: int = _f(10, "Number of high-temperature samples per question.")
@@ -77,8 +101,11 @@ class SamplingConfig:
     batch_size: int = _f(16, "Questions per generate call (each expands to k sequences).")
     hidden_batch_size: int = _f(16, "Questions per forward pass when extracting hidden states.")
     seed: int = _f(0, "Random seed for sampling.")
+    backend: str = _f("hf", "Sampling engine: hf (transformers generate, the default, needs nothing more) or vllm (vLLM on CUDA, "
+                            "pip install 'ka2l[vllm]'). Hidden states always come from the HF forward pass; a run keeps its backend.")
 
     def __post_init__(self) -> None:
+        _one_of("SamplingConfig.backend", self.backend, BACKENDS)
         if self.k < 2:
             raise ConfigError(f"SamplingConfig.k must be >= 2 to measure disagreement, got {self.k}.")
         _positive("SamplingConfig.temperature", self.temperature)
@@ -186,6 +213,7 @@ class Stage1Config:
     judge: JudgeConfig = _nested(JudgeConfig, "Semantic equivalence judge.")
     threshold: ThresholdConfig = _nested(ThresholdConfig, "SE binarisation.")
     probe: ProbeConfig = _nested(ProbeConfig, "Per-layer probes.")
+    executor: ExecutorConfig = _nested(ExecutorConfig, "Where the run executes (local or Ray); not part of the run's hash.")
 
 
 @dataclass(frozen=True)
@@ -193,6 +221,7 @@ class TriageConfig:
     probe_id: int = _f(0, "Id of the saved probe that scores the pool.")
     batch_size: int = _f(16, "Questions per forward pass.")
     device: str = _f("auto", "Device for the forward passes.")
+    executor: ExecutorConfig = _nested(ExecutorConfig, "Where the triage executes (local or Ray); not part of its hash.")
 
     def __post_init__(self) -> None:
         _positive("TriageConfig.batch_size", self.batch_size)
@@ -360,20 +389,28 @@ def config_hash(cfg: Any) -> str:
     True
     >>> config_hash(Stage1Config(model=ModelSpec(adapter="data/finetunes/finetune-1/adapter"))) != config_hash(Stage1Config())
     True
+    >>> config_hash(Stage1Config(executor=ExecutorConfig(kind="ray"))) == config_hash(Stage1Config())
+    True
+    >>> config_hash(Stage1Config(sampling=SamplingConfig(backend="vllm"))) != config_hash(Stage1Config())
+    True
     """
     d = to_dict(cfg)
     _drop_device(d)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_ADDED_LATER = ("adapter",)  # hashed only when set: runs stored before these settings existed keep their hash
+# Settings added after runs were stored, hashed only when they differ from their default: runs stored before
+# they existed keep their hash. Where work runs (device, executor) is never hashed: a run may resume elsewhere.
+_ADDED_LATER = {"adapter": None, "backend": "hf", "launcher": "none", "num_processes": 1, "accelerate_config": ""}
+_NOT_HASHED = ("device", "executor")
 
 
 def _drop_device(d: Any) -> None:
     if isinstance(d, dict):
-        d.pop("device", None)
-        for key in _ADDED_LATER:
-            if key in d and d[key] is None:
+        for key in _NOT_HASHED:
+            d.pop(key, None)
+        for key, default in _ADDED_LATER.items():
+            if key in d and d[key] == default:
                 del d[key]
         for v in d.values():
             _drop_device(v)
@@ -383,7 +420,7 @@ def field_help(cls: type) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
-ALL_CONFIGS = (ModelSpec, PromptConfig, SamplingConfig, JudgeConfig, ThresholdConfig, ProbeConfig, Stage1Config, TriageConfig,
+ALL_CONFIGS = (ModelSpec, PromptConfig, ExecutorConfig, SamplingConfig, JudgeConfig, ThresholdConfig, ProbeConfig, Stage1Config, TriageConfig,
                DecoderConfig, FilterConfig, GenerateConfig)
 
 
@@ -392,6 +429,7 @@ ALL_CONFIGS = (ModelSpec, PromptConfig, SamplingConfig, JudgeConfig, ThresholdCo
 FINETUNE_SOURCES = ("labelstudio", "gold", "file")
 GOLD_SETS = ("unknown", "all")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
+LAUNCHERS = ("none", "accelerate")
 
 
 @dataclass(frozen=True)
@@ -429,11 +467,22 @@ class FinetuneConfig:
                            "against forgetting and hallucination (Gekhman et al. 2024); 0 = off.")
     device: str = _f("auto", "Device: auto (cuda -> mps -> cpu), cpu, cuda or mps; `accelerate launch` may place it instead.")
     dtype: str = _f("auto", "Base weights dtype: auto (bf16 on CUDA, else float32), float32, float16, bfloat16. LoRA weights stay float32.")
+    launcher: str = _f("none", "none (train in the job's own process) or accelerate (the job starts `accelerate launch` with "
+                               "num_processes data-parallel workers; accelerate is already one of ka2l's dependencies).")
+    num_processes: int = _f(1, "Training processes under the accelerate launcher (one per GPU; on CPU, DDP over gloo). "
+                               "Effective batch = batch_size x grad_accum x num_processes.")
+    accelerate_config: str = _f("", "Optional accelerate config file for the launcher (e.g. an FSDP or DeepSpeed ZeRO-3 one for large "
+                                    "models; ka2l ships examples in configs/accelerate/); empty = plain DDP.")
 
     def __post_init__(self) -> None:
         from .device import DEVICES, DTYPES
 
         _one_of("FinetuneConfig.source", self.source, FINETUNE_SOURCES)
+        _one_of("FinetuneConfig.launcher", self.launcher, LAUNCHERS)
+        _positive("FinetuneConfig.num_processes", self.num_processes)
+        if self.num_processes > 1 and self.launcher == "none":
+            raise ConfigError(f"FinetuneConfig.num_processes is {self.num_processes} but launcher is 'none': set launcher to 'accelerate' "
+                              f"to train with several processes, or num_processes to 1.")
         _one_of("FinetuneConfig.gold_set", self.gold_set, GOLD_SETS)
         _one_of("FinetuneConfig.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _one_of("FinetuneConfig.device", self.device.split(":")[0], DEVICES)
