@@ -165,6 +165,7 @@ def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel_a
     assert row["value"] == pytest.approx(np.mean(list(r.values()))) and row["n"] == random_cell["n"]
     assert rep["frame"] and {f["strategy"] for f in rep["frame"]} == {"random", "ka2l-unknown"}
     assert not rep["rq1"]["available"] and not rep["rq3"]["available"]
+    assert "did not include ka2l-augmented" in rep["rq3"]["why"]  # says why, not just "no cells"
     costs = {c["strategy"]: c for c in rep["costs"]}
     assert costs["ka2l-unknown"]["one_off_seconds"] > costs["random"]["one_off_seconds"] == 0  # SE sampling counts for KA2L
     assert costs["random"]["finetune_seconds"] > 0

@@ -125,7 +125,7 @@ def build_report(experiment_id: int, metric: str | None = None, n_boot: int | No
             "n_pool": exp["n_pool"], "device": (exp["inputs"] or {}).get("device"), "cells_done": len(done), "cells": len(cells),
             "interval": "95% percentile bootstrap over test questions (paired for differences)",
             "table": table, "frame": frame, "costs": costs,
-            "rq1": _rq1(groups, per_q, cfg, one_off, n_boot), "rq2": _rq2(groups, per_q, n_boot), "rq3": _rq3(groups, per_q, n_boot)}
+            "rq1": _rq1(groups, per_q, cfg, one_off, n_boot), "rq2": _rq2(groups, per_q, cfg, n_boot), "rq3": _rq3(groups, per_q, cfg, n_boot)}
 
 
 def _cost(cs: list[dict[str, Any]], one_off: float) -> float:
@@ -170,15 +170,24 @@ def _versus(groups, per_q, mine: str, others: tuple[str, ...], n_boot: int) -> l
     return out
 
 
-def _rq2(groups, per_q, n_boot: int) -> dict[str, Any]:
+def _unanswered(cfg: ExperimentConfig, needs: tuple[str, ...]) -> str:
+    """Why a comparison has no rows: a strategy it needs was not asked for, or its cells are not finished."""
+    missing = [s for s in needs if s not in cfg.strategies]
+    if missing:
+        return f"the experiment did not include {' / '.join(missing)} (--strategies)"
+    return f"no budget has finished cells of both {needs[0]} and {' or '.join(needs[1:])} yet"
+
+
+def _rq2(groups, per_q, cfg: ExperimentConfig, n_boot: int) -> dict[str, Any]:
     rows = _versus(groups, per_q, "ka2l-unknown", BASELINES, n_boot)
-    return {"available": bool(rows), "comparisons": rows,
+    baselines = tuple(b for b in BASELINES if b in cfg.strategies) or BASELINES[:1]
+    return {"available": bool(rows), "comparisons": rows, "why": "" if rows else _unanswered(cfg, ("ka2l-unknown",) + baselines),
             "wins": sum(r["verdict"] == "better" for r in rows), "losses": sum(r["verdict"] == "worse" for r in rows)}
 
 
-def _rq3(groups, per_q, n_boot: int) -> dict[str, Any]:
+def _rq3(groups, per_q, cfg: ExperimentConfig, n_boot: int) -> dict[str, Any]:
     rows = _versus(groups, per_q, "ka2l-augmented", ("ka2l-unknown",), n_boot)
-    return {"available": bool(rows), "comparisons": rows}
+    return {"available": bool(rows), "comparisons": rows, "why": "" if rows else _unanswered(cfg, ("ka2l-augmented", "ka2l-unknown"))}
 
 
 # -- text ----------------------------------------------------------------------------------------------
@@ -220,7 +229,7 @@ def render_report(rep: dict[str, Any]) -> str:
                       ("RQ3: do decoded questions help?", rep["rq3"])):
         lines += ["", f"## {title}"]
         if not rq["available"]:
-            lines.append("Not answered: the experiment has no finished cells to compare for it.")
+            lines.append(f"Not answered: {rq['why']}.")
         for r in rq["comparisons"]:
             lines.append(f"- budget {r['budget']:g}: {r['strategy']} {_num(r['value'])} vs {r['versus']} {_num(r['other_value'])}: "
                          f"difference {_delta(r['delta'])}, {r['verdict']}")
