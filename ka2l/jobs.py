@@ -314,7 +314,18 @@ def resume(job_id: int) -> int:
     job = get(job_id)
     if job["status"] not in ("failed", "cancelled"):
         raise Ka2lError(f"Job {job_id} is {job['status']}; only failed or cancelled jobs can be resumed.")
-    return submit(job["kind"], job["config"])
+    return submit(job["kind"], _resumed_config(job))
+
+
+def _resumed_config(job: dict[str, Any]) -> dict[str, Any]:
+    """The config a resume runs with. An evaluation asked to answer afresh forgets the stored answers before
+    its first answer phase; once the stopped job got that far, the answers stored since are the fresh ones,
+    so the resume keeps them (fresh off) instead of clearing them a second time."""
+    config = job["config"]
+    evaluate = config.get("evaluate") if job["kind"] == "evaluate" else None
+    if evaluate and evaluate.get("fresh") and str(job.get("stage") or "").endswith(" answers"):
+        return {**config, "evaluate": {**evaluate, "fresh": False}}
+    return config
 
 
 # -- phases of each kind of job ----------------------------------------------------------------------

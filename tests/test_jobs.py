@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -318,3 +319,20 @@ def test_a_decoder_jobs_eta_never_exceeds_its_time_budget():
     assert view["eta_s"] == pytest.approx(300 - 22.0)
     unbounded = job_views.progress_view({**job, "config": {"decoder": {"max_minutes": 0}}}, clock=lambda: start + 22.0)
     assert unbounded["eta_s"] > 3000  # without a budget the rate's extrapolation stands
+
+
+@pytest.mark.parametrize("stopped_in, fresh_after", [("tuned answers", False), ("base answers", False), ("preparing", True)])
+def test_resuming_a_fresh_evaluation_keeps_the_answers_it_already_gave(monkeypatch, stopped_in, fresh_after):
+    """'Answer again (fresh)' clears before the first answer phase: a resume after that keeps what the stopped
+    job answered (fresh off); one stopped before it still clears."""
+    cfg = {"evaluate": {"finetune_id": 7, "models": ["base", "tuned"], "fresh": True}}
+    with connect() as db:
+        job_id = int(db["jobs"].insert({"kind": "evaluate", "config": json.dumps(cfg), "status": "cancelled", "stage": stopped_in,
+                                        "created_at": "2026-12-05T00:00:00", "updated_at": "2026-12-05T00:00:00"}).last_pk)
+    submitted = []
+    monkeypatch.setattr(jobs, "submit", lambda kind, config: submitted.append((kind, config)) or 99)
+    assert jobs.resume(job_id) == 99
+    ((kind, config),) = submitted
+    assert kind == "evaluate" and config["evaluate"]["fresh"] is fresh_after
+    assert {k: v for k, v in config["evaluate"].items() if k != "fresh"} == {"finetune_id": 7, "models": ["base", "tuned"]}
+    assert jobs.get(job_id)["config"]["evaluate"]["fresh"] is True  # the stopped job's own row is not rewritten
