@@ -4,6 +4,7 @@ project's real loader, store and resume logic."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -260,7 +261,7 @@ def test_a_threshold_that_leaves_too_few_of_one_label_stores_no_label(memo_model
 
 @pytest.mark.parametrize("cancel_stage, n", [("answers", 16), ("semantic entropy", 32)])
 def test_a_lost_hidden_state_file_is_recomputed_not_probed_as_zeros(memo_model, capitals, cancel_stage, n):
-    """The run's .npy file is deleted after its rows were marked done (mid-sampling, or after all model
+    """The run's hidden-state folder is deleted after its rows were marked done (mid-sampling, or after all model
     work): the resumed run recomputes the states, identical to the lost ones, and never probes zeros."""
     import_pool(capitals)
     cfg = stage1_cfg(memo_model)
@@ -271,7 +272,7 @@ def test_a_lost_hidden_state_file_is_recomputed_not_probed_as_zeros(memo_model, 
         answered = len(Q.answered_ids(db, run["id"]))
     lost = np.array(open_array(run["hidden_path"]))
     assert np.abs(lost).sum(axis=(1, 2)).min() > 0
-    Path(run["hidden_path"]).unlink()
+    shutil.rmtree(run["hidden_path"])  # the run's per-layer folder
     rec = Recorder()
     assert run_stage1("caps", cfg, progress=rec) == run["id"]
     assert rec.stages["hidden states"] == (0, 80), "every state is recomputed"

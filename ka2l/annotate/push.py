@@ -97,7 +97,7 @@ def _stage1(db, pool_id: int) -> dict[str, Any]:
     """Per pool question of the latest Stage 1 run: SE, probe P(unknown), low answer, clusters; and the
     probe layer's states (rows in pool order)."""
     from ..probing.probes import load_probe, predict_unknown
-    from ..store.arrays import open_array
+    from ..store.hidden import HiddenStates
 
     run = Q.latest_run(db, "stage1", pool_id)
     probes = Q.list_probes(db, run["id"])
@@ -105,7 +105,7 @@ def _stage1(db, pool_id: int) -> dict[str, Any]:
         raise NotFound(f"Stage 1 run {run['id']} has no probe, so there is no P(unknown) to rank by; re-run Stage 1.")
     net, meta = load_probe(probes[-1]["path"])
     pool_q = Q.pool_questions(db, pool_id)
-    states = np.asarray(open_array(run["hidden_path"])[:, meta["layer"]], dtype=np.float32)  # (n_pool, hidden)
+    states = np.asarray(HiddenStates.open(run["hidden_path"]).layer(meta["layer"]), dtype=np.float32)  # (n_pool, hidden)
     p_unknown = predict_unknown(net, states)  # (n_pool,)
     row_of = {q["id"]: i for i, q in enumerate(pool_q)}
     scores = {r["question_id"]: r for r in Q.load_scores(db, run["id"])}

@@ -131,7 +131,7 @@ def load_inputs(pool_id: int, run: dict[str, Any], cfg: ExperimentConfig, progre
     """The selection pool (every pool question with a gold answer and the approved decoded questions) and
     the pairs' texts and answers by key."""
     from ..probing.probes import layer_features, load_probe, predict_unknown
-    from ..store.arrays import open_array
+    from ..store.hidden import HiddenStates
 
     with connect() as db:
         questions = [q for q in Q.pool_questions(db, pool_id) if q["answers"]]
@@ -150,8 +150,8 @@ def load_inputs(pool_id: int, run: dict[str, Any], cfg: ExperimentConfig, progre
     rows = np.array([row_of[q["id"]] for q in questions])
     net, meta = load_probe(probe["path"])
     layer = meta["layer"] if cfg.layer < 0 else cfg.layer
-    hidden = open_array(run["hidden_path"])
-    if not 0 <= layer < hidden.shape[1]:
+    hidden = HiddenStates.open(run["hidden_path"])
+    if layer not in hidden.layers:
         raise ConfigError(f"layer {cfg.layer} is outside the run's layers 0-{hidden.shape[1] - 1}; use -1 for the probe's layer ({meta['layer']}).")
     vectors = layer_features(hidden, layer, rows)  # (n, hidden)
     p_unknown = predict_unknown(net, layer_features(hidden, meta["layer"], rows))  # (n,)

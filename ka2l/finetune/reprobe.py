@@ -124,16 +124,16 @@ def _run(pool_id: int, cfg: Stage1Config, progress: Progress) -> int:
 def _score_with_saved_probe(run: dict[str, Any], probe: dict[str, Any], questions: list[dict[str, Any]], progress: Progress) -> None:
     """P(unknown) of the saved ``probe`` on ``run``'s hidden states at the probe's layer, as the run's predictions."""
     from ..probing.probes import load_probe, predict_unknown
-    from ..store.arrays import open_array
+    from ..store.hidden import HiddenStates
 
     progress.stage(STAGE, total=len(questions))
     net, meta = load_probe(probe["path"])
     layer = int(meta["layer"])
-    hidden = open_array(run["hidden_path"])  # (n, L + 1, hidden)
-    if hidden.shape[0] != len(questions) or not 0 <= layer < hidden.shape[1]:
+    hidden = HiddenStates.open(run["hidden_path"])  # (n, L + 1, hidden)
+    if hidden.shape[0] != len(questions) or layer not in hidden.layers:
         raise ProbeError(f"Re-probe run {run['id']} has hidden states {hidden.shape}, which do not fit probe {probe['id']} "
                          f"(layer {layer}) on {len(questions)} questions. Delete run {run['id']} (`python -m ka2l runs` lists it) and re-probe again.")
-    p = predict_unknown(net, np.asarray(hidden[:, layer], dtype=np.float32))  # (n,)
+    p = predict_unknown(net, np.asarray(hidden.layer(layer), dtype=np.float32))  # (n,)
     with connect() as db:
         Q.insert_predictions(db, run["id"], probe["id"], [
             {"question_id": q["id"], "p_unknown": float(pi), "label": int(pi >= 0.5), "layer": layer} for q, pi in zip(questions, p)])

@@ -24,6 +24,7 @@ import numpy as np
 from ..config import ProbeConfig, from_dict, to_dict
 from ..errors import ProbeError
 from ..progress import NullProgress, Progress
+from ..store.hidden import HiddenStates
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +273,10 @@ class ProbeResult:
         return next(s for s in self.layers if s.layer == self.best_layer)
 
 
-def layer_features(hidden: np.ndarray, layer: int, rows: np.ndarray | None = None) -> np.ndarray:
-    x = hidden[:, layer] if rows is None else hidden[rows, layer]  # (n, dim), float16 on disk
+def layer_features(hidden: np.ndarray | HiddenStates, layer: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """Layer ``layer``'s states as float32 (n, dim); from a stored run's ``HiddenStates``, that layer's file alone."""
+    src = hidden.layer(layer) if isinstance(hidden, HiddenStates) else hidden[:, layer]  # (n_all, dim), float16 on disk
+    x = src if rows is None else src[rows]
     return np.asarray(x, dtype=np.float32)
 
 

@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,10 +27,11 @@ from ..device import dtype_name, resolve_device, resolve_dtype_name
 from .entropy import discrete_semantic_entropy, find_threshold, binarize, is_correct, mean_log_likelihood, regular_entropy, weighted_semantic_entropy
 from ..errors import Cancelled, ConfigError, ProbeError
 from ..models.llm import LoadedLM, build_prompt, extract_hidden_states, extract_layer_states, generate_answers, load_model
-from ..paths import arrays_dir, probes_dir
+from ..paths import probes_dir
 from ..progress import NullProgress, Progress
 from ..store import queries as Q
-from ..store.arrays import create_array, open_array
+from ..store.hidden import HiddenStates, hidden_dir
+from .storage import check_hidden_space, hidden_layers, model_dims, run_hidden_path
 from ..store.db import connect
 
 log = logging.getLogger(__name__)
@@ -128,34 +128,54 @@ def _run_status(db, run_id: int, progress: Progress) -> Iterator[None]:
     Q.update_run(db, run_id, status="done", stage="done")
 
 
-def _hidden_file(run_id: int) -> Path:
-    return arrays_dir() / f"run-{run_id}-hidden.npy"
-
-
 def _forget_lost_hidden_states(db, run_id: int) -> None:
-    """Rows marked done whose array file is gone would be read back as zeros: clear the marks so
-    the states are recomputed (answers and scores do not depend on them and are kept)."""
-    if not _hidden_file(run_id).is_file() and Q.hidden_done_ids(db, run_id):
-        log.warning("run %d: hidden-state file %s is missing; its states will be recomputed", run_id, _hidden_file(run_id))
+    """Rows marked done whose store is gone or incomplete (a folder, its meta or a layer file deleted)
+    would be read back as zeros: clear the marks so the states are recomputed (answers and scores do
+    not depend on them and are kept)."""
+    path = run_hidden_path(Q.get_run(db, run_id))
+    if not HiddenStates.exists(path) and Q.hidden_done_ids(db, run_id):
+        log.warning("run %d: hidden states %s are missing or incomplete; they will be recomputed", run_id, path)
         Q.clear_hidden_done(db, run_id)
 
 
-def _stage_hidden(db, run_id: int, lm: LoadedLM, questions: list[dict], prompts: list[str], batch_size: int, progress: Progress,
-                  layer: int | None = None) -> np.ndarray:
-    """Last-prompt-token states, (n, L+1, hidden) at every layer; or with ``layer`` (triage), (n, 1, hidden)
-    at that layer alone, from a forward pass that stops there."""
-    _forget_lost_hidden_states(db, run_id)
+def open_run_hidden(db, run_id: int, n_questions: int, n_layers: int, hidden_size: int, model: str,
+                    layer: int | None = None) -> HiddenStates:
+    """The run's hidden-state store, open for writing: the stored one when it is complete and fits (a
+    resumed run made before per-layer storage keeps writing its single file), else a new per-layer
+    folder, recorded on the run. Refuses a disk with too little free space before anything is written."""
     run = Q.get_run(db, run_id)
-    shape = (len(questions), 1 if layer is not None else lm.n_layers + 1, lm.hidden_size)
-    path = _hidden_file(run_id)
-    if run["hidden_path"] and path.is_file():
-        arr = open_array(path, mode="r+")
-        if arr.shape != shape:
-            raise ProbeError(f"Stored hidden states {arr.shape} do not match the model/pool {shape}; start a new run (--no-resume).")
-    else:
-        layers = {"layer0": "embeddings"} if layer is None else {"layers": [layer]}
-        arr = create_array(path, shape, meta={"run_id": run_id, "model": lm.source, "position": "last prompt token", **layers})
-        Q.update_run(db, run_id, hidden_path=str(path), n_layers=lm.n_layers, hidden_size=lm.hidden_size)
+    path, layers = run_hidden_path(run), hidden_layers(n_layers, layer)
+    shape = (n_questions, len(layers), hidden_size)
+    check_hidden_space(db, run_id, n_questions, n_layers, hidden_size, layer)
+    if run["hidden_path"] and HiddenStates.exists(path):
+        store = HiddenStates.open(path, mode="r+")
+        if store.shape != shape or list(store.layers) != layers:
+            raise ProbeError(f"Stored hidden states {store.shape} (layers {list(store.layers)}) do not match the model/pool {shape} "
+                             f"(layers {layers}); start a new run (--no-resume).")
+        return store
+    Q.clear_hidden_done(db, run_id)  # nothing of an incomplete store is kept
+    folder = hidden_dir(run_id)
+    extra = {"layer0": "embeddings"} if layer is None else {}
+    store = HiddenStates.create(folder, n_questions, layers, hidden_size,
+                                meta={"run_id": run_id, "model": model, "position": "last prompt token", **extra})
+    Q.update_run(db, run_id, hidden_path=str(folder), n_layers=n_layers, hidden_size=hidden_size)
+    return store
+
+
+def _check_space_before_loading(db, run_id: int, n_questions: int, cfg: Stage1Config, lm: LoadedLM | None) -> None:
+    """Log the hidden states' size and refuse a too-small disk before minutes of model loading, from the
+    model's config alone (when it cannot be read here, the check runs after the load, still before any forward pass)."""
+    dims = (lm.n_layers, lm.hidden_size) if lm is not None else model_dims(cfg.model)
+    if dims is not None:
+        check_hidden_space(db, run_id, n_questions, *dims)
+
+
+def _stage_hidden(db, run_id: int, lm: LoadedLM, questions: list[dict], prompts: list[str], batch_size: int, progress: Progress,
+                  layer: int | None = None) -> HiddenStates:
+    """Last-prompt-token states, (n, L+1, hidden) at every layer; or with ``layer`` (triage), (n, 1, hidden)
+    at that layer alone, from a forward pass that stops there. One file per layer (``ka2l.store.hidden``)."""
+    _forget_lost_hidden_states(db, run_id)
+    store = open_run_hidden(db, run_id, len(questions), lm.n_layers, lm.hidden_size, lm.source, layer)
     done = Q.hidden_done_ids(db, run_id)
     todo = [i for i, q in enumerate(questions) if q["id"] not in done]
     progress.stage("hidden states", total=len(questions), done=len(questions) - len(todo))
@@ -165,12 +185,12 @@ def _stage_hidden(db, run_id: int, lm: LoadedLM, questions: list[dict], prompts:
                    ((start, states[:, None]) for start, states in extract_layer_states(lm, todo_prompts, layer, batch_size)))
         for start, states in batches:
             rows = todo[start : start + len(states)]
-            arr[rows] = states
-            arr.flush()
+            store.write(rows, states)
+            store.flush()
             Q.mark_hidden_done(db, run_id, [questions[i]["id"] for i in rows])
             timer.n += len(rows)
             progress.advance(len(rows))
-    return arr
+    return store
 
 
 def _stage_answers(db, run_id: int, lm: LoadedLM, questions: list[dict], prompts: list[str], cfg: Stage1Config, progress: Progress) -> None:
@@ -323,6 +343,7 @@ def run_stage1(pool: int | str, cfg: Stage1Config, progress: Progress | None = N
             hidden = None
             _forget_lost_hidden_states(db, run_id)
             if len(Q.hidden_done_ids(db, run_id)) < len(questions) or len(Q.answered_ids(db, run_id)) < len(questions):
+                _check_space_before_loading(db, run_id, len(questions), cfg, lm)
                 lm = lm or load_model(cfg.model)
                 prompts = [build_prompt(lm.tokenizer, q["question"], cfg.prompt) for q in questions]
                 hidden = _stage_hidden(db, run_id, lm, questions, prompts, cfg.sampling.hidden_batch_size, progress)
@@ -330,7 +351,7 @@ def run_stage1(pool: int | str, cfg: Stage1Config, progress: Progress | None = N
             _stage_scores(db, run_id, questions, cfg, progress)
             _stage_labels(db, run_id, cfg)
             if hidden is None:
-                hidden = open_array(_hidden_file(run_id))
+                hidden = HiddenStates.open(run_hidden_path(Q.get_run(db, run_id)))
             _stage_probes(db, run_id, cfg, hidden, progress)
     return run_id
 
@@ -378,7 +399,7 @@ def run_triage(pool: int | str, cfg: TriageConfig, progress: Progress | None = N
             layer = int(meta["layer"])
             hidden = _stage_hidden(db, run_id, lm, questions, prompts, cfg.batch_size, progress, layer=layer)  # (n, 1, hidden)
             with _Timer(db, run_id, "predict") as timer:
-                x = np.asarray(hidden[:, 0], dtype=np.float32)
+                x = np.asarray(hidden.layer(layer), dtype=np.float32)
                 p = predict_unknown(net, x)
                 Q.insert_predictions(db, run_id, cfg.probe_id, [
                     {"question_id": q["id"], "p_unknown": float(pi), "label": int(pi >= 0.5), "layer": layer} for q, pi in zip(questions, p)])

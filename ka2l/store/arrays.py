@@ -1,5 +1,5 @@
-"""Large float arrays (hidden states) as memory-mapped .npy files, each with a sidecar JSON that
-records how it was made."""
+"""Large float arrays as memory-mapped .npy files, each with a sidecar JSON that records how it was made.
+A run's hidden states have their own per-layer store, ``ka2l.store.hidden``."""
 
 from __future__ import annotations
 
@@ -19,8 +19,14 @@ def create_array(path: Path, shape: tuple[int, ...], dtype: str = "float16", met
     return arr
 
 
-def open_array(path: Path | str, mode: str = "r") -> np.memmap:
+def open_array(path: Path | str, mode: str = "r") -> Any:
+    """A memory-mapped .npy file; a per-layer hidden-state folder opens as ``ka2l.store.hidden.HiddenStates``
+    (same shape and indexing; prefer opening hidden states with it, and reading a layer with ``.layer(l)``)."""
     path = Path(path)
+    if path.is_dir():
+        from .hidden import HiddenStates
+
+        return HiddenStates.open(path, mode)
     if not path.is_file():
         raise StoreError(f"Array file {path} is missing. It belongs to a run whose data folder was moved or deleted; re-run it.")
     return np.load(path, mmap_mode=mode)

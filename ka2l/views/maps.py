@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..paths import arrays_dir
 from ..store import queries as Q
-from ..store.arrays import open_array
+from ..store.hidden import HiddenStates
 from ..store.db import connect
 
 METHODS = ("pca", "umap")
@@ -116,10 +116,10 @@ def run_projection(run_id: int, layer: int, method: str = "pca") -> np.ndarray:
         return np.load(path)
     with connect() as db:
         run = Q.get_run(db, run_id)
-    hidden = open_array(run["hidden_path"])
-    if not 0 <= layer < hidden.shape[1]:
+    hidden = HiddenStates.open(run["hidden_path"])
+    if layer not in hidden.layers:
         raise ConfigError(f"Layer {layer} does not exist; this run has layers 0..{hidden.shape[1] - 1}.")
-    coords = project(hidden[:, layer], method)
+    coords = project(hidden.layer(layer), method)  # reads that layer's file alone
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial.npy")
     np.save(tmp, coords)

@@ -22,7 +22,7 @@ from ..errors import ConfigError, NotFound
 from ..paths import arrays_dir
 from ..store import finetune as S
 from ..store import queries as Q
-from ..store.arrays import open_array
+from ..store.hidden import HiddenStates
 from ..store.db import connect
 from .maps import METHODS, fit_projection
 
@@ -172,8 +172,8 @@ def shift_projection(finetune_id: int, layer: int | None = None, method: str = "
     ctx = _runs(finetune_id)
     table = _table(ctx)
     layer = int(ctx["probe"]["layer"]) if layer is None else int(layer)
-    before, after = open_array(ctx["base"]["hidden_path"]), open_array(ctx["after"]["hidden_path"])  # (n, L + 1, hidden)
-    if not 0 <= layer < min(before.shape[1], after.shape[1]):
+    before, after = HiddenStates.open(ctx["base"]["hidden_path"]), HiddenStates.open(ctx["after"]["hidden_path"])  # (n, L + 1, hidden)
+    if layer not in before.layers or layer not in after.layers:
         raise ConfigError(f"Layer {layer} does not exist; these runs have layers 0..{min(before.shape[1], after.shape[1]) - 1}.")
     if before.shape != after.shape:
         raise ConfigError(f"The base run's hidden states {before.shape} and the re-probe run's {after.shape} differ in shape; "
@@ -182,8 +182,8 @@ def shift_projection(finetune_id: int, layer: int | None = None, method: str = "
     if path.is_file():
         coords = np.load(path)
     else:
-        xy_before, place = fit_projection(before[:, layer], method)  # (n, 2)
-        coords = np.concatenate([xy_before, place(after[:, layer])])  # (2n, 2)
+        xy_before, place = fit_projection(before.layer(layer), method)  # (n, 2)
+        coords = np.concatenate([xy_before, place(after.layer(layer))])  # (2n, 2)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial.npy")
         np.save(tmp, coords)

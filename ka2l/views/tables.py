@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..store import queries as Q
-from ..store.arrays import open_array
+from ..store.hidden import HiddenStates
 from ..store.db import connect
 
 
@@ -17,8 +17,8 @@ def probe_scores(run: dict[str, Any], probe: dict[str, Any]) -> np.ndarray:
     from ..probing.probes import load_probe, predict_unknown
 
     net, meta = load_probe(probe["path"])
-    hidden = open_array(run["hidden_path"])
-    return predict_unknown(net, np.asarray(hidden[:, meta["layer"]], dtype=np.float32))
+    hidden = HiddenStates.open(run["hidden_path"])
+    return predict_unknown(net, np.asarray(hidden.layer(meta["layer"]), dtype=np.float32))
 
 
 def scores_frame(run_id: int):
