@@ -59,6 +59,7 @@ def stage1_config(args: argparse.Namespace) -> Stage1Config:
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     from ..probing.stage1 import run_stage1
+    from ..probing.storage import stage1_hidden_size
     from ..progress import TqdmProgress
     from ..probing.report import build_report, format_report
     from ..store.db import connect
@@ -69,6 +70,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
                           "drop --no-resume, or run `probe` without --background to start a new one.")
     if args.background:
         return _submit_background(args.pool, cfg)
+    size = stage1_hidden_size(args.pool, cfg)  # from the model's config, before the model loads
+    if size is not None:
+        print(size.describe() + ("" if size.fits else "  (more than is free there)"), flush=True)
     run_id = run_stage1(args.pool, cfg, progress=TqdmProgress(disable=args.quiet), resume=not args.no_resume)
     with connect() as db:
         print(format_report(build_report(db, run_id)))

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from ..store import queries as Q
+from ..store.hidden import describe_size
 from .cost import cost_meter, format_cost
 
 
@@ -15,6 +16,8 @@ def build_report(db, run_id: int) -> dict[str, Any]:
     pool = Q.get_pool(db, run["pool_id"])
     out: dict[str, Any] = {"run": {k: run[k] for k in ("id", "kind", "status", "stage", "model", "error", "created_at", "timings", "config")},
                            "pool": {"id": pool["id"], "name": pool["name"], "n_questions": pool["n_questions"]}}
+    if run["hidden_path"] and run["n_layers"]:
+        out["hidden"] = hidden_storage(run, pool["n_questions"])
     if run["kind"] == "triage":
         preds = Q.load_predictions(db, run_id)
         out["triage"] = {"n": len(preds), "n_unknown": sum(p["label"] for p in preds), "shift": run["summary"].get("shift", {}),
@@ -37,6 +40,19 @@ def build_report(db, run_id: int) -> dict[str, Any]:
         out["probe"] = {"id": p["id"], "kind": p["kind"], "best_layer": p["layer"], "path": p["path"],
                         "layers": Q.probe_layers(db, p["id"]), **{k: p["metrics"][k] for k in ("test_auroc", "test_ci", "val_auroc", "test_auroc_correct", "baselines", "robustness")}}
     return out
+
+
+def hidden_storage(run: dict[str, Any], n_questions: int) -> dict[str, Any]:
+    """Where a run's hidden states are and the size they take (n × stored layers × hidden × 2 bytes)."""
+    from pathlib import Path
+
+    from ..store.hidden import estimate_bytes
+
+    n_stored = 1 if run["kind"] == "triage" else run["n_layers"] + 1
+    per_layer = Path(run["hidden_path"]).is_dir()
+    return {"path": run["hidden_path"], "layout": "one file per layer" if per_layer else "one file (stored before per-layer files)",
+            "bytes": estimate_bytes(n_questions, n_stored, run["hidden_size"]), "n_layers": n_stored,
+            "text": describe_size(n_questions, n_stored, run["hidden_size"])}
 
 
 def _split(scores: list[dict], threshold: dict) -> dict[str, Any]:
@@ -70,6 +86,9 @@ def format_report(rep: dict[str, Any]) -> str:
     t = run.get("timings") or {}
     if t:
         lines.append("  time: " + ", ".join(f"{k} {v['seconds']:.1f}s ({v['seconds'] / max(v['n'], 1):.3f}s each)" for k, v in t.items()))
+    if "hidden" in rep:
+        h = rep["hidden"]
+        lines.append(f"  hidden states: {h['text']}, {h['layout']} in {h['path']}")
     if "triage" in rep:
         tr = rep["triage"]
         lines.append(f"\nTriage: {tr['n_unknown']} of {tr['n']} questions predicted unknown ({tr['n_unknown'] / max(tr['n'], 1):.0%}).")
