@@ -94,8 +94,8 @@ def check_free_space(folder: Path | str, needed: int, what: str = "the hidden st
     if free < needed:
         raise StoreError(
             f"Not enough disk space for {what}: they need {format_bytes(needed)} but the disk of {folder} has "
-            f"{format_bytes(free)} free. Free some space there, or point ka2l at a larger disk (Settings > data folder, "
-            f"or the KA2L_DATA_DIR environment variable), or probe a smaller pool or a smaller model.")
+            f"{format_bytes(free)} free. Free some space there, or point ka2l at a larger disk (the Data folder on the Settings "
+            f"page, or the KA2L_DATA_DIR environment variable), or probe a smaller pool or a smaller model.")
 
 
 def _itemsize(dtype: str) -> int:
@@ -237,7 +237,11 @@ class HiddenStates:
             if not path.is_file():
                 raise StoreError(f"Hidden-state file {path} (layer {self._layers[j]}) is missing. Resume the run to recompute its "
                                  f"states, or re-run it.")
-            arr = np.load(path, mmap_mode=self.mode)
+            try:
+                arr = np.load(path, mmap_mode=self.mode)
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"Hidden-state file {path} (layer {self._layers[j]}) cannot be read ({exc}); the folder was "
+                                 f"damaged. Start a new run of this pool and config (--no-resume).") from exc
             if arr.shape != (self._n, self._hidden):
                 raise StoreError(f"Hidden-state file {path} has shape {arr.shape}, not {(self._n, self._hidden)} as {META_FILE} "
                                  f"says; the folder was damaged. Re-run the run.")
