@@ -20,6 +20,9 @@ tab_stage1, tab_triage = st.tabs(["Run Stage 1", "Triage a pool with a saved pro
 with tab_stage1, st.form("stage1"):
     st.write(f"Pool: **{pool['name']}** ({pool['n_questions']} questions)")
     model = st.text_input("Model (hub id, folder or .gguf)", value=s["model"])
+    size_note = actions.hidden_states_size(pool["name"], model)
+    if size_note:
+        st.caption(size_note)
     c = st.columns(4)
     k = c[0].number_input("Samples k", min_value=2, max_value=50, value=10)
     temperature = c[1].number_input("Temperature", min_value=0.05, max_value=2.0, value=1.0, step=0.05)

@@ -270,3 +270,14 @@ def test_stage1_refuses_a_disk_too_small_before_loading_the_model(memo_model, ca
     with connect() as db:
         run = Q.list_runs(db)[0]
     assert run["status"] == "failed" and run["hidden_path"] is None and not hidden_dir(run["id"]).exists()
+
+
+def test_probe_page_states_the_size_before_launch(memo_model, capitals):
+    from ka2l import settings
+    from helpers import open_page
+
+    import_pool(capitals)
+    settings.save({**settings.load(), "model": str(memo_model)})
+    at = open_page("probe")
+    notes = [c.value for c in at.caption if "Hidden states:" in c.value]
+    assert len(notes) == 1 and "80 questions × 4 layers × 64 × float16 (2 B) = 41 kB, one file per layer" in notes[0], notes

@@ -7,6 +7,7 @@ on a disk that cannot hold them. The states themselves live in ``ka2l.store.hidd
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,19 +35,45 @@ def hidden_layers(n_layers: int, layer: int | None = None) -> list[int]:
 def model_dims(spec: ModelSpec) -> tuple[int, int] | None:
     """(decoder layers L, hidden size) from the model's config alone, no weights loaded; None when the
     config cannot be read here (loading the model then says why)."""
-    from transformers import AutoConfig
-
+    from ..config import EMBEDDED_MODEL
     from ..models.llm import resolve_source
 
     try:
-        source, gguf = resolve_source(spec)
+        if spec.name_or_path == EMBEDDED_MODEL:  # a converted copy's config, else the GGUF's (no one-off conversion here)
+            from ..models import embedded as E
+            from ..paths import models_dir
+
+            copies = [d / E.LOCAL_NAME for d in (models_dir(), E.model_cache_dir(), E.project_models_dir())]
+            done = next((c for c in copies if E.is_complete(c)), None)
+            gguf = None if done else E.embedded_gguf()
+            source, gguf = (str(done), None) if done else (str(gguf.parent), gguf.name)
+        else:
+            source, gguf = resolve_source(spec)
+        quick = _dims_from_config_json(Path(source) / "config.json") if gguf is None else None
+        if quick is not None:
+            return quick
+        from transformers import AutoConfig
+
         kw = {k: v for k, v in (("revision", spec.revision), ("gguf_file", gguf)) if v}
-        cfg = AutoConfig.from_pretrained(source, **kw)
+        cfg = AutoConfig.from_pretrained(source, local_files_only=True, **kw)  # a hub id: its cached config, never the network
         cfg = cfg if hasattr(cfg, "num_hidden_layers") else cfg.get_text_config()
         return int(cfg.num_hidden_layers), int(cfg.hidden_size)
     except Exception as exc:  # noqa: BLE001 - an unreadable config only postpones the check to after the load
         log.debug("no model config for %r before loading: %s", spec.name_or_path, exc)
         return None
+
+
+def _dims_from_config_json(path: Path) -> tuple[int, int] | None:
+    """(layers, hidden size) read straight from a model folder's config.json when it names them as most
+    decoders do (a page can show the size without importing transformers); None otherwise."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    for c in (cfg, cfg.get("text_config") or {}):
+        if isinstance(c.get("num_hidden_layers"), int) and isinstance(c.get("hidden_size"), int):
+            return c["num_hidden_layers"], c["hidden_size"]
+    return None
 
 
 @dataclass(frozen=True)

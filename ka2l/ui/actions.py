@@ -98,6 +98,22 @@ def all_probes() -> list[dict]:
         return [p for r in Q.list_runs(db) for p in Q.list_probes(db, r["id"])]
 
 
+def hidden_states_size(pool: str, model: str) -> str | None:
+    """The Probe page's note on the disk a Stage 1 run of ``model`` on ``pool`` stores, from the model's
+    config (no weights loaded); None when that config cannot be read before loading."""
+    from ..config import ModelSpec, Stage1Config
+    from ..errors import Ka2lError
+    from ..probing.storage import stage1_hidden_size
+
+    try:
+        size = stage1_hidden_size(pool, Stage1Config(model=ModelSpec(name_or_path=model)))
+    except Ka2lError:
+        return None
+    if size is None:
+        return None
+    return size.describe() + ("" if size.fits else ". That is more than is free: the run would refuse to start.")
+
+
 def data_dir():
     from ..paths import data_dir as current
 
