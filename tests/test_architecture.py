@@ -164,13 +164,20 @@ def third_party(path: Path, module_level_only: bool = False) -> set[str]:
 
 
 ADAPTERS = {"label_studio_sdk": "ka2l.annotate.labelstudio", "peft": "ka2l.finetune", "trl": "ka2l.finetune",
-            "ray": "ka2l.scale", "streamlit": "ka2l.ui", "vllm": "ka2l.models.vllm"}
+            "ray": "ka2l.scale", "streamlit": "ka2l.ui", "vllm": "ka2l.models.vllm_backend"}
 
 
 def test_each_sdk_is_imported_by_its_adapter_only():
     for name, path in modules().items():
         for lib in third_party(path) & set(ADAPTERS):
             assert name.startswith(ADAPTERS[lib]), f"{name} imports {lib}; only {ADAPTERS[lib]} may"
+
+
+def test_vllm_is_imported_by_its_backend_alone_and_only_when_used():
+    """vLLM takes seconds to import and its PyPI wheel is a CUDA build: ka2l.models.vllm_backend imports it
+    inside the functions that build and drive the engine, never at module level."""
+    backend = modules()["ka2l.models.vllm_backend"]
+    assert "vllm" in third_party(backend) and "vllm" not in third_party(backend, module_level_only=True)
 
 
 def test_light_modules_do_not_import_torch_at_import_time():

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from ..config import EMBEDDED_MODEL, JUDGE_KINDS, PROBE_KINDS, THRESHOLD_RULES, Stage1Config, TriageConfig, from_dict
+from ..config import BACKENDS, EMBEDDED_MODEL, JUDGE_KINDS, PROBE_KINDS, THRESHOLD_RULES, Stage1Config, TriageConfig, from_dict
 from ..errors import ConfigError
 from .parsing import add_command, add_run_flags, submit_job
 
@@ -48,6 +48,7 @@ def stage1_config(args: argparse.Namespace) -> Stage1Config:
     put("sampling", "max_new_tokens", args.max_new_tokens)
     put("sampling", "batch_size", args.batch_size)
     put("sampling", "seed", args.seed)
+    put("sampling", "backend", args.backend)
     put("judge", "kind", args.judge)
     put("judge", "model", args.judge_model)
     put("judge", "strict", False if args.non_strict else None)
@@ -76,7 +77,19 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     run_id = run_stage1(args.pool, cfg, progress=TqdmProgress(disable=args.quiet), resume=not args.no_resume)
     with connect() as db:
         print(format_report(build_report(db, run_id)))
+        _print_left_out(db, run_id)
     return 0
+
+
+def _print_left_out(db, run_id: int) -> None:
+    """The questions the sampling engine could not answer (vLLM: over-long prompts), each with its reason."""
+    from ..store import queries as Q
+
+    left_out = Q.get_run(db, run_id)["summary"].get("left_out", {})
+    if left_out:
+        print(f"\n{len(left_out)} question(s) left out (no answers, no SE label, not in the probes' data):")
+        for why in left_out.values():
+            print(f"  - {why}")
 
 
 def _submit_background(pool: str, cfg: Stage1Config) -> int:
@@ -128,6 +141,8 @@ def add_commands(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, help="tokens per answer (default 32)")
     p.add_argument("--batch-size", type=int, help="questions per generate call (default 16)")
     p.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    p.add_argument("--backend", choices=BACKENDS, help="sampling engine: hf (default) or vllm (NVIDIA GPU, pip install 'ka2l[vllm]'); "
+                   "hidden states always come from HF, and a run keeps its backend")
     p.add_argument("--judge", choices=JUDGE_KINDS, help="equivalence judge (default lexical)")
     p.add_argument("--judge-model", help="model for the nli / embedding judge")
     p.add_argument("--non-strict", action="store_true", help="non-strict equivalence (no contradiction, not both neutral)")

@@ -26,7 +26,8 @@ from ..config import Stage1Config, TriageConfig, config_hash, from_dict, to_dict
 from ..device import dtype_name, resolve_device, resolve_dtype_name
 from .entropy import discrete_semantic_entropy, find_threshold, binarize, is_correct, mean_log_likelihood, regular_entropy, weighted_semantic_entropy
 from ..errors import Cancelled, ConfigError, ProbeError
-from ..models.llm import LoadedLM, build_prompt, extract_hidden_states, extract_layer_states, generate_answers, load_model
+from ..models.llm import LoadedLM, build_prompt, extract_hidden_states, extract_layer_states, load_model
+from ..models.sampling import check_backend, make_sampler
 from ..paths import probes_dir
 from ..progress import NullProgress, Progress
 from ..store import queries as Q
@@ -64,12 +65,28 @@ def _start_run(db, pool_id: int, kind: str, cfg: Any, model: str, resume: bool, 
         if runs and not same:
             raise ConfigError(_dtype_conflict(runs[0], dtype, kind, cfg))
         row = same[0] if same else None
+        if row is not None:
+            check_same_backend(row, cfg)
         if row is not None and row["status"] == "done":
             return int(row["id"]), "done"
         if row is not None:
             Q.update_run(db, row["id"], status="running", error=None, versions=_resumed_versions(row["versions"], dtype))
             return int(row["id"]), "resumed"
     return Q.create_run(db, pool_id, kind, to_dict(cfg), h, model, {**versions(), "dtype": dtype}), "new"
+
+
+def check_same_backend(row: dict[str, Any], cfg: Any) -> None:
+    """Refuse to continue run ``row`` under another sampling backend than the one it started with: one run's
+    answers (and so its SE labels and the probes trained on them) come from one engine. Hidden states are
+    always the HF forward pass. Any code that resumes a stored run by its id calls this."""
+    if not isinstance(cfg, Stage1Config) or row["kind"] != "stage1":
+        return
+    stored = from_dict(Stage1Config, row["config"]).sampling.backend
+    if stored != cfg.sampling.backend:
+        raise ConfigError(f"Run {row['id']} ({row['status']}) drew its answers with the {stored} backend; it cannot be resumed with "
+                          f"--backend {cfg.sampling.backend}: one run's answers, SE labels and probes come from one engine. "
+                          f"Pass --backend {stored} to continue run {row['id']}, or --no-resume to start a new run with "
+                          f"{cfg.sampling.backend}.")
 
 
 def _resumed_versions(stored: dict[str, Any], dtype: str) -> dict[str, Any]:
@@ -194,25 +211,56 @@ def _stage_hidden(db, run_id: int, lm: LoadedLM, questions: list[dict], prompts:
 
 
 def _stage_answers(db, run_id: int, lm: LoadedLM, questions: list[dict], prompts: list[str], cfg: Stage1Config, progress: Progress) -> None:
+    """The low-temperature answer and k samples of every question, from the sampler cfg.sampling.backend names.
+    Questions the engine refuses (vLLM: a prompt longer than its max_model_len allows) are left out with
+    their reason, logged and recorded in the run's summary ('left_out'); the others are stored."""
     s = cfg.sampling
     done = Q.answered_ids(db, run_id)
     todo = [i for i, q in enumerate(questions) if q["id"] not in done]
     progress.stage("answers", total=len(questions), done=len(questions) - len(todo))
+    sampler = make_sampler(s, lm) if todo else None
+    left_out: dict[str, str] = {}
     with _Timer(db, run_id, "answers") as timer:
         for b in range(0, len(todo), s.batch_size):
             rows = todo[b : b + s.batch_size]
+            refused = sampler.refusals([prompts[i] for i in rows])
+            for j, why in refused.items():
+                q = questions[rows[j]]
+                left_out[str(q["id"])] = f"question {q['id']} ({q['question'][:80]!r}) was left out: {why}"
+                log.warning("run %d: %s", run_id, left_out[str(q["id"])])
+            rows = [i for j, i in enumerate(rows) if j not in refused]
+            if not rows:
+                progress.advance(len(refused))
+                continue
             batch_prompts = [prompts[i] for i in rows]
             # One seed per question and draw: a question's answers depend on its place in the pool alone,
             # not on its batch or on where a resume started.
             seeds = [2 * (s.seed * 1_000_003 + i) for i in rows]
-            where = f"questions {b + 1}-{b + len(rows)} of the {len(todo)} left"
+            where = f"questions {b + 1}-{b + len(rows) + len(refused)} of the {len(todo)} left"
             progress.advance(0, f"{where}: the low-temperature answer")  # a note between batches, so 0/61 reads as busy
-            low = generate_answers(lm, batch_prompts, s, s.low_temperature, 1, seeds)
+            low = sampler.generate(batch_prompts, s.low_temperature, 1, seeds)
             progress.advance(0, f"{where}: {s.k} samples each")
-            samples = generate_answers(lm, batch_prompts, s, s.temperature, s.k, [x + 1 for x in seeds])
+            samples = sampler.generate(batch_prompts, s.temperature, s.k, [x + 1 for x in seeds])
             Q.insert_answers(db, run_id, {questions[i]["id"]: (low[j][0], samples[j]) for j, i in enumerate(rows)})
             timer.n += len(rows)
-            progress.advance(len(rows), f"e.g. {low[0][0].text[:40]!r}")
+            progress.advance(len(rows) + len(refused), f"e.g. {low[0][0].text[:40]!r}")
+    if todo:
+        summary = {k: v for k, v in Q.get_run(db, run_id)["summary"].items() if k != "left_out"}
+        Q.update_run(db, run_id, summary={**summary, **({"left_out": left_out} if left_out else {})})
+
+
+class _AnsweredRows:
+    """The hidden-state rows of the answered questions alone, for the probes when a run left questions out
+    (their states exist, but they have no answers, so no SE label): ``[rows, layer]`` reads one layer."""
+
+    def __init__(self, hidden: Any, positions: list[int]):
+        self.hidden, self.positions = hidden, np.asarray(positions, dtype=np.int64)
+        self.shape = (len(positions), *hidden.shape[1:])
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows, *rest = key if isinstance(key, tuple) else (key,)
+        return np.asarray(self.hidden[(self.positions[rows], *rest)])
 
 
 def score_question(judge, question: dict, answers: dict[str, list[dict]]) -> dict[str, Any]:
@@ -343,15 +391,19 @@ def run_stage1(pool: int | str, cfg: Stage1Config, progress: Progress | None = N
             hidden = None
             _forget_lost_hidden_states(db, run_id)
             if len(Q.hidden_done_ids(db, run_id)) < len(questions) or len(Q.answered_ids(db, run_id)) < len(questions):
+                check_backend(cfg.sampling, cfg.model)  # vLLM missing / no GPU: said before minutes of loading
                 _check_space_before_loading(db, run_id, len(questions), cfg, lm)
                 lm = lm or load_model(cfg.model)
                 prompts = [build_prompt(lm.tokenizer, q["question"], cfg.prompt) for q in questions]
                 hidden = _stage_hidden(db, run_id, lm, questions, prompts, cfg.sampling.hidden_batch_size, progress)
                 _stage_answers(db, run_id, lm, questions, prompts, cfg, progress)
-            _stage_scores(db, run_id, questions, cfg, progress)
+            answered = Q.answered_ids(db, run_id)  # every question, unless the sampler left some out (see _stage_answers)
+            _stage_scores(db, run_id, [q for q in questions if q["id"] in answered], cfg, progress)
             _stage_labels(db, run_id, cfg)
             if hidden is None:
                 hidden = HiddenStates.open(run_hidden_path(Q.get_run(db, run_id)))
+            if len(answered) < len(questions):
+                hidden = _AnsweredRows(hidden, [i for i, q in enumerate(questions) if q["id"] in answered])
             _stage_probes(db, run_id, cfg, hidden, progress)
     return run_id
 
