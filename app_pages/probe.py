@@ -3,7 +3,7 @@
 import streamlit as st
 
 from ka2l import jobs
-from ka2l.config import JUDGE_KINDS, PROBE_KINDS, THRESHOLD_RULES
+from ka2l.config import BACKENDS, JUDGE_KINDS, PROBE_KINDS, THRESHOLD_RULES, SamplingConfig, field_help
 from ka2l.errors import Ka2lError
 from ka2l.ui import actions
 from ka2l.ui.jobs_panel import job_panel
@@ -33,9 +33,12 @@ with tab_stage1, st.form("stage1"):
     judge_model = c[1].text_input("Judge model (nli / embedding)", value=s["judge_model"] or "")
     rule = c[2].selectbox("Threshold rule", THRESHOLD_RULES)
     kind = c[3].selectbox("Probe kind", PROBE_KINDS)
+    with st.expander("Advanced settings"):
+        backend = st.selectbox("Sampling backend", BACKENDS, help=field_help(SamplingConfig)["backend"])
     if st.form_submit_button("Launch Stage 1", type="primary"):
         cfg = {"model": {"name_or_path": model, "device": s["device"]},
-               "sampling": {"k": int(k), "temperature": float(temperature), "low_temperature": float(low_t), "max_new_tokens": int(max_new)},
+               "sampling": {"k": int(k), "temperature": float(temperature), "low_temperature": float(low_t), "max_new_tokens": int(max_new),
+                            "backend": backend},
                "judge": {"kind": judge, "model": judge_model or None, "device": s["device"]},
                "threshold": {"rule": rule}, "probe": {"kind": kind, "device": s["device"]}}
         try:

@@ -296,3 +296,20 @@ def test_cli_backend_flag_and_no_gpu_message(capitals, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["probe", "--pool", "caps", "--backend", "vllm", "--model", "some/model", "--quiet"]) == 2
     assert "vLLM's PyPI build needs an NVIDIA GPU; use --backend hf here" in capsys.readouterr().err
+
+
+def test_probe_page_submits_the_chosen_backend(capitals, monkeypatch):
+    from ka2l import jobs
+    from helpers import open_page, select_caps
+
+    import_pool(capitals[:4])
+    submitted = []
+    monkeypatch.setattr(jobs, "submit", lambda kind, config: submitted.append((kind, config)) or 7)
+    at = select_caps(open_page("probe"))
+    backend = next(s for s in at.selectbox if s.label == "Sampling backend")
+    assert backend.value == "hf" and list(backend.options) == ["hf", "vllm"]
+    backend.set_value("vllm")
+    next(b for b in at.button if b.label == "Launch Stage 1").click().run()
+    assert not at.exception and any("Job 7 submitted" in s.value for s in at.success)
+    [(kind, config)] = submitted
+    assert kind == "stage1" and config["stage1"]["sampling"]["backend"] == "vllm"
