@@ -15,11 +15,15 @@
                 honoured at the next step's end): written under ``.partial`` and renamed into place, so a
                 checkpoint folder is complete or absent. Resume continues from the newest one: its step, its
                 optimizer, scheduler, RNG and data position (Trainer's ``resume_from_checkpoint``).
+    processes   with ``launcher='accelerate'`` the job starts ``accelerate launch`` (``ka2l.finetune.launch``) and
+                every worker runs ``train`` here: the Trainer shards the data and syncs the gradients; the
+                workers agree on stopping at each step's end (an all-reduce), and only rank 0 writes rows,
+                the shared checkpoint files, the best adapter and the final one.
     adapter     the best adapter (safetensors + adapter_config.json) with a sidecar ``ka2l-finetune.json``:
                 dataset hash, config, model, prompt, versions
 
-Nothing here names a device: the run's device setting is resolved by ``ka2l.device`` (or left to
-``accelerate launch``, which places the Trainer's processes).
+Nothing here names a device: the run's device setting is resolved by ``ka2l.device`` (under
+``accelerate launch``, each worker takes the GPU of its local rank, see ``ka2l.finetune.launch``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -113,20 +117,25 @@ def _trainer_class():
             return self._ka2l_partial or super()._get_output_dir(trial)
 
         def _save_checkpoint(self, model, trial):
+            # Several processes: rank 0 prepares the folder and renames it when every rank wrote its part (its RNG state).
             out = Path(self.args.output_dir)
             name = f"checkpoint-{self.state.global_step}"
             partial = out / ".partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
+            if self.args.should_save:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+            self.accelerator.wait_for_everyone()
             self._ka2l_partial = str(partial)
             try:
                 super()._save_checkpoint(model, trial)
             finally:
                 self._ka2l_partial = None
-            _replace_dir(partial / name, out / name)
-            shutil.rmtree(partial, ignore_errors=True)
-            for old in checkpoints(out)[:-KEEP_CHECKPOINTS]:
-                shutil.rmtree(old, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                _replace_dir(partial / name, out / name)
+                shutil.rmtree(partial, ignore_errors=True)
+                for old in checkpoints(out)[:-KEEP_CHECKPOINTS]:
+                    shutil.rmtree(old, ignore_errors=True)
 
     return AtomicSFTTrainer
 
@@ -149,27 +158,39 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+def world_size(cfg: FinetuneConfig) -> int:
+    """Training processes ``cfg`` asks for: ``num_processes`` under the accelerate launcher, else 1."""
+    return cfg.num_processes if cfg.launcher == "accelerate" else 1
+
+
 def total_steps(n_train: int, cfg: FinetuneConfig) -> int:
-    """Optimizer steps for ``cfg.epochs`` passes over ``n_train`` pairs.
+    """Optimizer steps for ``cfg.epochs`` passes over ``n_train`` pairs; with several processes each step
+    takes ``batch_size x grad_accum`` pairs on every process (accelerate deals the batches out in turn).
 
     >>> total_steps(10, FinetuneConfig(batch_size=4, grad_accum=2, epochs=3.0))
     6
+    >>> total_steps(16, FinetuneConfig(batch_size=4, grad_accum=1, epochs=1.0, launcher="accelerate", num_processes=2))
+    2
     """
-    per_epoch = math.ceil(math.ceil(n_train / cfg.batch_size) / cfg.grad_accum)
+    batches = math.ceil(math.ceil(n_train / cfg.batch_size) / world_size(cfg))  # per process
+    per_epoch = math.ceil(batches / cfg.grad_accum)
     return max(1, math.ceil(cfg.epochs * per_epoch))
 
 
 def make_trainer(lm: LoadedLM, train_rows: list[dict], eval_rows: list[dict], cfg: FinetuneConfig, output_dir: Path,
-                 max_steps: int | None = None, callbacks: Sequence[Any] = (), eval_on_start: bool = True):
-    """TRL's SFTTrainer over pre-tokenised rows (``encode_pairs``), LoRA as ``cfg`` says, completion-only loss."""
+                 max_steps: int | None = None, callbacks: Sequence[Any] = (), eval_on_start: bool = True, device: str | None = None):
+    """TRL's SFTTrainer over pre-tokenised rows (``encode_pairs``), LoRA as ``cfg`` says, completion-only loss.
+    ``device`` is where training runs when the weights were loaded elsewhere (FSDP / ZeRO-3 workers load on
+    the CPU and train on their GPU); default: the model's device."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig
 
     max_steps = max_steps or total_steps(len(train_rows), cfg)
-    use_cpu = lm.device == "cpu"
-    bf16 = lm.device.startswith("cuda") and next(lm.model.parameters()).dtype == torch.bfloat16
+    device = device or lm.device
+    use_cpu = device == "cpu"
+    bf16 = device.startswith("cuda") and next(lm.model.parameters()).dtype == torch.bfloat16
     sched = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
     args = SFTConfig(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=cfg.batch_size,
@@ -202,18 +223,63 @@ def make_trainer(lm: LoadedLM, train_rows: list[dict], eval_rows: list[dict], cf
 
 # -- what the training loop records ---------------------------------------------------------------
 
+def _any_rank(flag: bool, device: Any) -> bool:
+    """``flag`` of this process, or'ed over every training process (an all-reduce), so that all of them stop at
+    the same step: a process that stopped alone would leave the others waiting in their next gradient sync."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _sharded(trainer) -> bool:
+    return bool(getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False))
+
+
+def save_adapter(trainer, folder: Path) -> None:
+    """The trainer's LoRA weights as a PEFT adapter folder (safetensors + adapter_config.json). Under FSDP or
+    ZeRO-3 the weights are sharded, so every process takes part (``Trainer.save_model`` gathers them and rank 0
+    writes); otherwise rank 0 saves its copy (DDP keeps every copy equal)."""
+    if _sharded(trainer):
+        trainer.save_model(str(folder))
+        if trainer.args.should_save:
+            (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle; the sidecar records the config
+    elif trainer.args.should_save:
+        trainer.model.save_pretrained(str(folder))
+
+
+def lora_checksum(model) -> str:
+    """A short hash of the trainable (LoRA) weights: equal on every process when DDP keeps them in sync."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _callback_class():
     from transformers import TrainerCallback
 
     class Recorder(TrainerCallback):
-        """Losses to the store, steps to the job, early stopping, the best adapter, stop requests."""
+        """Losses to the store, steps to the job, early stopping, the best adapter, stop requests. Under
+        ``accelerate launch`` every process runs it: the decisions (stop, early stop) come out the same on all of
+        them (the losses it sees are gathered over the processes), the writes are rank 0's."""
 
         def __init__(self, run: "_Run"):
             self.run = run
+            self.trainer = None  # set once the trainer exists: the best adapter is saved through it
             self.pending: list[dict[str, Any]] = []
             self.last_flush = self.t_last = time.monotonic()
             self.tokens_last = 0
-            self.cancelled = False
+            self.cancelled = False  # this process's job asked to stop
+            self.stopped = False  # every process stopped at this step's end
 
         def on_train_begin(self, args, state, control, **kw):
             self.run.progress.stage("training", total=state.max_steps, done=state.global_step)
@@ -225,14 +291,16 @@ def _callback_class():
                 self.run.progress.advance(1, f"step {state.global_step}/{state.max_steps}" + (f" · loss {last:.3f}" if last is not None else ""))
             except Cancelled:
                 self.cancelled = True
-            if self.cancelled or self.run.stop["signal"]:
+            asked = self.cancelled or bool(self.run.stop["signal"]) or self.run.stop_requested()
+            if _any_rank(asked, args.device):
+                self.stopped = True
                 control.should_save = True  # a checkpoint at this step, then out
                 control.should_training_stop = True
             return control
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
-            if "loss" in logs and not any(k.startswith("eval_") for k in logs):
+            if self.run.main and "loss" in logs and not any(k.startswith("eval_") for k in logs):
                 t, tokens = time.monotonic(), state.num_input_tokens_seen or 0
                 rate = (tokens - self.tokens_last) / (t - self.t_last) if t > self.t_last and tokens > self.tokens_last else None
                 self.t_last, self.tokens_last = t, tokens
@@ -243,8 +311,9 @@ def _callback_class():
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
             loss = float((metrics or {})["eval_loss"])
-            self.pending.append({"step": state.global_step, "split": "eval", "loss": loss})
-            self.run.evaluated(state.global_step, loss, kw.get("model"), control)
+            if self.run.main:
+                self.pending.append({"step": state.global_step, "split": "eval", "loss": loss})
+            self.run.evaluated(state.global_step, loss, self.trainer, control)
             self.flush(state.global_step)
             self.t_last = time.monotonic()  # tokens/s counts training time only
 
@@ -255,7 +324,8 @@ def _callback_class():
             self.flush(state.global_step)
 
         def flush(self, step: int, checkpoint: bool = False) -> None:
-            self.run.flush(self.pending, step, checkpoint)
+            if self.run.main:
+                self.run.flush(self.pending, step, checkpoint)
             self.pending.clear()
             self.last_flush = time.monotonic()
 
@@ -286,15 +356,20 @@ def _stop_requests(stop: dict[str, Any]) -> Iterator[None]:
 
 
 class _Run:
-    """One fine-tune's state while it trains: its row, folder, early stopping and the best adapter."""
+    """One fine-tune's state while it trains: its row, folder, early stopping and the best adapter. Every
+    training process keeps the early-stopping state (so all stop together); only rank 0 (``main``) writes."""
 
-    def __init__(self, finetune_id: int, cfg: FinetuneConfig, progress: Progress):
+    def __init__(self, finetune_id: int, cfg: FinetuneConfig, progress: Progress, rank: int = 0,
+                 stop_requested: Callable[[], bool] | None = None):
         self.id, self.cfg, self.progress = finetune_id, cfg, progress
+        self.main = rank == 0
+        self.stop_requested = stop_requested or (lambda: False)
         self.folder = folder_of(finetune_id)
         self.ckpt_dir, self.best_dir, self.adapter_dir = self.folder / "checkpoints", self.folder / "best", self.folder / "adapter"
         self.stop: dict[str, Any] = {"signal": 0}
         self.best: float | None = None
         self.bad = 0
+        self.best_saved = False
         self.stopped_early = False
         self.last_eval_step = -1
         self.t_flush = time.monotonic()
@@ -302,15 +377,18 @@ class _Run:
     def restore(self, step: int) -> None:
         """Early-stopping state as it was at the checkpoint ``step``; log rows and a best adapter from after it are dropped."""
         with connect() as db:
-            S.trim_log(db, self.id, step)
-            evals = S.log(db, self.id, "eval")
+            if self.main:
+                S.trim_log(db, self.id, step)
+            evals = [r for r in S.log(db, self.id, "eval") if r["step"] <= step]
         for row in evals:
             self._track(row["step"], row["loss"])
         best_step = json.loads((self.best_dir / SIDECAR).read_text())["step"] if (self.best_dir / SIDECAR).is_file() else None
-        if best_step is not None and best_step > step:
-            shutil.rmtree(self.best_dir, ignore_errors=True)
-        with connect() as db:
-            S.update_finetune(db, self.id, step=step, best_eval_loss=self.best, stopped_early=0)
+        self.best_saved = best_step is not None and best_step <= step
+        if self.main:
+            if best_step is not None and best_step > step:
+                shutil.rmtree(self.best_dir, ignore_errors=True)
+            with connect() as db:
+                S.update_finetune(db, self.id, step=step, best_eval_loss=self.best, stopped_early=0)
 
     def _track(self, step: int, loss: float) -> bool:
         """Early-stopping bookkeeping; True when ``loss`` is a new best."""
@@ -321,18 +399,22 @@ class _Run:
         self.bad += 1
         return False
 
-    def evaluated(self, step: int, loss: float, model, control) -> None:
-        if self._track(step, loss) and model is not None and self.cfg.patience:
+    def evaluated(self, step: int, loss: float, trainer, control) -> None:
+        if self._track(step, loss) and trainer is not None and self.cfg.patience:
             tmp = self.folder / ".best-partial"
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(str(tmp))
-            (tmp / SIDECAR).write_text(json.dumps({"step": step, "eval_loss": loss}))
-            _replace_dir(tmp, self.best_dir)
+            if self.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            save_adapter(trainer, tmp)
+            if self.main:
+                (tmp / SIDECAR).write_text(json.dumps({"step": step, "eval_loss": loss}))
+                _replace_dir(tmp, self.best_dir)
+            self.best_saved = True
         if self.cfg.patience and self.bad >= self.cfg.patience:
             self.stopped_early = True
             control.should_training_stop = True
-        with connect() as db:
-            S.update_finetune(db, self.id, best_eval_loss=self.best, stopped_early=int(self.stopped_early))
+        if self.main:
+            with connect() as db:
+                S.update_finetune(db, self.id, best_eval_loss=self.best, stopped_early=int(self.stopped_early))
 
     def flush(self, rows: list[dict[str, Any]], step: int, checkpoint: bool) -> None:
         t = time.monotonic()
@@ -373,22 +455,28 @@ def run_model(run_id: int, cfg: FinetuneConfig) -> tuple[ModelSpec, PromptConfig
 
 
 def check_launch(pool: str | int, cfg: FinetuneConfig, available: int | None = None):
-    """What a launch checks before it queues: the data builds and the model fits the device. Returns
-    (dataset, preflight verdict); raises ``ConfigError`` saying what to change."""
-    from . import preflight
+    """What a launch checks before it queues: the data builds, the model fits the device and, under the
+    accelerate launcher, its settings can run here. Returns (dataset, preflight verdict); raises
+    ``ConfigError`` saying what to change."""
+    from . import launch, preflight
 
     ds = D.build(pool, cfg)
     spec, _ = run_model(ds.run_id, cfg)
     source, _ = resolve_source(spec)
-    return ds, preflight.require(source, cfg, spec.revision, available)
+    verdict = preflight.require(source, cfg, spec.revision, available)
+    if cfg.launcher == "accelerate":
+        launch.check(cfg)
+    return ds, verdict
 
 
 def finetune(pool: str | int, cfg: FinetuneConfig, progress: Progress | None = None, available: int | None = None) -> int:
     """Fine-tune the model of the pool's Stage 1 run (``cfg.run_id``) on ``cfg``'s data; returns the fine-tune's id.
     The same pool, config and data continue the unfinished fine-tune from its last checkpoint, or return the
     finished one. A cancel (the job's, SIGTERM or Ctrl-C) stops at the next step's end with a checkpoint and
-    raises ``Cancelled``. ``available`` (bytes) overrides the preflight's measurement of free memory."""
-    from . import preflight
+    raises ``Cancelled``. ``available`` (bytes) overrides the preflight's measurement of free memory. With
+    ``cfg.launcher == 'accelerate'`` the training runs in ``cfg.num_processes`` workers started by
+    ``accelerate launch`` (``ka2l.finetune.launch``); this process follows them and relays their progress."""
+    from . import launch, preflight
 
     progress = progress or NullProgress()
     progress.stage("preparing data")
@@ -396,6 +484,8 @@ def finetune(pool: str | int, cfg: FinetuneConfig, progress: Progress | None = N
     spec, prompt = run_model(ds.run_id, cfg)
     source, _ = resolve_source(spec)
     verdict = preflight.require(source, cfg, spec.revision, available)  # refused before anything is stored or loaded
+    if cfg.launcher == "accelerate":
+        launch.check(cfg)
     finetune_id, state = _start(pool, cfg, ds, spec)
     if state == "done":
         return finetune_id
@@ -406,52 +496,100 @@ def finetune(pool: str | int, cfg: FinetuneConfig, progress: Progress | None = N
 
     with marks_status(update, progress):
         log.info("fine-tune %d (%s): %s", finetune_id, state, verdict.message)
-        run = _Run(finetune_id, cfg, progress)
-        with connect() as db:
-            rows = S.load_data(db, finetune_id)
-        train = [D.Pair(r["item_key"], r["question"], r["answer"], r["origin"]) for r in rows if r["split"] == "train"]
-        evals = [D.Pair(r["item_key"], r["question"], r["answer"], r["origin"]) for r in rows if r["split"] == "eval"]
-        progress.stage("loading model")
-        lm = load_model(spec)
-        train_rows = encode_pairs(lm.tokenizer, train, prompt, cfg.max_length)
-        eval_rows = encode_pairs(lm.tokenizer, evals, prompt, cfg.max_length)
-        steps = total_steps(len(train_rows), cfg)
-        shutil.rmtree(run.ckpt_dir / ".partial", ignore_errors=True)  # a save killed half-way
-        found = checkpoints(run.ckpt_dir)
-        ckpt = found[-1] if found else None
-        start = int(ckpt.name.split("-")[-1]) if ckpt else 0
-        run.restore(start)
-        update(total_steps=steps, step=start)
-        recorder = _callback_class()(run)
-        trainer = make_trainer(lm, train_rows, eval_rows, cfg, run.ckpt_dir, steps, [recorder], eval_on_start=ckpt is None)
-        with _stop_requests(run.stop):
-            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-            if recorder.cancelled or run.stop["signal"]:
-                raise Cancelled(f"fine-tune {finetune_id} stopped at step {trainer.state.global_step}; its checkpoint resumes it")
-            if run.last_eval_step != trainer.state.global_step:
-                trainer.evaluate()
-        progress.stage("saving adapter")
-        # early stopping keeps the adapter with the lowest held-out loss; without it, the weights training ended with
-        source_dir = run.best_dir if cfg.patience and (run.best_dir / "adapter_config.json").is_file() else None
-        tmp = run.folder / ".adapter-partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if source_dir is not None:
-            shutil.copytree(source_dir, tmp)
+        if cfg.launcher == "accelerate":
+            launch.launch(finetune_id, cfg, progress)
         else:
-            trainer.model.save_pretrained(str(tmp))
-        best_step = json.loads((tmp / SIDECAR).read_text())["step"] if (tmp / SIDECAR).is_file() else trainer.state.global_step
-        sidecar = {"finetune_id": finetune_id, "pool_id": ds.pool_id, "run_id": ds.run_id, "dataset_hash": ds.hash,
-                   "data_source": cfg.source, "n_train": len(train), "n_eval": len(evals), "config": to_dict(cfg),
-                   "config_hash": config_hash(cfg), "model": to_dict(spec), "model_source": source, "prompt": to_dict(prompt),
-                   "step": best_step, "steps_trained": trainer.state.global_step, "total_steps": steps, "best_eval_loss": run.best,
-                   "stopped_early": run.stopped_early, "versions": versions()}
-        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
-        _replace_dir(tmp, run.adapter_dir)
-        shutil.rmtree(run.ckpt_dir, ignore_errors=True)
-        shutil.rmtree(run.best_dir, ignore_errors=True)
-        update(status="done", adapter_dir=str(run.adapter_dir), step=trainer.state.global_step, best_eval_loss=run.best,
-               stopped_early=int(run.stopped_early), error=None)
+            train(finetune_id, cfg, progress)
     return finetune_id
+
+
+def _process_devices(spec: ModelSpec, cfg: FinetuneConfig, local_rank: int) -> tuple[ModelSpec, str, str]:
+    """(spec to load, device to load on, device to train on) for this training process. Under the accelerate
+    launcher a CUDA run trains on the GPU of its local rank; FSDP and ZeRO-3 workers load the weights on the
+    CPU (in the dtype CUDA would get) and the wrapper places each shard on the GPU."""
+    from ..device import resolve_device, resolve_dtype_name
+
+    device = resolve_device(spec.device)
+    if cfg.launcher != "accelerate" or not device.startswith("cuda"):
+        return spec, device, device
+    device = f"cuda:{local_rank}"
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return replace(spec, dtype=resolve_dtype_name(spec.dtype, device)), "cpu", device
+    return spec, device, device
+
+
+def train(finetune_id: int, cfg: FinetuneConfig, progress: Progress | None = None, rank: int = 0, local_rank: int = 0,
+          stop_requested: Callable[[], bool] | None = None) -> None:
+    """Train the stored fine-tune ``finetune_id`` (its pairs and split, stored by ``finetune``) from its newest
+    checkpoint to its adapter, and mark it done. The job's own process runs it, or every worker under
+    ``accelerate launch``: ``rank`` / ``local_rank`` name the process (only rank 0 writes rows and files),
+    ``stop_requested`` is polled at every step's end besides SIGTERM / SIGINT and ``progress``'s cancel."""
+    progress = progress or NullProgress()
+    main = rank == 0
+    with connect() as db:
+        row = S.get_finetune(db, finetune_id)
+        rows = S.load_data(db, finetune_id)
+    spec, prompt = run_model(row["run_id"], cfg)
+    source, _ = resolve_source(spec)
+
+    def update(**fields: Any) -> None:
+        if main:
+            with connect() as db:
+                S.update_finetune(db, finetune_id, **fields)
+
+    run = _Run(finetune_id, cfg, progress, rank, stop_requested)
+    train = [D.Pair(r["item_key"], r["question"], r["answer"], r["origin"]) for r in rows if r["split"] == "train"]
+    evals = [D.Pair(r["item_key"], r["question"], r["answer"], r["origin"]) for r in rows if r["split"] == "eval"]
+    progress.stage("loading model")
+    load_spec, load_on, train_on = _process_devices(spec, cfg, local_rank)
+    lm = load_model(load_spec, load_on)
+    train_rows = encode_pairs(lm.tokenizer, train, prompt, cfg.max_length)
+    eval_rows = encode_pairs(lm.tokenizer, evals, prompt, cfg.max_length)
+    steps = total_steps(len(train_rows), cfg)
+    if main:
+        shutil.rmtree(run.ckpt_dir / ".partial", ignore_errors=True)  # a save killed half-way
+    found = checkpoints(run.ckpt_dir)
+    ckpt = found[-1] if found else None
+    start = int(ckpt.name.split("-")[-1]) if ckpt else 0
+    run.restore(start)
+    update(total_steps=steps, step=start)
+    recorder = _callback_class()(run)
+    trainer = make_trainer(lm, train_rows, eval_rows, cfg, run.ckpt_dir, steps, [recorder], eval_on_start=ckpt is None, device=train_on)
+    recorder.trainer = trainer
+    world = trainer.args.world_size
+    with _stop_requests(run.stop):
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        if recorder.stopped:
+            raise Cancelled(f"fine-tune {finetune_id} stopped at step {trainer.state.global_step}; its checkpoint resumes it")
+        if run.last_eval_step != trainer.state.global_step:
+            trainer.evaluate()
+    if not _sharded(trainer):
+        log.info("rank %d of %d: %d steps, LoRA weights %s", rank, world, trainer.state.global_step, lora_checksum(trainer.model))
+    progress.stage("saving adapter")
+    # early stopping keeps the adapter with the lowest held-out loss; without it, the weights training ended with
+    best = cfg.patience and run.best_saved
+    tmp = run.folder / ".adapter-partial"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if best:
+        if main:
+            shutil.copytree(run.best_dir, tmp)
+    else:
+        save_adapter(trainer, tmp)
+    if not main:
+        return
+    best_step = json.loads((tmp / SIDECAR).read_text())["step"] if (tmp / SIDECAR).is_file() else trainer.state.global_step
+    sidecar = {"finetune_id": finetune_id, "pool_id": row["pool_id"], "run_id": row["run_id"], "dataset_hash": row["dataset_hash"],
+               "data_source": cfg.source, "n_train": len(train), "n_eval": len(evals), "config": to_dict(cfg),
+               "config_hash": config_hash(cfg), "model": to_dict(spec), "model_source": source, "prompt": to_dict(prompt),
+               "step": best_step, "steps_trained": trainer.state.global_step, "total_steps": steps, "best_eval_loss": run.best,
+               "stopped_early": run.stopped_early, "world_size": world, "versions": versions()}
+    (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
+    _replace_dir(tmp, run.adapter_dir)
+    shutil.rmtree(run.ckpt_dir, ignore_errors=True)
+    shutil.rmtree(run.best_dir, ignore_errors=True)
+    update(status="done", adapter_dir=str(run.adapter_dir), step=trainer.state.global_step, best_eval_loss=run.best,
+           stopped_early=int(run.stopped_early), error=None)
 
 
 # -- using a tuned model --------------------------------------------------------------------------
