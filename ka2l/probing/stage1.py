@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -376,9 +376,13 @@ def _probe_device(cfg: Stage1Config) -> str:
 
 
 def run_stage1(pool: int | str, cfg: Stage1Config, progress: Progress | None = None, resume: bool = True,
-               lm: LoadedLM | None = None) -> int:
-    """Run (or resume) Stage 1 on a stored pool; returns the run id. Interruptions keep all stored work."""
+               lm: LoadedLM | None = None, model_stages: Callable[..., Any] | None = None) -> int:
+    """Run (or resume) Stage 1 on a stored pool; returns the run id. Interruptions keep all stored work.
+    ``model_stages(db, run_id, questions, cfg, dtype, progress)``: another executor's hidden states, answers and
+    scores (``ka2l.scale.run_stage1`` passes its Ray executor's), instead of this process's."""
     progress = progress or NullProgress()
+    if cfg.executor.kind != "local" and model_stages is None:
+        log.warning("the %s executor runs through ka2l.scale.run_stage1; this call runs Stage 1 locally", cfg.executor.kind)
     with connect() as db:
         pool_row = Q.get_pool(db, pool)
         questions = Q.pool_questions(db, pool_row["id"])
@@ -390,7 +394,9 @@ def run_stage1(pool: int | str, cfg: Stage1Config, progress: Progress | None = N
         with _run_status(db, run_id, progress):
             hidden = None
             _forget_lost_hidden_states(db, run_id)
-            if len(Q.hidden_done_ids(db, run_id)) < len(questions) or len(Q.answered_ids(db, run_id)) < len(questions):
+            if model_stages is not None:
+                hidden = model_stages(db, run_id, questions, cfg, dtype, progress)
+            elif len(Q.hidden_done_ids(db, run_id)) < len(questions) or len(Q.answered_ids(db, run_id)) < len(questions):
                 check_backend(cfg.sampling, cfg.model)  # vLLM missing / no GPU: said before minutes of loading
                 _check_space_before_loading(db, run_id, len(questions), cfg, lm)
                 lm = lm or load_model(cfg.model)
@@ -422,10 +428,11 @@ def shift_summary(distances: np.ndarray, reference_q95: float | None) -> dict[st
 
 
 def run_triage(pool: int | str, cfg: TriageConfig, progress: Progress | None = None, resume: bool = True,
-               lm: LoadedLM | None = None) -> int:
+               lm: LoadedLM | None = None, hidden_stage: Callable[..., Any] | None = None) -> int:
     """Score a pool with a saved probe from one forward pass per question that stops at the probe's layer
     (no sampling; only that layer's states are stored), with the model in the dtype of the probe's
-    Stage 1 run (whatever 'auto' means on this machine)."""
+    Stage 1 run (whatever 'auto' means on this machine). ``hidden_stage(db, run_id, questions, source_cfg,
+    cfg, dtype, layer, progress)``: another executor's states (``ka2l.scale.run_triage`` passes Ray's)."""
     from .probes import distance_from_training, load_probe, predict_unknown
 
     progress = progress or NullProgress()
@@ -446,10 +453,13 @@ def run_triage(pool: int | str, cfg: TriageConfig, progress: Progress | None = N
         if state == "done":
             return run_id
         with _run_status(db, run_id, progress):
-            lm = lm or load_model(replace(source.model, dtype=dtype), device=device)
-            prompts = [build_prompt(lm.tokenizer, q["question"], source.prompt) for q in questions]
             layer = int(meta["layer"])
-            hidden = _stage_hidden(db, run_id, lm, questions, prompts, cfg.batch_size, progress, layer=layer)  # (n, 1, hidden)
+            if hidden_stage is not None:
+                hidden = hidden_stage(db, run_id, questions, source, cfg, dtype, layer, progress)
+            else:
+                lm = lm or load_model(replace(source.model, dtype=dtype), device=device)
+                prompts = [build_prompt(lm.tokenizer, q["question"], source.prompt) for q in questions]
+                hidden = _stage_hidden(db, run_id, lm, questions, prompts, cfg.batch_size, progress, layer=layer)  # (n, 1, hidden)
             with _Timer(db, run_id, "predict") as timer:
                 x = np.asarray(hidden.layer(layer), dtype=np.float32)
                 p = predict_unknown(net, x)
