@@ -19,6 +19,9 @@ What it returns means exactly what the HF path's answers mean (:func:`ka2l.model
   not on the batch it was drawn in, so a retried block draws the same answers. (vLLM's own ``n=k`` fans
   out into k seeded child requests the same way, seed + index; explicit requests keep the seeds ours,
   independent of that internal rule, and prefix caching shares the prompt's cache between them.)
+  The same seed gives the same draw from the same logits; vLLM's kernels can change logits in the last
+  bits with the batch around a request, so bit-exact replays across different batches need vLLM's
+  batch-invariant mode (``VLLM_BATCH_INVARIANT=1`` in recent vLLM, e.g. 0.34).
 - **over-long prompts**: a prompt whose tokens plus ``max_new_tokens`` exceed the engine's
   ``max_model_len`` is refused by :meth:`VllmSampler.refusals` with a sentence naming the numbers; the
   caller leaves that question out and answers the rest.
