@@ -132,6 +132,8 @@ def test_launch_queues_exactly_one_job_with_the_forms_values(data):
     at.number_input(key=F + "batch_size").set_value(2)
     at.number_input(key=F + "seed").set_value(11)
     at.text_input(key=F + "targets").input("q_proj v_proj")
+    at.selectbox(key=F + "launcher").set_value("accelerate")  # the advanced settings' several-GPU block (on this CPU: 2 processes, gloo)
+    at.number_input(key=F + "num_processes").set_value(2)
     at.run()
     assert not at.exception, at.exception
     metrics = {m.label: m.value for m in at.metric}
@@ -146,6 +148,7 @@ def test_launch_queues_exactly_one_job_with_the_forms_values(data):
         assert job["config"]["pool"] == "caps" and job["status"] in jobs.PENDING
         assert (cfg["source"], cfg["gold_set"], cfg["epochs"], cfg["lr"], cfg["batch_size"], cfg["seed"], cfg["targets"], cfg["run_id"]) == \
             ("gold", "all", 7.0, 3e-4, 2, 11, ["q_proj", "v_proj"], data["run_id"])
+        assert (cfg["launcher"], cfg["num_processes"], cfg["accelerate_config"]) == ("accelerate", 2, "")  # the job starts accelerate launch
         assert cfg["grad_accum"] == FINETUNE_PRESETS["cpu-small"]["grad_accum"]  # the rest from the preset
         assert f"Job {job['id']} queued" in _texts(at, "success")
         _button(at, "Launch fine-tune").click().run()  # the same settings again: information, not a second job

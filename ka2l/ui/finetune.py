@@ -10,7 +10,7 @@ from typing import Any
 import streamlit as st
 
 from .. import jobs
-from ..config import (EVALUATE_MODELS, FINETUNE_PRESETS, FINETUNE_SOURCES, GOLD_SETS, LR_SCHEDULERS, EvaluateConfig, FinetuneConfig,
+from ..config import (EVALUATE_MODELS, FINETUNE_PRESETS, FINETUNE_SOURCES, GOLD_SETS, LAUNCHERS, LR_SCHEDULERS, EvaluateConfig, FinetuneConfig,
                       ReprobeConfig, field_help, from_dict, to_dict)
 from ..device import DEVICES, DTYPES
 from ..errors import Ka2lError
@@ -33,18 +33,22 @@ SOURCE_LABELS = {"labelstudio": "Label Studio answers", "gold": "gold answers (t
 MAIN = ("epochs", "lr", "batch_size", "grad_accum", "max_length", "lora_r", "device", "dtype")
 ADVANCED = ("lora_alpha", "lora_dropout", "targets", "lr_scheduler", "warmup_ratio", "eval_share", "eval_every", "patience",
             "checkpoint_every", "seed", "mix_known")
+SCALE = ("launcher", "num_processes", "accelerate_config")  # several GPUs through accelerate launch, in the advanced settings
 LABELS = {"epochs": "Epochs", "lr": "Learning rate", "batch_size": "Batch size", "grad_accum": "Gradient accumulation",
           "max_length": "Max length (tokens)", "lora_r": "LoRA rank r", "device": "Device", "dtype": "Weights dtype",
           "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout", "targets": "LoRA targets (space-separated)",
           "lr_scheduler": "LR schedule", "warmup_ratio": "Warm-up share", "eval_share": "Held-out share",
           "eval_every": "Held-out loss every N steps", "patience": "Early-stopping patience (0 = off)",
           "checkpoint_every": "Checkpoint every N steps", "seed": "Seed", "mix_known": "Mix in k known questions",
-          "project": "Label Studio project (ka2l id, 0 = newest)"}
-CHOICES = {"device": DEVICES, "dtype": DTYPES, "lr_scheduler": LR_SCHEDULERS}
+          "project": "Label Studio project (ka2l id, 0 = newest)", "launcher": "Launcher", "num_processes": "Processes (GPUs)",
+          "accelerate_config": "accelerate config file (empty = DDP)"}
+CHOICES = {"device": DEVICES, "dtype": DTYPES, "lr_scheduler": LR_SCHEDULERS, "launcher": LAUNCHERS}
+TEXTS = ("targets", "accelerate_config")
 BOUNDS = {"epochs": (0.01, 100000.0, 0.5), "lr": (1e-7, 1.0, 1e-5), "batch_size": (1, 4096, 1), "grad_accum": (1, 4096, 1),
           "max_length": (8, 1 << 20, 64), "lora_r": (1, 1024, 1), "lora_alpha": (0.01, 4096.0, 1.0), "lora_dropout": (0.0, 0.99, 0.05),
           "warmup_ratio": (0.0, 0.99, 0.01), "eval_share": (0.01, 0.89, 0.05), "eval_every": (1, 100000, 1), "patience": (0, 1000, 1),
-          "checkpoint_every": (1, 100000, 1), "seed": (0, 2**31 - 1, 1), "mix_known": (0, 100000, 1), "project": (0, 10**9, 1)}
+          "checkpoint_every": (1, 100000, 1), "seed": (0, 2**31 - 1, 1), "mix_known": (0, 100000, 1), "project": (0, 10**9, 1),
+          "num_processes": (1, 1024, 1)}
 FORMATS = {"lr": "%.1e"}
 
 
@@ -60,7 +64,7 @@ def _widget_value(name: str, value: Any) -> Any:
 def _apply_preset() -> None:
     """Fill every training field from the chosen preset (fields it does not name get the config's defaults)."""
     values = {**to_dict(DEFAULTS), **FINETUNE_PRESETS[st.session_state[PRESET_KEY]]}
-    for name in MAIN + ADVANCED:
+    for name in MAIN + ADVANCED + SCALE:
         st.session_state[PREFIX + name] = _widget_value(name, values[name])
 
 
@@ -68,7 +72,7 @@ def _field(container, name: str) -> None:
     key, label, help_ = PREFIX + name, LABELS[name], HELP[name]
     if name in CHOICES:
         container.selectbox(label, CHOICES[name], key=key, help=help_)
-    elif name == "targets":
+    elif name in TEXTS:
         container.text_input(label, key=key, help=help_)
     else:
         lo, hi, step = BOUNDS[name]
@@ -106,7 +110,7 @@ def config_form(run_id: int) -> FinetuneConfig | None:
         data = None
     if PRESET_KEY not in st.session_state:
         st.session_state[PRESET_KEY] = next(iter(FINETUNE_PRESETS))
-    if any(PREFIX + n not in st.session_state for n in MAIN + ADVANCED):
+    if any(PREFIX + n not in st.session_state for n in MAIN + ADVANCED + SCALE):
         _apply_preset()
     st.selectbox("Preset", list(FINETUNE_PRESETS), key=PRESET_KEY, on_change=_apply_preset,
                  help="Fills the fields below: cpu-small runs in minutes on a laptop CPU with SmolLM2-135M; gpu-paper is the "
@@ -118,9 +122,15 @@ def config_form(run_id: int) -> FinetuneConfig | None:
         cols = st.columns(4)
         for i, name in enumerate(ADVANCED + (("project",) if data and data["source"] == "labelstudio" else ())):
             _field(cols[i % 4], name)
+        st.caption("Several GPUs: the job starts `accelerate launch` with one training process per GPU (DDP; an FSDP or "
+                   "DeepSpeed ZeRO-3 config file from configs/accelerate/ for models too large for one GPU).")
+        cols = st.columns([1, 1, 2])
+        for i, name in enumerate(SCALE):
+            _field(cols[i], name)
     if data is None:
         return None
-    values = {n: st.session_state[PREFIX + n] for n in MAIN + ADVANCED}
+    values = {n: st.session_state[PREFIX + n] for n in MAIN + ADVANCED + SCALE}
+    values["accelerate_config"] = str(values["accelerate_config"]).strip()
     values["targets"] = tuple(str(values["targets"]).split())
     if data["source"] == "labelstudio":
         data["project"] = int(st.session_state.get(PREFIX + "project", 0))
