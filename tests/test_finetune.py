@@ -183,3 +183,38 @@ def test_an_impossible_launch_is_refused_before_it_queues(tiny_llama_dir):
         finetune("caps", cfg(), available=10**6)
     with connect() as db:
         assert S.list_finetunes(db) == []  # nothing stored for a refused launch
+
+
+def test_a_stop_asked_for_after_the_last_step_keeps_the_finished_fine_tune_and_still_stops_the_caller(tiny_llama_dir, monkeypatch):
+    """SIGTERM while the last evaluation or the save runs used to be swallowed (only a step's end read it), so an
+    experiment went on to its next cell; now the finished fine-tune is stored and the caller is interrupted."""
+    import ka2l.finetune.lora as L
+
+    setup_pool(tiny_llama_dir)
+    real = L.make_trainer
+
+    def make_trainer(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        train = trainer.train
+
+        def train_then_term(*a, **kw):
+            out = train(*a, **kw)
+            os.kill(os.getpid(), signal.SIGTERM)  # after every step's check, before the final save
+            return out
+
+        trainer.train = train_then_term
+        return trainer
+
+    monkeypatch.setattr(L, "make_trainer", make_trainer)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the handler of a CLI run is restored, not the default kill
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(AssertionError("the fine-tune's own handler was not installed")))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finetune("caps", cfg(epochs=2.0, eval_every=100, checkpoint_every=100))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    with connect() as db:
+        row = S.get_finetune(db, 1)
+    assert row["status"] == "done" and row["adapter_dir"] and row["step"] == row["total_steps"]
+    monkeypatch.setattr(L, "make_trainer", lambda *a, **k: pytest.fail("a finished fine-tune trained again"))
+    assert finetune("caps", cfg(epochs=2.0, eval_every=100, checkpoint_every=100)) == 1

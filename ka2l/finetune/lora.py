@@ -498,8 +498,13 @@ def finetune(pool: str | int, cfg: FinetuneConfig, progress: Progress | None = N
         log.info("fine-tune %d (%s): %s", finetune_id, state, verdict.message)
         if cfg.launcher == "accelerate":
             launch.launch(finetune_id, cfg, progress)
+            late_stop = False
         else:
-            train(finetune_id, cfg, progress)
+            late_stop = train(finetune_id, cfg, progress)
+    if late_stop:
+        # SIGTERM / SIGINT came after the last step's check (final evaluation, saving): the fine-tune is finished and
+        # stored, and whoever runs it (an experiment's next cell, a job) must still stop rather than never hear of it
+        raise KeyboardInterrupt
     return finetune_id
 
 
@@ -519,11 +524,11 @@ def _process_devices(spec: ModelSpec, cfg: FinetuneConfig, local_rank: int) -> t
 
 
 def train(finetune_id: int, cfg: FinetuneConfig, progress: Progress | None = None, rank: int = 0, local_rank: int = 0,
-          stop_requested: Callable[[], bool] | None = None) -> None:
+          stop_requested: Callable[[], bool] | None = None) -> bool:
     """Train the stored fine-tune ``finetune_id`` (its pairs and split, stored by ``finetune``) from its newest
     checkpoint to its adapter, and mark it done. The job's own process runs it, or every worker under
     ``accelerate launch``: ``rank`` / ``local_rank`` name the process (only rank 0 writes rows and files),
-    ``stop_requested`` is polled at every step's end besides SIGTERM / SIGINT and ``progress``'s cancel."""
+    ``stop_requested`` is polled at every step's end besides SIGTERM / SIGINT and ``progress``'s cancel. Returns whether a stop was asked for after the last step's check."""
     progress = progress or NullProgress()
     main = rank == 0
     with connect() as db:
@@ -577,7 +582,7 @@ def train(finetune_id: int, cfg: FinetuneConfig, progress: Progress | None = Non
     else:
         save_adapter(trainer, tmp)
     if not main:
-        return
+        return False
     best_step = json.loads((tmp / SIDECAR).read_text())["step"] if (tmp / SIDECAR).is_file() else trainer.state.global_step
     sidecar = {"finetune_id": finetune_id, "pool_id": row["pool_id"], "run_id": row["run_id"], "dataset_hash": row["dataset_hash"],
                "data_source": cfg.source, "n_train": len(train), "n_eval": len(evals), "config": to_dict(cfg),
@@ -590,6 +595,7 @@ def train(finetune_id: int, cfg: FinetuneConfig, progress: Progress | None = Non
     shutil.rmtree(run.best_dir, ignore_errors=True)
     update(status="done", adapter_dir=str(run.adapter_dir), step=trainer.state.global_step, best_eval_loss=run.best,
            stopped_early=int(run.stopped_early), error=None)
+    return bool(run.stop["signal"])
 
 
 # -- using a tuned model --------------------------------------------------------------------------
