@@ -348,3 +348,18 @@ def test_the_report_answers_rq1_to_rq3_from_the_cells(store):
     assert f"Difference {rq1['delta']['value']:.2f}" in text and "x0.50" in text and "RQ3" in text
     assert R.build_report(eid, metric="correct")["rq1"]["delta"]["value"] == pytest.approx(100 * np.mean(
         (planted[("ka2l-unknown", 0.5)] > 50).astype(int) - (planted[("random", 1.0)] > 50).astype(int)))
+
+
+def test_a_cell_costs_its_fine_tunes_own_training_time_even_when_it_reused_it(store):
+    """A cell that found its fine-tune trained (same data and settings in an earlier experiment) spends seconds on
+    loading, not training: the cost side must still count the training, or reused cells look almost free."""
+    planted = {("random", 0.5): [40.0] * 6, ("ka2l-unknown", 0.5): [45.0] * 6}
+    eid = planted_experiment(planted, {0.5: 10}, {"random": 0.1, "ka2l-unknown": 0.1})  # 1 s of cell wall time each
+    with connect() as db:
+        cells = {c["strategy"]: c for c in SX.cells(db, eid)}
+        SF.add_seconds(db, cells["random"]["finetune_id"], 321.0)  # trained for 321 s (before this experiment reused it)
+    rep = R.build_report(eid)
+    rows = {r["strategy"]: r for r in rep["table"]}
+    costs = {c["strategy"]: c for c in rep["costs"]}
+    assert rows["random"]["finetune_seconds"] == pytest.approx(321.0) and costs["random"]["finetune_seconds"] == pytest.approx(321.0)
+    assert rows["ka2l-unknown"]["finetune_seconds"] == pytest.approx(1.0)  # no training time recorded: the cell's own seconds

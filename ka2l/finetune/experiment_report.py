@@ -21,6 +21,7 @@ from ..config import ExperimentConfig, from_dict
 from ..store import augment as SA
 from ..store import evaluation as E
 from ..store import experiment as SX
+from ..store import finetune as SF
 from ..store import queries as Q
 from ..store.db import connect
 from . import selection as SEL
@@ -88,11 +89,16 @@ def build_report(experiment_id: int, metric: str | None = None, n_boot: int | No
         cells = SX.cells(db, experiment_id)
         run = Q.get_run(db, exp["run_id"])
         answers = {c["finetune_id"]: E.answers(db, c["finetune_id"], "tuned") for c in cells if c["status"] == "done" and c["finetune_id"]}
+        trained = {fid: float(SF.get_finetune(db, fid)["seconds"] or 0.0) for fid in answers}
         gen_seconds = sum(g.get("seconds") or 0.0 for g in SA.list_generations(db, exp["pool_id"]))
     cfg = from_dict(ExperimentConfig, exp["config"])
     metric = metric or cfg.metric
     n_boot = cfg.bootstrap if n_boot is None else n_boot
-    done = [c for c in cells if c["status"] == "done" and c["finetune_id"] in answers]
+    # A cell's fine-tune cost is its fine-tune's own training time, summed over every resume: a cell that found the
+    # fine-tune already trained (by an earlier experiment with the same data and settings) or finished one that an
+    # interrupted run had started spent only part of it itself
+    done = [{**c, "finetune_seconds": trained[c["finetune_id"]] or c["finetune_seconds"]}
+            for c in cells if c["status"] == "done" and c["finetune_id"] in answers]
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for c in done:
         groups.setdefault((c["strategy"], float(c["budget"])), []).append(c)
