@@ -526,11 +526,11 @@ def _run(kind: str, cfg: dict[str, Any], progress: JobProgress) -> dict[str, Any
 
     config = from_dict(config_class(kind), cfg.get(kind, {}))
     if kind == "stage1":
-        from .probing.stage1 import run_stage1
+        from .scale import run_stage1  # the local run_stage1, or its model stages on Ray (config.executor)
 
         return {"run_id": run_stage1(cfg["pool"], config, progress=progress)}
     if kind == "triage":
-        from .probing.stage1 import run_triage
+        from .scale import run_triage
 
         return {"run_id": run_triage(cfg["pool"], config, progress=progress)}
     if kind == "decoder":

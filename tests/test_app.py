@@ -124,6 +124,36 @@ def test_probe_page_launches_a_job_that_finishes(app, memo_model):
     assert any(f"Job {job['id']}" in m.value for m in at.markdown)
 
 
+def test_probe_page_queues_stage1_and_triage_on_the_ray_executor(app_data, tmp_path, monkeypatch):
+    import sys
+
+    private_copy(app_data, tmp_path, monkeypatch)
+    monkeypatch.setattr(jobs, "_spawn", lambda job_id: None)  # the jobs stay queued: their stored config is what is checked
+    at = open_page("probe")
+    executors = [s for s in at.selectbox if s.label == "Executor"]
+    assert [s.value for s in executors] == ["local", "local"] and list(executors[0].options) == ["local", "ray"]
+    executors[0].set_value("ray")
+    next(t for t in at.text_input if t.label == "Ray cluster address").set_value("auto")
+    next(n for n in at.number_input if n.label == "Ray actors per stage").set_value(2)
+    next(b for b in at.button if b.label == "Launch Stage 1").click().run()
+    assert not at.exception and any("submitted" in s.value for s in at.success)
+    job = jobs.list_jobs()[0]
+    assert job["kind"] == "stage1" and job["status"] in ("queued", "starting")  # no worker was spawned
+    assert job["config"]["stage1"]["executor"] == {"kind": "ray", "address": "auto", "num_actors": 2}
+    [s for s in at.selectbox if s.label == "Executor"][1].set_value("ray")
+    next(b for b in at.button if b.label == "Launch triage").click().run()
+    job = jobs.list_jobs()[0]
+    assert job["kind"] == "triage" and job["config"]["triage"]["executor"]["kind"] == "ray"
+    # without Ray installed the page says how to get it and queues nothing
+    monkeypatch.setitem(sys.modules, "ray", None)
+    n = len(jobs.list_jobs())
+    at = open_page("probe")
+    [s for s in at.selectbox if s.label == "Executor"][0].set_value("ray")
+    next(t for t in at.text_input if t.label.startswith("Model")).set_value("another/model")
+    next(b for b in at.button if b.label == "Launch Stage 1").click().run()
+    assert any("pip install 'ka2l[ray]'" in e.value for e in at.error) and len(jobs.list_jobs()) == n
+
+
 def test_data_folder_setting_is_remembered_outside_the_data_folder(tmp_path, monkeypatch):
     from ka2l.errors import ConfigError
     from ka2l.paths import data_dir, set_data_dir

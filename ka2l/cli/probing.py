@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from ..config import BACKENDS, EMBEDDED_MODEL, JUDGE_KINDS, PROBE_KINDS, THRESHOLD_RULES, Stage1Config, TriageConfig, from_dict
+from ..config import BACKENDS, EMBEDDED_MODEL, EXECUTORS, JUDGE_KINDS, PROBE_KINDS, THRESHOLD_RULES, Stage1Config, TriageConfig, from_dict
 from ..errors import ConfigError
 from .parsing import add_command, add_run_flags, submit_job
 
@@ -55,11 +55,30 @@ def stage1_config(args: argparse.Namespace) -> Stage1Config:
     put("threshold", "rule", args.threshold_rule)
     put("probe", "kind", args.probe_kind)
     put("probe", "device", args.device)
+    for key, value in executor_flags(args).items():
+        put("executor", key, value)
     return from_dict(Stage1Config, base)
 
 
+def executor_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The ExecutorConfig fields the --executor / --ray-* flags set (unset flags are left out)."""
+    found = {"kind": args.executor, "address": args.ray_address, "num_cpus": args.ray_cpus, "num_actors": args.ray_actors}
+    ray_flags = [f"--ray-{k.split('_')[-1]}" for k in ("address", "num_cpus", "num_actors") if found[k] is not None]
+    if args.executor == "local" and ray_flags:
+        raise ConfigError(f"{', '.join(ray_flags)} only apply to --executor ray; drop them or pass --executor ray.")
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def add_executor_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=EXECUTORS, help="where the model stages run: local (this process, the default) or ray "
+                   "(Ray Data actor pools; pip install 'ka2l[ray]')")
+    p.add_argument("--ray-address", help="Ray cluster to connect to (e.g. auto, or ray://HEAD:10001); unset starts a local one")
+    p.add_argument("--ray-cpus", type=int, help="logical CPUs of the local Ray cluster (default max(4, cores))")
+    p.add_argument("--ray-actors", type=int, help="actors per model stage, one model load each (default 1)")
+
+
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from ..probing.stage1 import run_stage1
+    from ..scale import run_stage1
     from ..probing.storage import stage1_hidden_size
     from ..progress import TqdmProgress
     from ..probing.report import build_report, format_report
@@ -100,12 +119,14 @@ def _submit_background(pool: str, cfg: Stage1Config) -> int:
 
 
 def _cmd_triage(args: argparse.Namespace) -> int:
-    from ..probing.stage1 import run_triage
+    from ..config import ExecutorConfig
+    from ..scale import run_triage
     from ..progress import TqdmProgress
     from ..probing.report import build_report, format_report
     from ..store.db import connect
 
-    cfg = TriageConfig(probe_id=args.probe, batch_size=args.batch_size, device=args.device or "auto")
+    cfg = TriageConfig(probe_id=args.probe, batch_size=args.batch_size, device=args.device or "auto",
+                       executor=from_dict(ExecutorConfig, executor_flags(args)))
     run_id = run_triage(args.pool, cfg, progress=TqdmProgress(disable=args.quiet), resume=not args.no_resume)
     with connect() as db:
         print(format_report(build_report(db, run_id)))
@@ -149,6 +170,7 @@ def add_commands(sub) -> None:
     p.add_argument("--threshold-rule", choices=THRESHOLD_RULES, help="SE binarisation (default two-means)")
     p.add_argument("--probe-kind", choices=PROBE_KINDS, help="probe kind (default mlp)")
     p.add_argument("--no-resume", action="store_true", help="start a new run even if one with this pool and config exists (finished or not)")
+    add_executor_flags(p)
     add_run_flags(p)
     p.set_defaults(func=_cmd_probe)
 
@@ -158,6 +180,7 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="questions per forward pass")
     p.add_argument("--device", help="auto, cpu, cuda, mps")
     p.add_argument("--no-resume", action="store_true", help="start a new triage run even if this pool was triaged with this probe")
+    add_executor_flags(p)
     add_run_flags(p, background=False)
     p.set_defaults(func=_cmd_triage)
 

@@ -68,3 +68,13 @@ def actor_cpus(ray: Any, n_model_actors: int) -> float:
     total = float(ray.cluster_resources().get("CPU", 0.0))
     free = max(total - 2.0, 0.5)  # two CPUs kept for Ray Data's own tasks and its checkpoint filter
     return round(min(1.0, free / max(n_model_actors, 1)), 3)
+
+
+def check_executor(kind: str) -> None:
+    """Refuse the ray executor where Ray Data is not installed, before a job is queued (no import of Ray:
+    the app stays light)."""
+    import importlib.util
+
+    if kind == "ray" and (importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.data") is None):
+        raise ConfigError("The ray executor needs Ray Data, which is not installed here: pip install 'ka2l[ray]' "
+                          "(or choose the local executor).")

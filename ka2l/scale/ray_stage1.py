@@ -12,6 +12,7 @@ probe's layer; its probe scoring then runs locally on the stored states, as a lo
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -47,16 +48,17 @@ def _committed_ids(work: WorkDir) -> set[int]:
     return ids
 
 
-def _record(db, run_id: int, earlier: Ingested, got: Ingested, computed: int | None, ex: ExecutorConfig, stage1: bool) -> None:
+def _record(db, run_id: int, earlier: Ingested, got: Ingested, computed: int | None, ex: ExecutorConfig, stage1: bool,
+            seconds: float) -> None:
     """The run's summary: the questions the sampler left out (as a local run records them) and, per Ray
     execution, the questions an earlier (killed) execution had written, how many this one computed, and
-    how many rows were ingested."""
+    how many rows were ingested, and its wall time (cluster start, pipeline and ingest)."""
     summary = dict(Q.get_run(db, run_id)["summary"] or {})
     if stage1 and (earlier.left_out or got.left_out):
         summary["left_out"] = {**summary.get("left_out", {}), **earlier.left_out, **got.left_out}
     if computed is not None or earlier.hidden:
         summary["ray"] = [*summary.get("ray", []), {
-            "from_earlier": earlier.hidden, "computed": computed or 0,
+            "from_earlier": earlier.hidden, "computed": computed or 0, "seconds": round(seconds, 3),
             "ingested": {"hidden": earlier.hidden + got.hidden, "answers": earlier.answers + got.answers,
                          "scores": earlier.scores + got.scores},
             "address": ex.address or "local", "num_actors": ex.num_actors, "block_size": ex.block_size}]
@@ -66,6 +68,7 @@ def _record(db, run_id: int, earlier: Ingested, got: Ingested, computed: int | N
 def stage1_on_ray(db, run_id: int, questions: list[dict], cfg: Stage1Config, dtype: str, progress: Progress):
     """Hidden states, answers and scores of every question not stored yet, computed on Ray and ingested.
     Returns the run's hidden-state store when this call wrote to it (else None: the caller opens it)."""
+    t0 = time.perf_counter()
     work, ex, n = WorkDir(run_id), cfg.executor, len(questions)
     spec = model_spec(cfg.model, dtype)
     dims = model_dims(cfg.model)
@@ -97,7 +100,7 @@ def stage1_on_ray(db, run_id: int, questions: list[dict], cfg: Stage1Config, dty
 
             computed = execute(ray, work, build, progress, f"{ex.num_actors} actor(s) per stage")
     more = ingest(db, run_id, questions, work, open_store)
-    _record(db, run_id, got, more, computed, ex, stage1=True)
+    _record(db, run_id, got, more, computed, ex, stage1=True, seconds=time.perf_counter() - t0)
     complete = Q.hidden_done_ids(db, run_id) & Q.answered_ids(db, run_id) & Q.scored_ids(db, run_id)
     left_out = {int(k) for k in (Q.get_run(db, run_id)["summary"] or {}).get("left_out", {})}
     if all(q["id"] in complete or q["id"] in left_out for q in questions):
@@ -113,6 +116,7 @@ def triage_on_ray(db, run_id: int, questions: list[dict], source: Stage1Config, 
     from ..store.hidden import HiddenStates
     from ..probing.storage import run_hidden_path
 
+    t0 = time.perf_counter()
     work, ex, n = WorkDir(run_id), cfg.executor, len(questions)
     spec = replace(model_spec(source.model, dtype), device=cfg.device)
     _forget_lost_hidden_states(db, run_id)
@@ -142,7 +146,7 @@ def triage_on_ray(db, run_id: int, questions: list[dict], source: Stage1Config, 
 
             computed = execute(ray, work, build, progress, f"{ex.num_actors} actor(s)")
     more = ingest(db, run_id, questions, work, open_store, layer=layer)
-    _record(db, run_id, got, more, computed, ex, stage1=False)
+    _record(db, run_id, got, more, computed, ex, stage1=False, seconds=time.perf_counter() - t0)
     if len(Q.hidden_done_ids(db, run_id)) >= n:
         work.remove()
     return stores[-1] if stores else HiddenStates.open(run_hidden_path(Q.get_run(db, run_id)))

@@ -151,3 +151,10 @@ def read_corpus(filename: str, content: bytes) -> PoolData:
         corpus = read(path, name=f"corpus-{Path(filename).stem}")
     corpus.source = filename
     return corpus
+
+
+def check_executor(kind: str) -> None:
+    """Raise a ConfigError saying how to install Ray when the ray executor is chosen without it."""
+    from ..scale.cluster import check_executor as check
+
+    check(kind)
