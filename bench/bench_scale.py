@@ -65,7 +65,7 @@ def _child(args) -> None:
         out["probe_error"] = str(exc)
     out["run_s"] = time.perf_counter() - t0
     with connect() as db:
-        run_id = Q.list_runs(db)[0]["id"]
+        run_id = max(r["id"] for r in Q.list_runs(db))  # this process's run (the ray run is the second)
         run = Q.get_run(db, run_id)
         answers = Q.load_answers(db, run_id)
         scores = Q.load_scores(db, run_id)
