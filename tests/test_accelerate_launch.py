@@ -160,3 +160,18 @@ def test_shipped_accelerate_configs_parse_with_accelerates_loader():
     assert cmd[cmd.index("--num_processes") + 1] == "4" and cmd[cmd.index("--config_file") + 1].endswith("fsdp.yaml")
     plain = L.command(7, FinetuneConfig(device="cpu", **DDP), 1234)
     assert "--multi_gpu" in plain and "--config_file" not in plain and plain[plain.index("--main_process_port") + 1] == "1234"
+
+
+def test_the_finetune_command_takes_the_launcher_flags():
+    import argparse
+
+    from ka2l.cli import finetune as F
+
+    parser = argparse.ArgumentParser()
+    F.add_commands(parser.add_subparsers())
+    args = parser.parse_args(["finetune", "--pool", "caps", "--launcher", "accelerate", "--num-processes", "4",
+                              "--accelerate-config", "configs/accelerate/fsdp.yaml"])
+    c = F.config_from_args(args)
+    assert (c.launcher, c.num_processes, c.accelerate_config) == ("accelerate", 4, "configs/accelerate/fsdp.yaml")
+    with pytest.raises(ConfigError, match="set launcher to 'accelerate'"):
+        F.config_from_args(parser.parse_args(["finetune", "--pool", "caps", "--num-processes", "2"]))

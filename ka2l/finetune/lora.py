@@ -112,6 +112,8 @@ def _trainer_class():
         """SFTTrainer whose checkpoints are written under ``.partial`` and renamed into place when complete."""
 
         _ka2l_partial: str | None = None
+        _ka2l_before_commit: Any = None  # writes the loss rows up to this step before its checkpoint exists
+
 
         def _get_output_dir(self, trial):
             return self._ka2l_partial or super()._get_output_dir(trial)
@@ -132,6 +134,8 @@ def _trainer_class():
                 self._ka2l_partial = None
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
+                if self._ka2l_before_commit is not None:  # a kill after the rename must not lose the rows a resume skips
+                    self._ka2l_before_commit()
                 _replace_dir(partial / name, out / name)
                 shutil.rmtree(partial, ignore_errors=True)
                 for old in checkpoints(out)[:-KEEP_CHECKPOINTS]:
@@ -561,6 +565,7 @@ def train(finetune_id: int, cfg: FinetuneConfig, progress: Progress | None = Non
     recorder = _callback_class()(run)
     trainer = make_trainer(lm, train_rows, eval_rows, cfg, run.ckpt_dir, steps, [recorder], eval_on_start=ckpt is None, device=train_on)
     recorder.trainer = trainer
+    trainer._ka2l_before_commit = lambda: recorder.flush(trainer.state.global_step)
     world = trainer.args.world_size
     with _stop_requests(run.stop):
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
