@@ -4,6 +4,7 @@ from its checkpoint through the real job system, and a launch that cannot fit is
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import signal
 
@@ -171,6 +172,30 @@ def test_preflight_refuses_with_the_fix():
     assert not v.fits and "lower batch_size to 3 and raise grad_accum to 6" in v.message
     tiny = P.verdict(SHAPE, c, "float32", available=1000, device="cpu")
     assert not tiny.fits and "use a smaller model or a device with more memory" in tiny.message
+
+
+def test_preflight_counts_what_each_process_holds_under_the_launcher():
+    """FSDP / ZeRO-3 split the weights over the processes, so a model too big for one GPU fits four; DDP workers on
+    the CPU each hold a whole copy in the one RAM, so two need twice what one does."""
+    big = P.ModelShape(n_params=10**9, hidden=4, layers=2, heads=2, vocab=10, linears=(("l.q_proj", 4, 4),))
+    c = FinetuneConfig(lora_r=2, batch_size=1, grad_accum=1, max_length=8)
+    one = P.estimate(big, c, "bfloat16")
+    available = one.total // 2  # half of what one process needs
+    alone = P.verdict(big, c, "bfloat16", available, "cuda")
+    assert not alone.fits and "shard them over several GPUs" in alone.message
+    fsdp = replace(c, launcher="accelerate", num_processes=4)
+    layout = P.layout_of(fsdp, "cuda", "FSDP")
+    sharded = P.verdict(big, fsdp, "bfloat16", available, "cuda", layout)
+    assert sharded.fits and "sharded over 4 processes" in sharded.message
+    assert sharded.estimate.weights == 10**9 * 2 // 4 and sharded.estimate.activations == one.activations
+    assert P.verdict(big, fsdp, "bfloat16", available, "cuda", P.layout_of(fsdp, "cuda", "MULTI_GPU")).fits is False  # DDP: a whole copy per GPU
+    ddp_cpu = replace(c, launcher="accelerate", num_processes=2)
+    assert P.layout_of(ddp_cpu, "cpu") == P.Layout(2, shards=1, copies=2)
+    room = P.estimate(SHAPE, c, "float32").total
+    assert P.verdict(SHAPE, c, "float32", room, "cpu").fits
+    shared = P.verdict(SHAPE, ddp_cpu, "float32", room, "cpu", P.layout_of(ddp_cpu, "cpu"))
+    assert not shared.fits and "x 2 processes sharing cpu" in shared.message and "use fewer processes than 2" in shared.message
+    assert P.verdict(SHAPE, ddp_cpu, "float32", 2 * room, "cpu", P.layout_of(ddp_cpu, "cpu")).fits
 
 
 def test_an_impossible_launch_is_refused_before_it_queues(tiny_llama_dir):

@@ -9,6 +9,10 @@
                  logits, float32, twice (values and their gradient): batch x length x vocab x 8 bytes
     overhead     a fixed allowance for the framework and allocator (0.5 GiB), and 10% on top of the sum
 
+Under the accelerate launcher the estimate is per process: an FSDP or ZeRO-3 config splits the weights, LoRA
+and optimizer state over its processes (each keeps its own activations), and DDP workers on the CPU each hold
+a whole copy in the one machine's RAM (on CUDA each has its own GPU).
+
 A config whose estimate exceeds the device's available memory (free RAM: psutil; a GPU: torch.cuda.mem_get_info)
 is refused, and the message says what to change: the largest batch that fits (with grad-accum raised to keep
 the effective batch), else the longest sequence at batch 1, else a smaller dtype, model or a bigger device.
@@ -110,11 +114,53 @@ def activation_bytes(shape: ModelShape, batch: int, length: int, value_bytes: in
     return int(shape.layers * per_layer + logits)
 
 
-def estimate(shape: ModelShape, cfg: FinetuneConfig, dtype: str, batch: int | None = None, length: int | None = None) -> Estimate:
-    """The memory a fine-tune with ``cfg`` (batch and length overridable) needs, base weights in ``dtype``."""
+@dataclass(frozen=True)
+class Layout:
+    """How a launch spreads a fine-tune over its processes: ``shards`` of them split the weights, LoRA and
+    optimizer state (FSDP / ZeRO-3); ``copies`` of them share the memory measured (DDP workers in one RAM)."""
+
+    processes: int = 1
+    shards: int = 1
+    copies: int = 1
+
+    def describe(self, device: str) -> str:
+        if self.shards > 1:
+            return f" per process (weights, LoRA and optimizer state sharded over {self.shards} processes)"
+        if self.copies > 1:
+            return f" per process, x {self.copies} processes sharing {device}"
+        return ""
+
+
+def layout_of(cfg: FinetuneConfig, device: str, kind: str | None = None) -> Layout:
+    """The layout ``cfg``'s launcher gives on ``device``; ``kind`` is the accelerate config's distributed type
+    (read from ``cfg.accelerate_config`` when not given).
+
+    >>> from ka2l.config import FinetuneConfig as F
+    >>> layout_of(F(), "cuda"), layout_of(F(launcher="accelerate", num_processes=2), "cpu")
+    (Layout(processes=1, shards=1, copies=1), Layout(processes=2, shards=1, copies=2))
+    >>> layout_of(F(launcher="accelerate", num_processes=4), "cuda", "FSDP")
+    Layout(processes=4, shards=4, copies=1)
+    """
+    n = cfg.num_processes if cfg.launcher == "accelerate" else 1
+    if n == 1:
+        return Layout()
+    if kind is None:
+        from .launch import config_kind
+
+        kind = config_kind(cfg.accelerate_config) if cfg.accelerate_config else "MULTI_GPU"
+    if kind in ("FSDP", "DEEPSPEED") and device.startswith("cuda"):
+        return Layout(n, shards=n)
+    return Layout(n, copies=1 if device.startswith("cuda") else n)
+
+
+def estimate(shape: ModelShape, cfg: FinetuneConfig, dtype: str, batch: int | None = None, length: int | None = None,
+             shards: int = 1) -> Estimate:
+    """The memory one process of a fine-tune with ``cfg`` (batch and length overridable) needs, base weights in
+    ``dtype``, the weights, LoRA and optimizer state split over ``shards`` processes."""
     value_bytes = DTYPE_BYTES[dtype]
     n_lora = lora_params(shape, cfg.targets, cfg.lora_r)
-    return Estimate(weights=shape.n_params * value_bytes, lora=n_lora * 4, optimizer=n_lora * 12,
+    return Estimate(weights=math.ceil(shape.n_params * value_bytes / shards), lora=math.ceil(n_lora * 4 / shards),
+                    optimizer=math.ceil(n_lora * 12 / shards),
                     activations=activation_bytes(shape, batch or cfg.batch_size, length or cfg.max_length, value_bytes),
                     overhead=int(OVERHEAD))
 
@@ -128,27 +174,36 @@ class Verdict:
     message: str
 
 
-def verdict(shape: ModelShape, cfg: FinetuneConfig, dtype: str, available: int, device: str) -> Verdict:
-    """Whether ``cfg`` fits in ``available`` bytes on ``device``, and if not, what to change."""
-    est = estimate(shape, cfg, dtype)
-    head = f"Estimated memory for this fine-tune: {est.describe()}; {device} has {gib(available)} available."
-    if est.total <= available:
+def verdict(shape: ModelShape, cfg: FinetuneConfig, dtype: str, available: int, device: str, layout: Layout = Layout()) -> Verdict:
+    """Whether ``cfg`` fits in ``available`` bytes on ``device`` (each process's device under ``layout``), and if
+    not, what to change."""
+    def need(**kw: int) -> int:
+        return estimate(shape, cfg, dtype, shards=layout.shards, **kw).total * layout.copies
+
+    est = estimate(shape, cfg, dtype, shards=layout.shards)
+    head = f"Estimated memory for this fine-tune: {est.describe()}{layout.describe(device)}; {device} has {gib(available)} available."
+    if need() <= available:
         return Verdict(True, est, available, device, head + " It fits.")
     fixes = []
-    batch = max((b for b in range(cfg.batch_size - 1, 0, -1) if estimate(shape, cfg, dtype, batch=b).total <= available), default=0)
+    batch = max((b for b in range(cfg.batch_size - 1, 0, -1) if need(batch=b) <= available), default=0)
     if batch:
         accum = math.ceil(cfg.batch_size * cfg.grad_accum / batch)
         fixes.append(f"lower batch_size to {batch} and raise grad_accum to {accum} (the same effective batch of {batch * accum})")
     else:
         length = cfg.max_length
-        while length > 8 and estimate(shape, cfg, dtype, batch=1, length=length).total > available:
+        while length > 8 and need(batch=1, length=length) > available:
             length //= 2
-        if estimate(shape, cfg, dtype, batch=1, length=length).total <= available:
+        if need(batch=1, length=length) <= available:
             fixes.append(f"set batch_size to 1 (grad_accum {cfg.batch_size * cfg.grad_accum}) and max_length to {length} or less")
     if dtype == "float32" and device.startswith("cuda"):
         fixes.append("load the weights in bfloat16 (dtype bfloat16)")
+    if layout.copies > 1:
+        fixes.append(f"use fewer processes than {layout.copies} (each holds a whole copy in the same memory)")
     if not fixes:
-        fixes.append(f"the weights alone need {gib(est.weights)}: use a smaller model or a device with more memory")
+        more = "; or shard them over more processes" if layout.shards > 1 else ("; or shard them over several GPUs (an FSDP or ZeRO-3 "
+                                                                                "accelerate_config)" if device.startswith("cuda") else "")
+        fixes.append(f"the weights alone need {gib(est.weights)}{' per process' if layout.shards > 1 else ''}: use a smaller model "
+                     f"or a device with more memory{more}")
     else:
         fixes.append("or use a device with more memory")
     return Verdict(False, est, available, device, head + " It does not fit: " + "; ".join(fixes) + ".")
@@ -178,7 +233,8 @@ def check(source: str, cfg: FinetuneConfig, revision: str | None = None, availab
 
     device = resolve_device(cfg.device)
     dtype = dtype_name(resolve_dtype(cfg.dtype, device))
-    return verdict(model_shape(source, revision), cfg, dtype, available_bytes(device) if available is None else available, device)
+    return verdict(model_shape(source, revision), cfg, dtype, available_bytes(device) if available is None else available, device,
+                   layout_of(cfg, device))
 
 
 def require(source: str, cfg: FinetuneConfig, revision: str | None = None, available: int | None = None) -> Verdict:

@@ -92,7 +92,8 @@ def preflight(cfg: FinetuneConfig, available: int | None = None) -> dict[str, An
     source, _ = resolve_source(spec)
     device = resolve_device(cfg.device)
     dtype = dtype_name(resolve_dtype(cfg.dtype, device))
-    v = P.verdict(_shape(source, spec.revision), cfg, dtype, P.available_bytes(device) if available is None else available, device)
+    v = P.verdict(_shape(source, spec.revision), cfg, dtype, P.available_bytes(device) if available is None else available, device,
+                  P.layout_of(cfg, device))
     return {"fits": v.fits, "message": v.message, "estimate_bytes": v.estimate.total, "available_bytes": v.available,
             "device": v.device, "model": spec.name_or_path}
 
