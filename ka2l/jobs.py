@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Cancelled, ConfigError, Ka2lError, NotFound
+from .launcher import signal_group as _signal
 from .paths import PROJECT_ROOT, data_dir
 from .progress import PhaseSpec, PhaseTracker
 from .store.db import connect, now
@@ -300,13 +301,6 @@ def cancel(job_id: int, wait: bool = False) -> None:
                 _signal(job["pid"], signal.SIGKILL)
                 time.sleep(0.5)
     refresh()
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def resume(job_id: int) -> int:

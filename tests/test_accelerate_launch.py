@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ka2l import jobs
+from ka2l import jobs, launcher
 from ka2l.config import FinetuneConfig, ModelSpec, to_dict
 from ka2l.errors import ConfigError
 from ka2l.finetune import launch as L
@@ -113,7 +113,7 @@ def _has_training(job: int) -> bool:
 
 def test_a_failing_launch_shows_the_workers_log(tiny_llama_dir, monkeypatch):
     setup_pool(tiny_llama_dir)
-    monkeypatch.setattr(L, "command", lambda fid, c, port: [sys.executable, "-c", "import sys; print('worker exploded: no GPU 7'); sys.exit(3)"])
+    monkeypatch.setattr(launcher, "command", lambda module, ident, n, config, port: [sys.executable, "-c", "import sys; print('worker exploded: no GPU 7'); sys.exit(3)"])
     with pytest.raises(L.LaunchError, match=r"(?s)exit code 3.*worker exploded: no GPU 7.*resume the job"):
         finetune("caps", cfg(**DDP))
     with connect() as db:
@@ -155,10 +155,10 @@ def test_shipped_accelerate_configs_parse_with_accelerates_loader():
     assert L.config_kind(str(CONFIGS / "deepspeed-zero3.yaml")) == "DEEPSPEED" and ds.deepspeed_config["zero_stage"] == 3
     for p in CONFIGS.glob("*.yaml"):
         assert p.read_text().lstrip().startswith("#"), f"{p.name} says when to use it"
-    cmd = L.command(7, FinetuneConfig(device="cuda", launcher="accelerate", num_processes=4, accelerate_config=str(CONFIGS / "fsdp.yaml")), 1234)
+    cmd = launcher.command("ka2l.finetune.launch", 7, 4, str(CONFIGS / "fsdp.yaml"), 1234)
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[-3:] == ["-m", "ka2l.finetune.launch", "7"]
     assert cmd[cmd.index("--num_processes") + 1] == "4" and cmd[cmd.index("--config_file") + 1].endswith("fsdp.yaml")
-    plain = L.command(7, FinetuneConfig(device="cpu", **DDP), 1234)
+    plain = launcher.command("ka2l.finetune.launch", 7, 2, "", 1234)
     assert "--multi_gpu" in plain and "--config_file" not in plain and plain[plain.index("--main_process_port") + 1] == "1234"
 
 

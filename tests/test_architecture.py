@@ -3,7 +3,7 @@ import-time side effects, config help, and what pages may touch (ARCHITECTURE.md
 
 The whiteboard (one line per layer; a layer may import itself and the layers above it):
 
-    base      config errors device paths progress jobs metrics settings   store (jobs and settings keep their rows there)
+    base      config errors device paths progress jobs launcher metrics settings   store (jobs and settings keep their rows there)
     models    llm, embedded                                                 base
     pools     reader, sources, quizfiles                                    base
     store     db, migrations, queries, arrays, curation, per-stage tables   base (errors, paths), never jobs or settings
@@ -30,7 +30,7 @@ from ka2l.config import ALL_CONFIGS, field_help
 from ka2l.paths import PROJECT_ROOT
 
 PKG = PROJECT_ROOT / "ka2l"
-BASE = {"__init__", "__main__", "config", "errors", "device", "paths", "progress", "jobs", "metrics", "settings"}
+BASE = {"__init__", "__main__", "config", "errors", "device", "paths", "progress", "jobs", "launcher", "metrics", "settings"}
 FOUNDATION = ["models", "pools", "store"]
 STAGES = ["probing", "augment", "annotate", "finetune", "scale"]  # in the method's order: a stage may use earlier ones
 TOP = ["views", "cli", "ui"]

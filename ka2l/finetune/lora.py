@@ -33,17 +33,15 @@ import logging
 import math
 import os
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..config import FinetuneConfig, ModelSpec, PromptConfig, Stage1Config, config_hash, from_dict, to_dict
 from ..errors import Cancelled, ConfigError, ModelLoadError
+from ..launcher import stop_requests
 from ..models.llm import LoadedLM, build_prompt, load_model, resolve_source
 from ..paths import data_dir
 from ..progress import NullProgress, Progress, marks_status
@@ -336,29 +334,6 @@ def _callback_class():
     return Recorder
 
 
-@contextmanager
-def _stop_requests(stop: dict[str, Any]) -> Iterator[None]:
-    """While training, SIGTERM / SIGINT only ask to stop at the next step's end (a second one interrupts at once)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signals = (signal.SIGTERM, signal.SIGINT)
-    old = {s: signal.getsignal(s) for s in signals}
-
-    def handler(signum, frame):
-        if stop["signal"]:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-
-    for s in signals:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 class _Run:
     """One fine-tune's state while it trains: its row, folder, early stopping and the best adapter. Every
     training process keeps the early-stopping state (so all stop together); only rank 0 (``main``) writes."""
@@ -567,7 +542,7 @@ def train(finetune_id: int, cfg: FinetuneConfig, progress: Progress | None = Non
     recorder.trainer = trainer
     trainer._ka2l_before_commit = lambda: recorder.flush(trainer.state.global_step)
     world = trainer.args.world_size
-    with _stop_requests(run.stop):
+    with stop_requests(run.stop):
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         if recorder.stopped:
             raise Cancelled(f"fine-tune {finetune_id} stopped at step {trainer.state.global_step}; its checkpoint resumes it")
