@@ -97,6 +97,17 @@ def test_a_file_split_column_fixes_the_split_and_item_keys_key_the_rows(store, t
         D.build("caps", FinetuneConfig(source="file", file=str(path), device="cpu"))
 
 
+def test_cells_that_select_the_same_items_in_another_order_share_one_data_file(tmp_path, monkeypatch):
+    """Every strategy at 100 % selects the whole pool, each in its own ranking; they must train one fine-tune, not seven."""
+    monkeypatch.setenv("KA2L_DATA_DIR", str(tmp_path))
+    rows = [{"item_key": f"question:{i}", "question": f"Q{i}?", "answer": f"A{i}", "split": "train"} for i in (3, 1, 2)]
+    test = [{"item_key": "question:9", "question": "Q9?", "answer": "A9", "split": "eval"}]
+    one, other = X._cell_file(1, rows + test), X._cell_file(1, test + rows[::-1])
+    assert one == other and len(list(one.parent.glob("data-*.jsonl"))) == 1
+    assert [json.loads(line)["item_key"] for line in one.read_text().splitlines()] == ["question:9", "question:1", "question:2", "question:3"]
+    assert X._cell_file(1, rows[:2] + test) != one  # another selection is another file
+
+
 def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel_and_a_failure(store, capsys, monkeypatch):
     c = cfg()
     with pytest.raises(Cancelled):

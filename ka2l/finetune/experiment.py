@@ -218,8 +218,10 @@ def _start(pool_id: int, run_id: int, cfg: ExperimentConfig, test_keys: set[str]
 
 
 def _cell_file(experiment_id: int, rows: list[dict[str, str]]) -> Path:
-    """The cell's pairs as JSONL, named by their content: cells that select the same items share a file
-    (and so, with the same seed, one fine-tune)."""
+    """The cell's pairs as JSONL, in (split, item key) order and named by their content: cells that select the
+    same items, in whatever order their strategy ranked them (every strategy at 100 %), share a file and so, with
+    the same seed, one fine-tune. The order a strategy ranks in buys nothing in training: the trainer shuffles."""
+    rows = sorted(rows, key=lambda r: (r["split"], r["item_key"]))
     body = "\n".join(json.dumps(r, ensure_ascii=False, sort_keys=True) for r in rows) + "\n"
     folder = experiments_dir() / f"experiment-{experiment_id}"
     folder.mkdir(parents=True, exist_ok=True)
