@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from ka2l import jobs
-from ka2l.config import EMBEDDED_MODEL, GENERATE_SOURCES, POOLINGS, T5_SCRATCH
+from ka2l.config import EMBEDDED_MODEL, GENERATE_SOURCES, LAUNCHERS, POOLINGS, T5_SCRATCH, DecoderConfig, field_help
 from ka2l.errors import Ka2lError
 from ka2l.ui import actions, data
 from ka2l.ui.jobs_panel import job_panel
@@ -96,10 +96,17 @@ if section == "decoder":
             batch = c[3].number_input("Batch size", 1, 256, 8)
             extra = st.multiselect("Extra training questions (stored pools)", others)
             full = st.checkbox("Train the backbone end to end (paper); off trains the projection only", value=True)
+            helps = field_help(DecoderConfig)
+            with st.expander("Several GPUs (accelerate launch)"):
+                c = st.columns(3)
+                launcher = c[0].selectbox("Launcher", LAUNCHERS, help=helps["launcher"])
+                processes = c[1].number_input("Processes (GPUs)", 1, 1024, 1, help=helps["num_processes"])
+                accelerate_config = c[2].text_input("accelerate config file (empty = DDP)", help=helps["accelerate_config"])
             if st.form_submit_button("Train decoder", type="primary"):
                 _submit("decoder", {"probe_id": int(probe_id), "backbone": backbone.strip(), "pooling": pooling, "epochs": int(epochs),
                                     "max_minutes": float(minutes), "lr": float(lr), "batch_size": int(batch), "extra_pools": extra,
-                                    "train_backbone": full, "device": s["device"]})
+                                    "train_backbone": full, "device": s["device"], "launcher": launcher, "num_processes": int(processes),
+                                    "accelerate_config": accelerate_config.strip()})
     job_panel(kinds=("decoder",), key="decoder")
     if any(j["kind"] == "decoder" and j["status"] in jobs.PENDING for j in jobs.list_jobs(limit=20)):
         st.fragment(_watch_decoders, run_every=LIVE_SECONDS)(_decoder_states(decoders))

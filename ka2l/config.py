@@ -228,6 +228,7 @@ class TriageConfig:
 
 
 POOLINGS = ("mean", "last")
+LAUNCHERS = ("none", "accelerate")  # where training runs: the job's own process, or `accelerate launch` workers
 T5_SCRATCH = "t5-scratch"
 
 
@@ -253,9 +254,20 @@ class DecoderConfig:
     checkpoint_minutes: float = _f(5.0, "Save a resumable checkpoint at least this often (and when cancelled).")
     seed: int = _f(0, "Seed for the split, initialisation and data order.")
     device: str = _f("auto", "Device for the probed model and the decoder.")
+    launcher: str = _f("none", "none (train in the job's own process) or accelerate (the training steps run in num_processes "
+                               "data-parallel workers started by `accelerate launch`; vectors and reports stay in the job's process).")
+    num_processes: int = _f(1, "Training processes under the accelerate launcher (one per GPU; on CPU, DDP over gloo). Each takes "
+                               "its share of every batch of batch_size questions, so the steps match one process's.")
+    accelerate_config: str = _f("", "Optional accelerate config file for the launcher: a DDP (MULTI_GPU) one, e.g. to pin GPUs; the "
+                                    "decoder is not sharded (FSDP / ZeRO-3 are for fine-tunes). Empty = plain DDP.")
 
     def __post_init__(self) -> None:
         _one_of("DecoderConfig.pooling", self.pooling, POOLINGS)
+        _one_of("DecoderConfig.launcher", self.launcher, LAUNCHERS)
+        _positive("DecoderConfig.num_processes", self.num_processes)
+        if self.num_processes > 1 and self.launcher == "none":
+            raise ConfigError(f"DecoderConfig.num_processes is {self.num_processes} but launcher is 'none': set launcher to 'accelerate' "
+                              f"to train with several processes, or num_processes to 1.")
         if not self.backbone.strip():
             raise ConfigError(f"DecoderConfig.backbone is empty. Give a hub id, a folder, {EMBEDDED_MODEL!r} or {T5_SCRATCH!r}.")
         _positive("DecoderConfig.n_pseudo", self.n_pseudo)
@@ -429,7 +441,6 @@ ALL_CONFIGS = (ModelSpec, PromptConfig, ExecutorConfig, SamplingConfig, JudgeCon
 FINETUNE_SOURCES = ("labelstudio", "gold", "file")
 GOLD_SETS = ("unknown", "all")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
-LAUNCHERS = ("none", "accelerate")
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,10 @@ def _validate(kind: str, config: dict[str, Any]) -> None:
         check_experiment(config["pool"], cfg)
     if kind in ("evaluate", "reprobe"):  # the fine-tune must exist, and be finished for what needs its adapter
         _validate_finetune_job(kind, cfg)
+    if kind == "decoder" and cfg.launcher == "accelerate":  # launcher settings that cannot run here are refused before queueing
+        from .augment.launch import check as check_decoder_launch
+
+        check_decoder_launch(cfg)
     if kind in ("decoder", "generate"):  # what they build on must exist now, not only when the worker starts
         from .store import queries as Q
         from .store import augment as S

@@ -190,6 +190,23 @@ def test_augment_page_shows_the_decoder_and_its_evidence(app):
     assert len(at.get("vega_lite_chart")) == 1, "the loss curve"
 
 
+def test_augment_decoder_form_passes_the_launcher_settings_to_the_job(app):
+    """The form's accelerate settings reach the job's config and its check: a sharded config is refused on the page,
+    with the fix, and nothing is queued."""
+    from ka2l import jobs
+    from ka2l.paths import PROJECT_ROOT
+
+    at = app("augment")
+    before = len(jobs.list_jobs())
+    next(s for s in at.selectbox if s.label == "Launcher").set_value("accelerate")
+    next(n for n in at.number_input if n.label == "Processes (GPUs)").set_value(2)
+    next(t for t in at.text_input if t.label.startswith("accelerate config file")).set_value(str(PROJECT_ROOT / "configs/accelerate/fsdp.yaml"))
+    next(b for b in at.button if b.label == "Train decoder").click().run()
+    assert not at.exception, at.exception
+    assert any("a decoder trains with DDP only" in e.value for e in at.error), [e.value for e in at.error]
+    assert len(jobs.list_jobs()) == before
+
+
 def test_augment_page_generates_a_new_batch_as_a_job(app):
     at = _section(app("augment"), "generate")
     batches = next(t.value for t in at.dataframe)

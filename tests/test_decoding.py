@@ -637,3 +637,98 @@ def test_stage2_jobs_are_refused_at_once_when_what_they_need_is_missing(store):
     with pytest.raises(NotFound, match="No decoder 42"):
         jobs.submit("generate", {"generate": {"decoder_id": 42}})
     assert len(jobs.list_jobs()) == before, "nothing was queued"
+
+
+# -- decoder training under accelerate launch ---------------------------------------------------------
+
+DDP = dict(launcher="accelerate", num_processes=2)
+
+
+def _rank_lines(decoder_id: int, folder) -> dict[int, tuple[int, int, str]]:
+    """rank -> (steps, questions trained on, weights checksum) each worker logged when training ended."""
+    import re
+
+    text = (folder / "decoders" / f"decoder-{decoder_id}" / "launch" / "launch.log").read_text()
+    found = re.findall(r"rank (\d+) of 2: (\d+) steps, (\d+) questions, weights ([0-9a-f]+)", text)
+    return {int(r): (int(s), int(q), w) for r, s, q, w in found}
+
+
+def test_two_cpu_processes_train_the_decoder_like_one(scratch):
+    """Each worker takes half of every batch and DDP averages the gradients, so two processes take the steps one
+    process takes: the same loss curve (each half weighted by its tokens), equal weights in
+    both workers, and every training question seen once per epoch across them. A worker training alone (no
+    sync) ends with other weights; one taking the whole batch sees every question twice."""
+    one = DecoderConfig(probe_id=scratch["probe"]["id"], backbone=scratch["cfg"].backbone, epochs=2, batch_size=8, lr=3e-3,
+                        eval_size=4, seed=7, device="cpu")
+    first = train_decoder(one)
+    progress = StopAt(None)
+    second = train_decoder(dataclasses.replace(one, **DDP), progress=progress, resume=False)
+    assert second != first
+    with connect() as db:
+        d1, d2 = S.get_decoder(db, first), S.get_decoder(db, second)
+        loss1, loss2 = S.losses(db, first), S.losses(db, second)
+    assert d2["status"] == "done" and d2["total_steps"] == d1["total_steps"] == 2 * 9 and d2["metrics"]["n_train"] == 72
+    assert [r["step"] for r in loss2] == [r["step"] for r in loss1] == list(range(1, 19)), "one row per step: rank 0 alone writes"
+    assert loss1[-1]["loss"] < 0.7 * loss1[0]["loss"], loss1
+    assert [r["loss"] for r in loss2] == pytest.approx([r["loss"] for r in loss1], rel=1e-2)
+    ranks = _rank_lines(second, scratch["folder"])
+    assert sorted(ranks) == [0, 1] and ranks[0][0] == ranks[1][0] == 18
+    assert ranks[0][1] + ranks[1][1] == 2 * 72 and ranks[0][1] == ranks[1][1], ranks
+    assert ranks[0][2] == ranks[1][2], "DDP kept both workers' weights equal"
+    assert any(name == "training" for name, *_ in progress.stages), "the workers' progress reached the job"
+    folder = scratch["folder"] / "decoders" / f"decoder-{second}"
+    assert not (folder / "checkpoint").exists() and (folder / "model").is_dir()
+    trained, meta = load_decoder(d2["path"])
+    assert meta["metrics"]["steps"] == 18 and meta["config"]["num_processes"] == 2
+    assert d2["metrics"]["after"]["train"]["bleu"] > d2["metrics"]["before"]["train"]["bleu"], "the final report decodes what the workers trained"
+
+
+def test_a_cancelled_launch_stops_both_workers_at_one_checkpoint_and_resumes_from_it(scratch):
+    cfg = DecoderConfig(probe_id=scratch["probe"]["id"], backbone=scratch["cfg"].backbone, epochs=6, batch_size=8, lr=3e-3,
+                        eval_size=4, seed=8, device="cpu", **DDP)
+    with pytest.raises(Cancelled):
+        train_decoder(cfg, progress=StopAt(3))  # the job's cancel, seen when the workers' progress is relayed
+    with connect() as db:
+        d = S.find_decoder(db, decoder_key(cfg))
+        steps = [r["step"] for r in S.losses(db, d["id"])]
+    folder = scratch["folder"] / "decoders" / f"decoder-{d['id']}"
+    state = json.loads((folder / "checkpoint" / "state.json").read_text())
+    assert d["status"] == "interrupted" and 3 <= d["step"] < 54, d["step"]
+    assert state["step"] == d["step"] and steps == list(range(1, d["step"] + 1)), "the checkpoint and the rows stop at one step"
+    ranks = _rank_lines(d["id"], scratch["folder"])
+    assert ranks[0][0] == ranks[1][0] == d["step"], "both workers stopped at the same step"
+    again = StopAt(None)
+    assert train_decoder(dataclasses.replace(cfg, launcher="none", num_processes=1), progress=again) == d["id"], "the same decoder, in one process"
+    assert ("training", 54, d["step"]) in again.stages
+    with connect() as db:
+        assert S.get_decoder(db, d["id"])["status"] == "done"
+        assert [r["step"] for r in S.losses(db, d["id"])] == list(range(1, 55)), "no step twice, none missing"
+
+
+def test_decoder_launcher_settings_are_refused_before_anything_is_stored(scratch, capsys):
+    from ka2l import jobs
+    from ka2l.augment import launch as AL
+    from ka2l.cli.main import main
+    from ka2l.paths import PROJECT_ROOT
+
+    fsdp = str(PROJECT_ROOT / "configs" / "accelerate" / "fsdp.yaml")
+    with pytest.raises(ConfigError, match="launcher is 'none': set launcher to 'accelerate'"):
+        DecoderConfig(num_processes=2)
+    with pytest.raises(ConfigError, match="FSDP config, but a decoder trains with DDP only"):
+        AL.check(DecoderConfig(device="cuda", accelerate_config=fsdp, **DDP), gpus=2)
+    with pytest.raises(ConfigError, match="needs 4 CUDA GPUs.*but 2 are visible"):
+        AL.check(DecoderConfig(device="cuda", launcher="accelerate", num_processes=4), gpus=2)
+    AL.check(DecoderConfig(device="cpu", **DDP))
+    before = len(jobs.list_jobs())
+    with pytest.raises(ConfigError, match="DDP only"):
+        jobs.submit("decoder", {"decoder": {"probe_id": scratch["probe"]["id"], "accelerate_config": fsdp, "device": "cpu", **DDP}})
+    with pytest.raises(ConfigError, match="DDP only"):
+        train_decoder(DecoderConfig(probe_id=scratch["probe"]["id"], accelerate_config=fsdp, device="cpu", **DDP))
+    with connect() as db:
+        assert S.find_decoder(db, decoder_key(DecoderConfig(probe_id=scratch["probe"]["id"], device="cpu"))) is None
+    assert len(jobs.list_jobs()) == before
+    capsys.readouterr()
+    code = main(["decoder-train", "--probe", str(scratch["probe"]["id"]), "--device", "cpu", "--launcher", "accelerate",
+                 "--num-processes", "2", "--accelerate-config", fsdp])  # the command's flags reach the config and its check
+    assert code == 2 and "a decoder trains with DDP only" in capsys.readouterr().err
+    assert decoder_key(DecoderConfig(probe_id=1, **DDP)) == decoder_key(DecoderConfig(probe_id=1)), "more processes resume the same decoder"

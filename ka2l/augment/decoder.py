@@ -96,6 +96,10 @@ class HiddenStateDecoder(nn.Module):
             mask[row, : len(seq)] = 1
         return batch.to(self.device), mask.to(self.device)
 
+    def target_tokens(self, texts: Sequence[str], max_length: int = 48) -> int:
+        """How many tokens ``loss`` averages over for ``texts``: each text's, cut to ``max_length``, with its eos."""
+        return sum(min(len(self.tokenizer(t, add_special_tokens=False)["input_ids"]), max_length - 1) + 1 for t in texts)
+
     def loss(self, vectors: torch.Tensor, texts: Sequence[str], max_length: int = 48) -> torch.Tensor:
         """Mean token cross-entropy of reconstructing ``texts`` from ``vectors`` (b, d)."""
         prefix = self.pseudo_tokens(vectors)
@@ -107,6 +111,10 @@ class HiddenStateDecoder(nn.Module):
         embeds = torch.cat([prefix, self.backbone.get_input_embeddings()(ids)], dim=1)
         full_labels = torch.cat([torch.full(prefix.shape[:2], -100, dtype=torch.long, device=self.device), labels], dim=1)
         return self.backbone(inputs_embeds=embeds, attention_mask=torch.cat([ones, mask], dim=1), labels=full_labels).loss
+
+    def forward(self, vectors: torch.Tensor, texts: Sequence[str], max_length: int = 48) -> torch.Tensor:
+        """The training loss (``loss``), as a module's forward: DDP syncs the gradients of what goes through it."""
+        return self.loss(vectors, texts, max_length)
 
     @torch.no_grad()
     def generate(self, vectors: np.ndarray | torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,

@@ -133,11 +133,12 @@ def _interleave(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def decoder_key(cfg: DecoderConfig) -> str:
-    """The decoder's identity: its config without the device and the time budget, so raising the budget
-    (or moving to a GPU) resumes the same decoder, its vectors and checkpoint, instead of starting anew."""
+    """The decoder's identity: its config without the device, the time budget and the launcher, so raising the
+    budget (or moving to a GPU, or to several) resumes the same decoder, its vectors and checkpoint, instead of
+    starting anew: every process count takes the same batches in the same order."""
     import dataclasses
 
-    return config_hash(dataclasses.replace(cfg, max_minutes=0.0))
+    return config_hash(dataclasses.replace(cfg, max_minutes=0.0, launcher="none", num_processes=1, accelerate_config=""))
 
 
 def _start(db, cfg: DecoderConfig, resume: bool) -> tuple[int, str]:
@@ -166,6 +167,7 @@ class _Trainer:
     def __init__(self, decoder_id: int, cfg: DecoderConfig, progress: Progress, lm: LoadedLM | None, budget: Budget):
         self.id, self.cfg, self.progress, self.lm, self.budget = decoder_id, cfg, progress, lm, budget
         self.folder = decoders_dir() / f"decoder-{decoder_id}"
+        self.rows_seen = 0  # training questions this process took (in this attempt)
         with connect() as db:
             self.row = S.get_decoder(db, decoder_id)
             probe = Q.get_probe(db, self.row["probe_id"])
@@ -311,9 +313,12 @@ def _minutes(seconds: float) -> str:
 def train_decoder(cfg: DecoderConfig, progress: Progress | None = None, resume: bool = True, lm: LoadedLM | None = None,
                   clock: Callable[[], float] = time.monotonic) -> int:
     """Train (or resume, or reuse) a decoder for ``cfg``; returns its id. A cancel keeps a checkpoint.
-    ``clock`` (seconds) measures the time budget; tests pass a fake one."""
-    import torch
+    ``clock`` (seconds) measures the time budget; tests pass a fake one. With ``cfg.launcher == 'accelerate'`` the
+    training steps run in ``cfg.num_processes`` workers (``ka2l.augment.launch``); the rest stays in this process."""
+    if cfg.launcher == "accelerate":
+        from .launch import check
 
+        check(cfg)  # before anything is stored
     progress = progress or NullProgress()
     with connect() as db:
         decoder_id, state = _start(db, cfg, resume)
@@ -347,47 +352,26 @@ def train_decoder(cfg: DecoderConfig, progress: Progress | None = None, resume: 
             st["baseline"] = {"rows": rows[: len(hyps)].tolist(), "hyps": hyps, "seconds": budget.elapsed() - t0}
         report_reserve = REPORT_MARGIN * st["baseline"]["seconds"]
         train_until = limit - save_reserve - report_reserve
-        bs = cfg.batch_size
-        per_epoch = math.ceil(len(t.train_rows) / bs)
-        total = cfg.epochs * per_epoch
+        total = total_steps(cfg, len(t.train_rows))
         progress.stage("training", total=total, done=st["step"])
         with connect() as db:
             S.update_decoder(db, decoder_id, total_steps=total, step=st["step"])
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if t.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
-        pending: list[tuple[int, int, float]] = []
-        last_write, last_ckpt = time.monotonic(), clock()
-        step_seconds = 0.0  # the slowest step so far
-        try:
-            while st["step"] < total and budget.elapsed() + step_seconds <= train_until:
-                epoch, b = divmod(st["step"], per_epoch)
-                order = np.random.default_rng(cfg.seed * 7919 + epoch).permutation(t.train_rows)
-                rows = order[b * bs : (b + 1) * bs]
-                t0 = clock()
-                with autocast:
-                    loss = decoder.loss(torch.as_tensor(vectors[rows]), [t.texts[i] for i in rows], cfg.max_length)
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
-                opt.step()
-                took = clock() - t0
-                step_seconds = max(step_seconds, took)
-                st["seconds"] += took
-                st["step"] += 1
-                pending.append((st["step"], epoch, float(loss.detach())))
-                if time.monotonic() - last_write >= 1.0 or st["step"] >= total:
-                    _flush(decoder_id, pending, st)
-                    last_write = time.monotonic()
-                progress.advance(1, f"epoch {epoch + 1}/{cfg.epochs} · loss {pending[-1][2] if pending else float(loss.detach()):.3f}")
-                if clock() - last_ckpt >= cfg.checkpoint_minutes * 60:
-                    st["job_seconds"] = budget.elapsed()
-                    t.checkpoint(decoder, opt, st)
-                    last_ckpt = clock()
-        except (Cancelled, KeyboardInterrupt):
-            _flush(decoder_id, pending, st)
+        if cfg.launcher == "accelerate":
+            from .launch import launch
+
             st["job_seconds"] = budget.elapsed()
-            t.checkpoint(decoder, opt, st)
-            raise
-        _flush(decoder_id, pending, st)
+            t.checkpoint(decoder, opt, st)  # the workers start from it, and leave theirs in its place
+            deadline = None if math.isinf(train_until) else time.time() + (train_until - budget.elapsed())
+            launch(decoder_id, cfg, deadline=deadline, job_seconds=budget.elapsed(), progress=progress)
+            decoder, opt, st = t.build(vectors)
+        else:
+            try:
+                train_steps(t, decoder, opt, st, vectors, total, lambda step_s: budget.elapsed() + step_s <= train_until,
+                            lambda: budget.elapsed())
+            except (Cancelled, KeyboardInterrupt):
+                st["job_seconds"] = budget.elapsed()
+                t.checkpoint(decoder, opt, st)
+                raise
         rows = np.array(st["baseline"]["rows"], dtype=np.int64)
         progress.stage("held-out reconstruction", total=len(rows))
         hyps = reconstruct(decoder, vectors, rows, budget, limit - save_reserve, progress)
@@ -404,9 +388,140 @@ def train_decoder(cfg: DecoderConfig, progress: Progress | None = None, resume: 
     return decoder_id
 
 
+def total_steps(cfg: DecoderConfig, n_train: int) -> int:
+    """Optimiser steps of ``cfg.epochs`` over ``n_train`` questions in batches of ``cfg.batch_size`` (whatever the processes).
+
+    >>> total_steps(DecoderConfig(epochs=3, batch_size=4), 10)
+    9
+    """
+    return cfg.epochs * math.ceil(n_train / cfg.batch_size)
+
+
+def share(batch: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """Process ``rank``'s rows of a step's batch: every ``world``-th from ``rank``, so the processes together take
+    the batch one process takes. A batch smaller than the processes gives each one row (one is seen twice):
+    every process must take part in every step.
+
+    >>> share(np.arange(5), 0, 2), share(np.arange(5), 1, 2), share(np.arange(1), 1, 2)
+    (array([0, 2, 4]), array([1, 3]), array([0]))
+    """
+    return batch[rank::world] if len(batch) >= world else batch[[rank % len(batch)]]
+
+
+def train_steps(t: _Trainer, model, opt, st: dict[str, Any], vectors: np.ndarray, total: int, go_on: Callable[[float], bool],
+                job_seconds: Callable[[], float], accelerator=None, stop_requested: Callable[[], bool] | None = None) -> bool:
+    """Optimiser steps from ``st['step']`` to ``total`` while ``go_on(the slowest step's seconds)``: the loss rows
+    (written about every second), the progress, a checkpoint every ``checkpoint_minutes``. Returns whether a
+    stop was asked for (``stop_requested``). Under ``accelerate launch`` (an ``accelerator``) every process takes
+    its ``share`` of each batch, its loss weighted by its share of the batch's target tokens so that DDP's mean of
+    the gradients is the one-process step's; the processes agree at every step's end on going on, and rank 0
+    alone writes the rows (the batch's loss, summed over processes) and checkpoints."""
+    import torch
+
+    cfg, progress, clock = t.cfg, t.progress, t.budget.clock
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    main = rank == 0
+    stop_requested = stop_requested or (lambda: False)
+
+    def agree(stop: bool, go: bool) -> tuple[bool, bool]:
+        """(any process was asked to stop, every process may go on): all processes leave at the same step."""
+        if accelerator is None:
+            return stop, go
+        flags = accelerator.reduce(torch.tensor([float(stop), float(not go)], device=accelerator.device), reduction="sum")
+        return bool(flags[0] > 0), bool(flags[1] == 0)
+
+    bs = cfg.batch_size
+    per_epoch = math.ceil(len(t.train_rows) / bs)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if t.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    pending: list[tuple[int, int, float]] = []
+    last_write, last_ckpt = time.monotonic(), clock()
+    step_seconds = 0.0  # the slowest step so far
+    stop = False
+    try:
+        while st["step"] < total:
+            stop, go = agree(stop_requested(), go_on(step_seconds))
+            if stop or not go:
+                break
+            epoch, b = divmod(st["step"], per_epoch)
+            order = np.random.default_rng(cfg.seed * 7919 + epoch).permutation(t.train_rows)
+            batch = order[b * bs : (b + 1) * bs]
+            rows = share(batch, rank, world)
+            texts = [t.texts[i] for i in rows]
+            t0 = clock()
+            with autocast:
+                loss = model(torch.as_tensor(vectors[rows]), texts, cfg.max_length)
+            if world > 1:  # this share's token mean, weighted so DDP's mean over processes is the batch's token mean
+                count = accelerator.unwrap_model(model).target_tokens
+                shares = [count([t.texts[i] for i in share(batch, r, world)], cfg.max_length) for r in range(world)]
+                loss = loss * (world * shares[rank] / sum(shares))
+            opt.zero_grad()
+            if accelerator is None:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            else:
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            value = float(loss.detach()) if accelerator is None else float(accelerator.reduce(loss.detach().float(), reduction="mean"))
+            t.rows_seen += len(rows)
+            took = clock() - t0
+            step_seconds = max(step_seconds, took)
+            st["seconds"] += took
+            st["step"] += 1
+            if main:
+                pending.append((st["step"], epoch, value))
+                if time.monotonic() - last_write >= 1.0 or st["step"] >= total:
+                    _flush(t.id, pending, st)
+                    last_write = time.monotonic()
+            progress.advance(1, f"epoch {epoch + 1}/{cfg.epochs} · loss {value:.3f}")
+            if clock() - last_ckpt >= cfg.checkpoint_minutes * 60:
+                st["job_seconds"] = job_seconds()
+                if main:
+                    t.checkpoint(accelerator.unwrap_model(model) if accelerator else model, opt, st)
+                last_ckpt = clock()
+    finally:
+        if main:  # also when a cancel interrupts a step: the rows of the steps taken are kept
+            _flush(t.id, pending, st)
+    return stop
+
+
 def _flush(decoder_id: int, pending: list[tuple[int, int, float]], st: dict[str, Any]) -> None:
     with connect() as db:
         if pending:
             S.add_losses(db, decoder_id, pending)
         S.update_decoder(db, decoder_id, step=st["step"], train_seconds=st["seconds"])
     pending.clear()
+
+
+def train_in_worker(decoder_id: int, cfg: DecoderConfig, worker) -> str:
+    """One ``accelerate launch`` worker's part of ``train_decoder`` (``worker``: a ``ka2l.launcher.Worker``): the
+    training steps from the checkpoint the job's process left, until the last step or the job's deadline, in
+    DDP with the other workers; rank 0 then leaves its checkpoint for the job's process (which decodes the
+    final report and saves the decoder). Returns 'trained' or 'stopped'."""
+    import hashlib as _hashlib
+
+    from accelerate import Accelerator
+
+    from ..device import resolve_device
+
+    spec = worker.config
+    deadline, launched, spent = spec["deadline"], float(spec["launched_at"]), float(spec["job_seconds"])
+    accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu")
+    t = _Trainer(decoder_id, cfg, worker.progress, None, Budget(None))
+    t.device = str(accelerator.device)
+    vectors = t.vectors()  # cached by the job's process
+    decoder, opt, st = t.build(vectors)
+    model, opt = accelerator.prepare(decoder, opt)
+    total = total_steps(cfg, len(t.train_rows))
+    worker.progress.stage("training", total=total, done=st["step"])
+    stop = train_steps(t, model, opt, st, vectors, total, lambda step_s: deadline is None or time.time() + step_s <= deadline,
+                       lambda: spent + time.time() - launched, accelerator, worker.stop_requested)
+    st["job_seconds"] = spent + time.time() - launched
+    trained = accelerator.unwrap_model(model)
+    digest = _hashlib.sha256(b"".join(p.detach().float().cpu().numpy().tobytes() for p in trained.parameters() if p.requires_grad)).hexdigest()[:16]
+    log.info("rank %d of %d: %d steps, %d questions, weights %s", accelerator.process_index, accelerator.num_processes, st["step"],
+             t.rows_seen, digest)
+    if accelerator.is_main_process:
+        t.checkpoint(trained, opt, st)
+    accelerator.wait_for_everyone()
+    return "stopped" if stop else "trained"

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..config import GENERATE_SOURCES, POOLINGS, DecoderConfig, FilterConfig, GenerateConfig, from_dict, to_dict
+from ..config import GENERATE_SOURCES, LAUNCHERS, POOLINGS, DecoderConfig, FilterConfig, GenerateConfig, from_dict, to_dict
 from ..errors import ConfigError
 from .parsing import add_command, add_run_flags, submit_job
 
@@ -27,7 +27,8 @@ def _cmd_decoder_train(args: argparse.Namespace) -> int:
 
     cfg = from_dict(DecoderConfig, {"probe_id": args.probe, **_options(args, {
         "backbone": "backbone", "pooling": "pooling", "layer": "layer", "epochs": "epochs", "minutes": "max_minutes", "lr": "lr",
-        "batch_size": "batch_size", "device": "device", "seed": "seed"}),
+        "batch_size": "batch_size", "device": "device", "seed": "seed", "launcher": "launcher", "num_processes": "num_processes",
+        "accelerate_config": "accelerate_config"}),
         **({"extra_pools": tuple(args.extra_pool)} if args.extra_pool else {}),
         **({"train_backbone": False} if args.frozen_backbone else {})})
     if args.background and args.no_resume:
@@ -130,6 +131,12 @@ def add_commands(sub) -> None:
     p.add_argument("--frozen-backbone", action="store_true", help="train the projection only")
     p.add_argument("--device", help="auto, cpu, cuda, mps")
     p.add_argument("--seed", type=int, help="seed for the held-out split, initialisation and data order (default 0)")
+    p.add_argument("--launcher", choices=LAUNCHERS, help="none (train in this process, the default) or accelerate (the training "
+                                                        "steps run in --num-processes workers under `accelerate launch`: several GPUs)")
+    p.add_argument("--num-processes", type=int, help="training processes under --launcher accelerate, one per GPU (on CPU: DDP over "
+                                                     "gloo); each takes its share of every batch (default 1)")
+    p.add_argument("--accelerate-config", help="a DDP (MULTI_GPU) accelerate config file for the launcher (default: plain DDP; "
+                                               "the decoder is not sharded)")
     p.add_argument("--no-resume", action="store_true", help="train a new decoder even if one with this config exists")
     add_run_flags(p)
     p.set_defaults(func=_cmd_decoder_train)
