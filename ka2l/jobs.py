@@ -471,6 +471,7 @@ def _experiment_plan(cfg) -> list[PhaseSpec]:
         label = cell_label(c)
         phases.append(PhaseSpec(label, 20.0 * float(c["budget"]) + 10.0, match=f"{label}:", count=9,
                                 note="select, fine-tune, evaluate on the test split"))
+    phases.append(PhaseSpec("untuned base", 3.0, match="untuned base:", count=6, note="the untuned model answers the test split once"))
     return phases
 
 class JobProgress:

@@ -153,7 +153,10 @@ def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel_a
     reused = next(f for f in finetunes if f["id"] == trained["id"])
     assert (reused["step"], reused["seconds"], reused["adapter_dir"]) == (trained["step"], trained["seconds"], trained["adapter_dir"])
     resumed_ft = next(f for f in finetunes if f["id"] == first["finetune_id"])
-    assert (resumed_ft["updated_at"], resumed_ft["step"], resumed_ft["evaluation"]) == (first_ft["updated_at"], first_ft["step"], first_ft["evaluation"])
+    assert (resumed_ft["step"], resumed_ft["seconds"], resumed_ft["adapter_dir"]) == (first_ft["step"], first_ft["seconds"], first_ft["adapter_dir"])
+    # its tuned answers were kept; the untuned model's answers were added beside them (the report's base row)
+    assert {m: e["tuned"] for m, e in resumed_ft["evaluation"]["metrics"].items()} == {m: e["tuned"] for m, e in first_ft["evaluation"]["metrics"].items()}
+    assert resumed_ft["evaluation"]["models"] == ["base", "tuned"] and "delta" in resumed_ft["evaluation"]["metrics"]["rouge_l"]
     for f in finetunes:
         assert {r["item_key"] for r in data[f["id"]] if r["split"] == "eval"} == test
         assert not {r["item_key"] for r in data[f["id"]] if r["split"] == "train"} & test
@@ -174,14 +177,21 @@ def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel_a
     assert cmp["delta"]["excludes_zero"] == (cmp["delta"]["lo"] > 0 or cmp["delta"]["hi"] < 0)
     row = next(t for t in rep["table"] if t["strategy"] == "random")
     assert row["value"] == pytest.approx(np.mean(list(r.values()))) and row["n"] == random_cell["n"]
-    assert rep["frame"] and {f["strategy"] for f in rep["frame"]} == {"random", "ka2l-unknown"}
+    # the untuned model on the same test split: a row, a flat line, and each cell's paired difference from it
+    with connect() as db:
+        base = {a["item_key"]: a["rouge_l"] for a in E.answers(db, first["finetune_id"], "base")}
+    assert set(base) == test and rep["base"]["finetune_id"] == first["finetune_id"]
+    assert rep["base"]["value"] == pytest.approx(np.mean(list(base.values())))
+    assert row["vs_base"]["value"] == pytest.approx(np.mean([r[k] - base[k] for k in test]))
+    assert {f["value"] for f in rep["frame"] if f["strategy"] == R.BASE_NAME} == {rep["base"]["value"]}
+    assert rep["frame"] and {f["strategy"] for f in rep["frame"]} == {"random", "ka2l-unknown", R.BASE_NAME}
     assert not rep["rq1"]["available"] and not rep["rq3"]["available"]
     assert "did not include ka2l-augmented" in rep["rq3"]["why"]  # says why, not just "no cells"
     costs = {c["strategy"]: c for c in rep["costs"]}
     assert costs["ka2l-unknown"]["one_off_seconds"] > costs["random"]["one_off_seconds"] == 0  # SE sampling counts for KA2L
     assert costs["random"]["finetune_seconds"] > 0
     text = R.render_report(rep)
-    assert f"{cmp['delta']['value']:.2f}" in text and "RQ2" in text
+    assert f"{cmp['delta']['value']:.2f}" in text and "RQ2" in text and f"| {R.BASE_NAME} | 0 | 0 | {rep['base']['value']:.2f} |" in text
 
     assert X.run_experiment("caps", c) == eid  # a finished experiment is reused, nothing trains again
     with connect() as db:

@@ -14,6 +14,8 @@
                   one with the same data and config is reused), evaluate the tuned model on the test split
                   (``evaluate.evaluate``), store the metrics. A decoded question is answered with its source
                   question's gold answer (the simulated annotator assumes a paraphrase keeps the answer).
+    base          once the cells are done, the untuned model answers the test split (stored with the first cell's
+                  fine-tune): the report's reference row
     state         one ``experiments`` row, one ``experiment_cells`` row per cell: a kill loses at most the
                   unfinished part of one cell; finished cells are never redone
     cost          seconds per cell (selection, fine-tune, evaluation) and the run's one-off seconds each
@@ -41,6 +43,7 @@ from ..errors import Cancelled, ConfigError
 from ..paths import data_dir
 from ..progress import NullProgress, Progress
 from ..store import augment as SA
+from ..store import evaluation as E
 from ..store import experiment as SX
 from ..store import finetune as SF
 from ..store import queries as Q
@@ -331,6 +334,7 @@ def run_experiment(pool: str | int, cfg: ExperimentConfig, progress: Progress | 
                 with connect() as db:
                     SX.update_cell(db, cell["id"], status="failed", error=f"{type(exc).__name__}: {exc}")
                 raise
+        ensure_base(int(exp["id"]), cfg, progress)  # the report's reference: what fine-tuning changed at all
     except (Cancelled, KeyboardInterrupt):
         with connect() as db:
             SX.update_experiment(db, exp["id"], status="interrupted")
@@ -342,3 +346,31 @@ def run_experiment(pool: str | int, cfg: ExperimentConfig, progress: Progress | 
     with connect() as db:
         SX.update_experiment(db, exp["id"], status="done", error=None)
     return int(exp["id"])
+
+
+def base_cell(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The finished cell whose fine-tune also holds the untuned model's answers (the report's base row): the
+    first one. Every cell's fine-tune holds out the same test split, so any one of them serves."""
+    done = [c for c in cells if c["status"] == "done" and c["finetune_id"]]
+    return min(done, key=lambda c: c["id"]) if done else None
+
+
+def ensure_base(experiment_id: int, cfg: ExperimentConfig, progress: Progress) -> int | None:
+    """Answer the test split with the untuned model once (stored with ``base_cell``'s fine-tune, beside its tuned
+    answers, so its evaluation summary gets the paired tuned - base difference too); resumable like any
+    evaluation. Returns that fine-tune's id, None before any cell finished."""
+    from .evaluate import evaluate
+
+    with connect() as db:
+        cell = base_cell(SX.cells(db, experiment_id))
+        test = set(SX.get_experiment(db, experiment_id)["test_keys"])
+        if cell is None:
+            return None
+        answered = {r["item_key"] for r in E.answers(db, cell["finetune_id"], "base")}
+    if test <= answered:
+        return int(cell["finetune_id"])
+    t0 = time.perf_counter()
+    evaluate(int(cell["finetune_id"]), _CellProgress(progress, "untuned base"), seed=int(cell["seed"]), batch_size=cfg.eval_batch_size,
+             bootstrap=cfg.bootstrap, models=("base", "tuned"), bertscore_model=cfg.bertscore_model or None)
+    log.info("experiment %d: the untuned model answered the test split in %.1f s", experiment_id, time.perf_counter() - t0)
+    return int(cell["finetune_id"])

@@ -9,6 +9,8 @@ percentile bootstrap). A comparison "excludes zero" when its whole interval lies
          random at it, the first strategy there otherwise), with the annotation and compute ratios
     RQ2  at each budget, ka2l-unknown vs. every baseline run (random, entropy, coreset, badge)
     RQ3  at each budget, ka2l-augmented vs. ka2l-unknown
+    base the untuned model on the same test split (``experiment.ensure_base``): a row, a flat line in the plot,
+         and every cell's paired difference from it (did fine-tuning change anything at all?)
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from ..store import finetune as SF
 from ..store import queries as Q
 from ..store.db import connect
 from . import selection as SEL
+from .experiment import base_cell
 from . import textmetrics as T
 
 BASELINES = ("random", "entropy", "coreset", "badge")
+BASE_NAME = "untuned base"  # the model before any fine-tune, on the same test split
 METRIC_NAMES = {"rouge_l": "ROUGE-L", "bleu": "BLEU", "meteor": "METEOR", "bertscore": "BERTScore", "correct": "correct %"}
 ONE_OFF = {  # stored data a strategy needs -> the run's timing stages that made it
     "hidden": ("hidden",), "se": ("answers", "scores", "probes"), "entropy": ("prompt_entropy",)}
@@ -89,6 +93,8 @@ def build_report(experiment_id: int, metric: str | None = None, n_boot: int | No
         cells = SX.cells(db, experiment_id)
         run = Q.get_run(db, exp["run_id"])
         answers = {c["finetune_id"]: E.answers(db, c["finetune_id"], "tuned") for c in cells if c["status"] == "done" and c["finetune_id"]}
+        reference = base_cell(cells)
+        base_rows = E.answers(db, reference["finetune_id"], "base") if reference else []
         trained = {fid: float(SF.get_finetune(db, fid)["seconds"] or 0.0) for fid in answers}
         gen_seconds = sum(g.get("seconds") or 0.0 for g in SA.list_generations(db, exp["pool_id"]))
     cfg = from_dict(ExperimentConfig, exp["config"])
@@ -105,6 +111,12 @@ def build_report(experiment_id: int, metric: str | None = None, n_boot: int | No
     per_q = {key: _group([_values(answers[c["finetune_id"]], metric) for c in cs]) for key, cs in groups.items()}
     one_off = _one_off_seconds(run["timings"] or {}, gen_seconds)
 
+    base_values = _values(base_rows, metric) if {r["item_key"] for r in base_rows} >= set(exp["test_keys"]) else {}
+    base = None
+    if base_values:
+        stat = T.mean_interval(list(base_values.values()), n_boot, 0)
+        base = {"value": stat["value"], "lo": stat["lo"], "hi": stat["hi"], "n_test": stat["n"], "finetune_id": reference["finetune_id"],
+                "all_metrics": {m: T.mean_interval(list(_values(base_rows, m).values()), n_boot, 0)["value"] for m in METRIC_NAMES}}
     table, frame = [], []
     for (strategy, budget), cs in sorted(groups.items(), key=lambda kv: (cfg.strategies.index(kv[0][0]) if kv[0][0] in cfg.strategies else 99, kv[0][1])):
         values = list(per_q[(strategy, budget)].values())
@@ -114,9 +126,13 @@ def build_report(experiment_id: int, metric: str | None = None, n_boot: int | No
         row = {"strategy": strategy, "budget": budget, "n": int(cs[0]["n"]), "seeds": sorted(int(c["seed"]) for c in cs),
                "metric": metric, "value": stat["value"], "lo": stat["lo"], "hi": stat["hi"], "n_test": stat["n"], "all_metrics": all_metrics,
                "finetune_seconds": float(np.mean([c["finetune_seconds"] for c in cs])), "eval_seconds": float(np.mean([c["eval_seconds"] for c in cs])),
-               "select_seconds": float(np.mean([c["select_seconds"] for c in cs])), "finetune_ids": [c["finetune_id"] for c in cs]}
+               "select_seconds": float(np.mean([c["select_seconds"] for c in cs])), "finetune_ids": [c["finetune_id"] for c in cs],
+               "vs_base": paired(per_q[(strategy, budget)], base_values, n_boot) if base else None}
         table.append(row)
         frame.append({k: row[k] for k in ("strategy", "budget", "n", "value", "lo", "hi")})
+    if base:  # a flat reference line across the budgets
+        frame += [{"strategy": BASE_NAME, "budget": b, "n": 0, "value": base["value"], "lo": base["lo"], "hi": base["hi"]}
+                  for b in sorted({r["budget"] for r in table})]
 
     costs = []
     for s in dict.fromkeys(c["strategy"] for c in cells):
@@ -130,7 +146,7 @@ def build_report(experiment_id: int, metric: str | None = None, n_boot: int | No
             "metric": metric, "metric_name": METRIC_NAMES[metric], "bootstrap": n_boot, "n_test": len(exp["test_keys"]),
             "n_pool": exp["n_pool"], "device": (exp["inputs"] or {}).get("device"), "cells_done": len(done), "cells": len(cells),
             "interval": "95% percentile bootstrap over test questions (paired for differences)",
-            "table": table, "frame": frame, "costs": costs,
+            "table": table, "frame": frame, "costs": costs, "base": base,
             "rq1": _rq1(groups, per_q, cfg, one_off, n_boot), "rq2": _rq2(groups, per_q, cfg, n_boot), "rq3": _rq3(groups, per_q, cfg, n_boot)}
 
 
@@ -212,10 +228,16 @@ def render_report(rep: dict[str, Any]) -> str:
     lines = [f"# Experiment {rep['experiment_id']} ({rep['status']}): {rep['cells_done']}/{rep['cells']} cells done",
              f"Pool {rep['pool_id']}, run {rep['run_id']}: {rep['n_pool']} selectable questions, {rep['n_test']} test questions. "
              f"{m} on the test split, {rep['interval']} ({rep['bootstrap']} resamples).", "",
-             f"| strategy | budget | items | {m} | 95% interval | seeds | fine-tune s | eval s |", "|---|---|---|---|---|---|---|---|"]
+             f"| strategy | budget | items | {m} | 95% interval | vs untuned base | seeds | fine-tune s | eval s |", "|---|---|---|---|---|---|---|---|---|"]
+    b = rep.get("base")
+    if b:
+        lines.append(f"| {BASE_NAME} | 0 | 0 | {_num(b['value'])} | [{_num(b['lo'])}, {_num(b['hi'])}] | - | - | - | - |")
     for r in rep["table"]:
-        lines.append(f"| {r['strategy']} | {r['budget']:g} | {r['n']} | {_num(r['value'])} | [{_num(r['lo'])}, {_num(r['hi'])}] | "
+        vs = _delta(r["vs_base"]) if r.get("vs_base") else "-"
+        lines.append(f"| {r['strategy']} | {r['budget']:g} | {r['n']} | {_num(r['value'])} | [{_num(r['lo'])}, {_num(r['hi'])}] | {vs} | "
                      f"{','.join(map(str, r['seeds']))} | {_num(r['finetune_seconds'], 1)} | {_num(r['eval_seconds'], 1)} |")
+    if not b:
+        lines.append(f"\n(No {BASE_NAME} row yet: the untuned model answers the test split once the cells are done.)")
     lines += ["", f"## Cost (seconds on {rep['device'] or 'the configured device'}; one-off = the run's stages the strategy needs)",
               "| strategy | annotations | one-off s | fine-tune s | eval s | cells |", "|---|---|---|---|---|---|"]
     for c in rep["costs"]:
