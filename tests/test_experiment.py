@@ -196,6 +196,12 @@ def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel_a
     assert X.run_experiment("caps", c) == eid  # a finished experiment is reused, nothing trains again
     with connect() as db:
         assert len(SF.list_finetunes(db)) == 2
+    # another experiment (here: one strategy) whose cell selects the same pairs finds the finished fine-tune,
+    # though its data file lies in its own folder
+    other = X.run_experiment("caps", cfg(strategies=("random",)))
+    with connect() as db:
+        (cell,) = SX.cells(db, other)
+        assert other != eid and cell["finetune_id"] == random_cell["finetune_id"] and len(SF.list_finetunes(db)) == 2
 
     # a background job's plan names the stages the run reports: every stage lands in a planned phase
     tracker = PhaseTracker(jobs.plan("experiment", {"pool": "caps", "experiment": to_dict(c)}))

@@ -409,9 +409,22 @@ class _Run:
 
 # -- the job's library call -------------------------------------------------------------------------
 
+def finetune_key(cfg: FinetuneConfig) -> str:
+    """A fine-tune's settings' identity (its data is matched apart, by content): the config's hash, without the
+    path of a data file, so the same pairs in another file (an experiment's cell in another experiment) find
+    the same fine-tune.
+
+    >>> a, b = FinetuneConfig(source="file", file="x/a.jsonl"), FinetuneConfig(source="file", file="y/b.jsonl")
+    >>> finetune_key(a) == finetune_key(b), finetune_key(a) == finetune_key(replace(a, lr=1e-3))
+    (True, False)
+    """
+    same = "data" + Path(cfg.file).suffix.lower()  # any file's name: its rows are the dataset hash's business
+    return config_hash(replace(cfg, file=same) if cfg.source == "file" else cfg)
+
+
 def _start(pool: str | int, cfg: FinetuneConfig, ds: D.Dataset, spec: ModelSpec) -> tuple[int, str]:
     with connect() as db:
-        h = config_hash(cfg)
+        h = finetune_key(cfg)
         row = S.find_finetune(db, ds.pool_id, h, ds.hash)
         if row is not None and row["status"] == "done" and row["adapter_dir"] and Path(row["adapter_dir"]).is_dir():
             return int(row["id"]), "done"
@@ -566,7 +579,7 @@ def train(finetune_id: int, cfg: FinetuneConfig, progress: Progress | None = Non
     best_step = json.loads((tmp / SIDECAR).read_text())["step"] if (tmp / SIDECAR).is_file() else trainer.state.global_step
     sidecar = {"finetune_id": finetune_id, "pool_id": row["pool_id"], "run_id": row["run_id"], "dataset_hash": row["dataset_hash"],
                "data_source": cfg.source, "n_train": len(train), "n_eval": len(evals), "config": to_dict(cfg),
-               "config_hash": config_hash(cfg), "model": to_dict(spec), "model_source": source, "prompt": to_dict(prompt),
+               "config_hash": finetune_key(cfg), "model": to_dict(spec), "model_source": source, "prompt": to_dict(prompt),
                "step": best_step, "steps_trained": trainer.state.global_step, "total_steps": steps, "best_eval_loss": run.best,
                "stopped_early": run.stopped_early, "world_size": world, "versions": versions()}
     (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))

@@ -169,11 +169,13 @@ def jobs_of(pool_id: int, kind: str = "finetune") -> list[dict[str, Any]]:
 
 def job_of(row: dict[str, Any]) -> dict[str, Any] | None:
     """The newest fine-tune job that runs (or ran) fine-tune ``row``: same pool and config."""
+    from ..finetune.lora import finetune_key
+
     for job in jobs_of(int(row["pool_id"])):
         if (job.get("result") or {}).get("finetune_id") == row["id"]:
             return job
         try:
-            if config_hash(from_dict(FinetuneConfig, job["config"].get("finetune", {}))) == row["config_hash"]:
+            if finetune_key(from_dict(FinetuneConfig, job["config"].get("finetune", {}))) == row["config_hash"]:
                 return job
         except Ka2lError:
             continue
