@@ -425,7 +425,8 @@ def finetune_key(cfg: FinetuneConfig) -> str:
 def _start(pool: str | int, cfg: FinetuneConfig, ds: D.Dataset, spec: ModelSpec) -> tuple[int, str]:
     with connect() as db:
         h = finetune_key(cfg)
-        row = S.find_finetune(db, ds.pool_id, h, ds.hash)
+        # fine-tunes stored before the key left out the file's path carry the whole config's hash
+        row = S.find_finetune(db, ds.pool_id, h, ds.hash) or S.find_finetune(db, ds.pool_id, config_hash(cfg), ds.hash)
         if row is not None and row["status"] == "done" and row["adapter_dir"] and Path(row["adapter_dir"]).is_dir():
             return int(row["id"]), "done"
         if row is not None:
