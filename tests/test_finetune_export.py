@@ -135,6 +135,21 @@ def test_dataset_export_holds_the_runs_pairs_and_its_settings(tuned, tmp_path, t
     assert "patience" in out["unmapped"] and "patience" in out["yaml"].read_text()  # what does not map is said
 
 
+def test_the_llamafactory_precision_is_the_one_training_used(tuned, tmp_path):
+    """'auto' means bfloat16 on a GPU: the adapter's sidecar records what it resolved to, and the export asks for it."""
+    from ka2l.finetune.lora import read_sidecar
+
+    with connect() as db:
+        side = read_sidecar(S.get_finetune(db, tuned)["adapter_dir"])
+    assert (side["dtype"], side["device"]) == ("float32", "cpu")
+    names = {"train": "t", "eval": "e"}
+    gpu = {**side, "config": {**side["config"], "device": "auto", "dtype": "auto"}, "dtype": "bfloat16", "device": "cuda:0"}
+    assert X.llamafactory_arguments(gpu, names, tmp_path).get("bf16") is True
+    assert "bf16" not in X.llamafactory_arguments({**gpu, "dtype": "float32"}, names, tmp_path)
+    old = {k: v for k, v in gpu.items() if k not in ("dtype", "device")}  # a sidecar written before the dtype was recorded
+    assert "bf16" not in X.llamafactory_arguments(old, names, tmp_path)  # 'auto' read by the configured device: auto is not cuda
+
+
 def test_an_unfinished_fine_tune_is_refused(tuned, tmp_path):
     with connect() as db:
         S.update_finetune(db, tuned, status="interrupted")

@@ -246,7 +246,9 @@ def llamafactory_arguments(side: dict[str, Any], names: dict[str, str], dataset_
         "learning_rate": cfg.lr, "num_train_epochs": cfg.epochs, "lr_scheduler_type": SCHEDULERS.get(cfg.lr_scheduler, cfg.lr_scheduler),
         "warmup_ratio": cfg.warmup_ratio, "seed": cfg.seed,
     })
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cfg.device.startswith("cuda") else "float32")
+    # what training used: the sidecar records the resolved dtype ('auto' on a GPU meant bfloat16); older sidecars
+    # only have the config, and 'auto' is then read by the configured device
+    dtype = side.get("dtype") or (cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cfg.device.startswith("cuda") else "float32"))
     if dtype == "bfloat16":
         args["bf16"] = True
     elif dtype == "float16":

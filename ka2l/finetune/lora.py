@@ -540,6 +540,8 @@ def train(finetune_id: int, cfg: FinetuneConfig, progress: Progress | None = Non
     evals = [D.Pair(r["item_key"], r["question"], r["answer"], r["origin"]) for r in rows if r["split"] == "eval"]
     progress.stage("loading model")
     load_spec, load_on, train_on = _process_devices(spec, cfg, local_rank)
+    from ..device import resolve_dtype_name
+
     lm = load_model(load_spec, load_on)
     train_rows = encode_pairs(lm.tokenizer, train, prompt, cfg.max_length)
     eval_rows = encode_pairs(lm.tokenizer, evals, prompt, cfg.max_length)
@@ -582,7 +584,8 @@ def train(finetune_id: int, cfg: FinetuneConfig, progress: Progress | None = Non
                "data_source": cfg.source, "n_train": len(train), "n_eval": len(evals), "config": to_dict(cfg),
                "config_hash": finetune_key(cfg), "model": to_dict(spec), "model_source": source, "prompt": to_dict(prompt),
                "step": best_step, "steps_trained": trainer.state.global_step, "total_steps": steps, "best_eval_loss": run.best,
-               "stopped_early": run.stopped_early, "world_size": world, "versions": versions()}
+               "stopped_early": run.stopped_early, "world_size": world, "device": train_on,
+               "dtype": resolve_dtype_name(load_spec.dtype, train_on), "versions": versions()}
     (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
     _replace_dir(tmp, run.adapter_dir)
     shutil.rmtree(run.ckpt_dir, ignore_errors=True)
