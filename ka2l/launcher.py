@@ -66,6 +66,25 @@ def config_kind(path: str) -> str:
     return str(getattr(cfg.distributed_type, "value", cfg.distributed_type))
 
 
+def shards_weights(path: str) -> bool:
+    """Whether the accelerate config in ``path`` splits the weights over its processes: DeepSpeed ZeRO stage 3,
+    or FSDP with a sharding strategy that shards parameters (FULL_SHARD, HYBRID_SHARD; FSDP 2 always does).
+    ZeRO 1 / 2, SHARD_GRAD_OP and NO_SHARD keep a whole copy of the weights in every process."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kind = config_kind(path)
+    cfg = load_config_from_file(str(Path(path).expanduser()))
+    if kind == "DEEPSPEED":
+        return int((cfg.deepspeed_config or {}).get("zero_stage", 0) or 0) == 3
+    if kind == "FSDP":
+        fsdp = cfg.fsdp_config or {}
+        if int(fsdp.get("fsdp_version", 1) or 1) >= 2:
+            return True
+        strategy = str(fsdp.get("fsdp_sharding_strategy", "FULL_SHARD")).upper()
+        return strategy in ("FULL_SHARD", "HYBRID_SHARD", "1", "4")
+    return False
+
+
 def check(num_processes: int, accelerate_config: str, device: str, gpus: int | None = None, what: str = "fine-tune",
           sharded: bool = True) -> str:
     """Refuse launcher settings that cannot run here, with the fix: a bad config file, a sharded config where
@@ -203,6 +222,7 @@ def follow(where: Path, module: str, ident: int, config: dict[str, Any], num_pro
     code, whether a stop was asked for); the caller reads from its own rows how the work ended."""
     progress = progress or NullProgress()
     where.mkdir(parents=True, exist_ok=True)
+    _retire_earlier_workers(where)
     for name in ("stop", "progress.json"):
         (where / name).unlink(missing_ok=True)
     (where / "config.json").write_text(json.dumps({"config": config, "parent": os.getpid()}, indent=1))
@@ -217,6 +237,7 @@ def follow(where: Path, module: str, ident: int, config: dict[str, Any], num_pro
     with log_file.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True, cwd=str(PROJECT_ROOT))
+    (where / "launcher.pid").write_text(str(proc.pid))
     try:
         with stop_requests(stop):
             while proc.poll() is None:
@@ -244,6 +265,26 @@ def follow(where: Path, module: str, ident: int, config: dict[str, Any], num_pro
     except Cancelled:
         pass
     return int(proc.returncode), bool(stop["signal"])
+
+
+def _retire_earlier_workers(where: Path, grace_s: float = STOP_GRACE_S) -> None:
+    """Workers of an earlier launch of the same work may still be finishing (their job was killed before they
+    saw the stop file): two sets must never write one checkpoint. They are asked to stop, given ``grace_s`` to
+    checkpoint, then killed."""
+    try:
+        pid = int((where / "launcher.pid").read_text())
+    except (OSError, ValueError):
+        return
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not alive(pid) or (cmdline.exists() and b"accelerate.commands.launch" not in cmdline.read_bytes()):
+        return  # gone, or the pid now belongs to another program
+    log.warning("workers of an earlier launch (pid %d) are still running: asking them to stop first", pid)
+    (where / "stop").touch()
+    deadline = time.monotonic() + grace_s
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if alive(pid):
+        signal_group(pid, signal.SIGKILL)
 
 
 def tail(path: Path, lines: int = TAIL_LINES) -> str:

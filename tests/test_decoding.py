@@ -670,6 +670,9 @@ def test_two_cpu_processes_train_the_decoder_like_one(scratch):
     assert d2["status"] == "done" and d2["total_steps"] == d1["total_steps"] == 2 * 9 and d2["metrics"]["n_train"] == 72
     assert [r["step"] for r in loss2] == [r["step"] for r in loss1] == list(range(1, 19)), "one row per step: rank 0 alone writes"
     assert loss1[-1]["loss"] < 0.7 * loss1[0]["loss"], loss1
+    # before the first update the weights are the same: only shares weighted by their tokens give the batch's loss
+    # exactly (a plain mean of the two halves' means does not, when their token counts differ)
+    assert loss2[0]["loss"] == pytest.approx(loss1[0]["loss"], rel=1e-5)
     assert [r["loss"] for r in loss2] == pytest.approx([r["loss"] for r in loss1], rel=1e-2)
     ranks = _rank_lines(second, scratch["folder"])
     assert sorted(ranks) == [0, 1] and ranks[0][0] == ranks[1][0] == 18

@@ -202,6 +202,11 @@ def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel_a
     with connect() as db:
         (cell,) = SX.cells(db, other)
         assert other != eid and cell["finetune_id"] == random_cell["finetune_id"] and len(SF.list_finetunes(db)) == 2
+        db.execute("UPDATE finetunes SET config_hash = 'stored-before-the-key' WHERE id = ?", [random_cell["finetune_id"]])
+    third = X.run_experiment("caps", cfg(strategies=("random",), bootstrap=150))  # a fine-tune stored under an older key is found too
+    with connect() as db:
+        (cell,) = SX.cells(db, third)
+        assert cell["finetune_id"] == random_cell["finetune_id"] and len(SF.list_finetunes(db)) == 2
 
     # a background job's plan names the stages the run reports: every stage lands in a planned phase
     tracker = PhaseTracker(jobs.plan("experiment", {"pool": "caps", "experiment": to_dict(c)}))

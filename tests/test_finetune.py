@@ -174,7 +174,7 @@ def test_preflight_refuses_with_the_fix():
     assert not tiny.fits and "use a smaller model or a device with more memory" in tiny.message
 
 
-def test_preflight_counts_what_each_process_holds_under_the_launcher():
+def test_preflight_counts_what_each_process_holds_under_the_launcher(tmp_path):
     """FSDP / ZeRO-3 split the weights over the processes, so a model too big for one GPU fits four; DDP workers on
     the CPU each hold a whole copy in the one RAM, so two need twice what one does."""
     big = P.ModelShape(n_params=10**9, hidden=4, layers=2, heads=2, vocab=10, linears=(("l.q_proj", 4, 4),))
@@ -191,6 +191,18 @@ def test_preflight_counts_what_each_process_holds_under_the_launcher():
     assert P.verdict(big, fsdp, "bfloat16", available, "cuda", P.layout_of(fsdp, "cuda", "MULTI_GPU")).fits is False  # DDP: a whole copy per GPU
     ddp_cpu = replace(c, launcher="accelerate", num_processes=2)
     assert P.layout_of(ddp_cpu, "cpu") == P.Layout(2, shards=1, copies=2)
+    # read from the config file: ZeRO-3 and FULL_SHARD split the weights; ZeRO-2 and SHARD_GRAD_OP keep them whole
+    from ka2l.paths import PROJECT_ROOT
+
+    configs = PROJECT_ROOT / "configs" / "accelerate"
+    for name, shards in (("fsdp.yaml", 4), ("deepspeed-zero3.yaml", 4), ("ddp.yaml", 1)):
+        assert P.layout_of(replace(fsdp, accelerate_config=str(configs / name)), "cuda").shards == shards, name
+    zero2 = tmp_path / "zero2.yaml"
+    zero2.write_text((configs / "deepspeed-zero3.yaml").read_text().replace("zero_stage: 3", "zero_stage: 2"))
+    grad_op = tmp_path / "grad-op.yaml"
+    grad_op.write_text((configs / "fsdp.yaml").read_text().replace("FULL_SHARD", "SHARD_GRAD_OP"))
+    for whole in (zero2, grad_op):
+        assert P.layout_of(replace(fsdp, accelerate_config=str(whole)), "cuda") == P.Layout(4, shards=1, copies=1), whole.name
     room = P.estimate(SHAPE, c, "float32").total
     assert P.verdict(SHAPE, c, "float32", room, "cpu").fits
     shared = P.verdict(SHAPE, ddp_cpu, "float32", room, "cpu", P.layout_of(ddp_cpu, "cpu"))

@@ -53,11 +53,13 @@ def launch(decoder_id: int, cfg: DecoderConfig, deadline: float | None, job_seco
     code, stopped = follow(where, "ka2l.augment.launch", decoder_id, spec, cfg.num_processes, cfg.accelerate_config,
                            progress or NullProgress(), poll_s)
     outcome = json.loads(outcome_file.read_text()) if outcome_file.is_file() else {}
-    if outcome.get("outcome") == "trained" and code == 0:
+    if outcome.get("outcome") == "trained":  # rank 0 saved the finished checkpoint; a worker failing after that loses nothing
+        if code != 0:
+            log.warning("decoder %d: trained, but the launcher exited with code %d (see %s)", decoder_id, code, where / "launch.log")
         return
-    if outcome.get("outcome") == "stopped" or stopped:
-        raise Cancelled(f"decoder {decoder_id} stopped; its checkpoint resumes it")
     log_file = where / "launch.log"
+    if outcome.get("outcome") != "failed" and (outcome.get("outcome") == "stopped" or stopped):
+        raise Cancelled(f"decoder {decoder_id} stopped; its checkpoint resumes it")
     raise LaunchError(f"accelerate launch of decoder {decoder_id}'s training ended with exit code {code} before training finished"
                       f"{': ' + outcome['error'] if outcome.get('error') else ''}.\nLast lines of {log_file}:\n{tail(log_file)}\n"
                       f"Fix what the log names and resume the job: it continues from the last checkpoint.")

@@ -353,7 +353,6 @@ def train_decoder(cfg: DecoderConfig, progress: Progress | None = None, resume: 
         report_reserve = REPORT_MARGIN * st["baseline"]["seconds"]
         train_until = limit - save_reserve - report_reserve
         total = total_steps(cfg, len(t.train_rows))
-        progress.stage("training", total=total, done=st["step"])
         with connect() as db:
             S.update_decoder(db, decoder_id, total_steps=total, step=st["step"])
         if cfg.launcher == "accelerate":
@@ -361,10 +360,14 @@ def train_decoder(cfg: DecoderConfig, progress: Progress | None = None, resume: 
 
             st["job_seconds"] = budget.elapsed()
             t.checkpoint(decoder, opt, st)  # the workers start from it, and leave theirs in its place
+            del decoder, opt  # the workers need the memory (rank 0 shares this process's GPU)
+            t.lm = None
+            _free_memory()
             deadline = None if math.isinf(train_until) else time.time() + (train_until - budget.elapsed())
-            launch(decoder_id, cfg, deadline=deadline, job_seconds=budget.elapsed(), progress=progress)
+            launch(decoder_id, cfg, deadline=deadline, job_seconds=budget.elapsed(), progress=progress)  # its stages are the workers'
             decoder, opt, st = t.build(vectors)
         else:
+            progress.stage("training", total=total, done=st["step"])
             try:
                 train_steps(t, decoder, opt, st, vectors, total, lambda step_s: budget.elapsed() + step_s <= train_until,
                             lambda: budget.elapsed())
@@ -386,6 +389,16 @@ def train_decoder(cfg: DecoderConfig, progress: Progress | None = None, resume: 
         with connect() as db:
             S.update_decoder(db, decoder_id, status="done", path=str(path), metrics=metrics)
     return decoder_id
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def total_steps(cfg: DecoderConfig, n_train: int) -> int:
@@ -415,7 +428,7 @@ def train_steps(t: _Trainer, model, opt, st: dict[str, Any], vectors: np.ndarray
     stop was asked for (``stop_requested``). Under ``accelerate launch`` (an ``accelerator``) every process takes
     its ``share`` of each batch, its loss weighted by its share of the batch's target tokens so that DDP's mean of
     the gradients is the one-process step's; the processes agree at every step's end on going on, and rank 0
-    alone writes the rows (the batch's loss, summed over processes) and checkpoints."""
+    alone writes the rows (the batch's loss: the mean of the weighted shares) and checkpoints."""
     import torch
 
     cfg, progress, clock = t.cfg, t.progress, t.budget.clock
@@ -477,6 +490,7 @@ def train_steps(t: _Trainer, model, opt, st: dict[str, Any], vectors: np.ndarray
             if clock() - last_ckpt >= cfg.checkpoint_minutes * 60:
                 st["job_seconds"] = job_seconds()
                 if main:
+                    _flush(t.id, pending, st)  # the rows first: a kill after the checkpoint leaves no gap before its step
                     t.checkpoint(accelerator.unwrap_model(model) if accelerator else model, opt, st)
                 last_ckpt = clock()
     finally:
@@ -498,8 +512,6 @@ def train_in_worker(decoder_id: int, cfg: DecoderConfig, worker) -> str:
     training steps from the checkpoint the job's process left, until the last step or the job's deadline, in
     DDP with the other workers; rank 0 then leaves its checkpoint for the job's process (which decodes the
     final report and saves the decoder). Returns 'trained' or 'stopped'."""
-    import hashlib as _hashlib
-
     from accelerate import Accelerator
 
     from ..device import resolve_device
@@ -518,9 +530,12 @@ def train_in_worker(decoder_id: int, cfg: DecoderConfig, worker) -> str:
                        lambda: spent + time.time() - launched, accelerator, worker.stop_requested)
     st["job_seconds"] = spent + time.time() - launched
     trained = accelerator.unwrap_model(model)
-    digest = _hashlib.sha256(b"".join(p.detach().float().cpu().numpy().tobytes() for p in trained.parameters() if p.requires_grad)).hexdigest()[:16]
+    digest = hashlib.sha256()  # one parameter at a time: a checksum, not a second copy of the weights
+    for p in trained.parameters():
+        if p.requires_grad:
+            digest.update(p.detach().cpu().numpy().tobytes())
     log.info("rank %d of %d: %d steps, %d questions, weights %s", accelerator.process_index, accelerator.num_processes, st["step"],
-             t.rows_seen, digest)
+             t.rows_seen, digest.hexdigest()[:16])
     if accelerator.is_main_process:
         t.checkpoint(trained, opt, st)
     accelerator.wait_for_everyone()

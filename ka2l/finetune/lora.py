@@ -422,11 +422,20 @@ def finetune_key(cfg: FinetuneConfig) -> str:
     return config_hash(replace(cfg, file=same) if cfg.source == "file" else cfg)
 
 
+def stored_key(row: dict[str, Any]) -> str | None:
+    try:
+        return finetune_key(from_dict(FinetuneConfig, row["config"]))
+    except ConfigError:  # a row written by an older ka2l whose config no longer validates
+        return None
+
+
 def _start(pool: str | int, cfg: FinetuneConfig, ds: D.Dataset, spec: ModelSpec) -> tuple[int, str]:
     with connect() as db:
         h = finetune_key(cfg)
-        # fine-tunes stored before the key left out the file's path carry the whole config's hash
-        row = S.find_finetune(db, ds.pool_id, h, ds.hash) or S.find_finetune(db, ds.pool_id, config_hash(cfg), ds.hash)
+        # fine-tunes stored before the key left out the file's path carry the whole config's hash: their stored
+        # config, keyed anew, finds them
+        row = S.find_finetune(db, ds.pool_id, h, ds.hash) or next(
+            (r for r in S.finetunes_with_data(db, ds.pool_id, ds.hash) if stored_key(r) == h), None)
         if row is not None and row["status"] == "done" and row["adapter_dir"] and Path(row["adapter_dir"]).is_dir():
             return int(row["id"]), "done"
         if row is not None:

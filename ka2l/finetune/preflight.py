@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from ..config import FinetuneConfig
 from ..errors import ConfigError
+from ..launcher import SHARDED
 
 GIB = 1024**3
 OVERHEAD = 0.5 * GIB
@@ -132,8 +133,9 @@ class Layout:
 
 
 def layout_of(cfg: FinetuneConfig, device: str, kind: str | None = None) -> Layout:
-    """The layout ``cfg``'s launcher gives on ``device``; ``kind`` is the accelerate config's distributed type
-    (read from ``cfg.accelerate_config`` when not given).
+    """The layout ``cfg``'s launcher gives on ``device``; ``kind`` is how the accelerate config distributes: "FSDP" /
+    "DEEPSPEED" for configs that shard the weights (read from ``cfg.accelerate_config`` when not given: ZeRO 3,
+    FSDP FULL_SHARD; ZeRO 1 / 2 and SHARD_GRAD_OP keep whole weights, as DDP).
 
     >>> from ka2l.config import FinetuneConfig as F
     >>> layout_of(F(), "cuda"), layout_of(F(launcher="accelerate", num_processes=2), "cpu")
@@ -145,10 +147,12 @@ def layout_of(cfg: FinetuneConfig, device: str, kind: str | None = None) -> Layo
     if n == 1:
         return Layout()
     if kind is None:
-        from .launch import config_kind
+        from ..launcher import config_kind, shards_weights
 
         kind = config_kind(cfg.accelerate_config) if cfg.accelerate_config else "MULTI_GPU"
-    if kind in ("FSDP", "DEEPSPEED") and device.startswith("cuda"):
+        if kind in SHARDED and not shards_weights(cfg.accelerate_config):
+            kind = "MULTI_GPU"  # every process holds the whole weights
+    if kind in SHARDED and device.startswith("cuda"):
         return Layout(n, shards=n)
     return Layout(n, copies=1 if device.startswith("cuda") else n)
 

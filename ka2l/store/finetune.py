@@ -29,6 +29,12 @@ def find_finetune(db: Db, pool_id: int, config_hash: str, dataset_hash: str) -> 
     return rows[0] if rows else None
 
 
+def finetunes_with_data(db: Db, pool_id: int, dataset_hash: str) -> list[dict[str, Any]]:
+    """The pool's fine-tunes on exactly this data (any settings), oldest first."""
+    return [_decode(r) for r in db.query("SELECT * FROM finetunes WHERE pool_id = ? AND dataset_hash = ? ORDER BY id",
+                                         [pool_id, dataset_hash])]
+
+
 def get_finetune(db: Db, finetune_id: int) -> dict[str, Any]:
     rows = [_decode(r) for r in db.query("SELECT * FROM finetunes WHERE id = ?", [finetune_id])]
     if not rows:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import FinetuneConfig, config_hash, from_dict
+from ..config import FinetuneConfig, from_dict
 from ..errors import ConfigError, Ka2lError, NotFound
 from ..jobs import PENDING, list_jobs
 from ..paths import data_dir
@@ -169,13 +169,13 @@ def jobs_of(pool_id: int, kind: str = "finetune") -> list[dict[str, Any]]:
 
 def job_of(row: dict[str, Any]) -> dict[str, Any] | None:
     """The newest fine-tune job that runs (or ran) fine-tune ``row``: same pool and config."""
-    from ..finetune.lora import finetune_key
+    from ..finetune.lora import stored_key, finetune_key
 
     for job in jobs_of(int(row["pool_id"])):
         if (job.get("result") or {}).get("finetune_id") == row["id"]:
             return job
         try:
-            if finetune_key(from_dict(FinetuneConfig, job["config"].get("finetune", {}))) == row["config_hash"]:
+            if finetune_key(from_dict(FinetuneConfig, job["config"].get("finetune", {}))) in (row["config_hash"], stored_key(row)):
                 return job
         except Ka2lError:
             continue
