@@ -229,6 +229,14 @@ class TriageConfig:
 
 POOLINGS = ("mean", "last")
 LAUNCHERS = ("none", "accelerate")  # where training runs: the job's own process, or `accelerate launch` workers
+
+
+def _check_launcher(owner: str, launcher: str, num_processes: int) -> None:
+    _one_of(f"{owner}.launcher", launcher, LAUNCHERS)
+    _positive(f"{owner}.num_processes", num_processes)
+    if num_processes > 1 and launcher == "none":
+        raise ConfigError(f"{owner}.num_processes is {num_processes} but launcher is 'none': set launcher to 'accelerate' "
+                          f"to train with several processes, or num_processes to 1.")
 T5_SCRATCH = "t5-scratch"
 
 
@@ -263,11 +271,7 @@ class DecoderConfig:
 
     def __post_init__(self) -> None:
         _one_of("DecoderConfig.pooling", self.pooling, POOLINGS)
-        _one_of("DecoderConfig.launcher", self.launcher, LAUNCHERS)
-        _positive("DecoderConfig.num_processes", self.num_processes)
-        if self.num_processes > 1 and self.launcher == "none":
-            raise ConfigError(f"DecoderConfig.num_processes is {self.num_processes} but launcher is 'none': set launcher to 'accelerate' "
-                              f"to train with several processes, or num_processes to 1.")
+        _check_launcher("DecoderConfig", self.launcher, self.num_processes)
         if not self.backbone.strip():
             raise ConfigError(f"DecoderConfig.backbone is empty. Give a hub id, a folder, {EMBEDDED_MODEL!r} or {T5_SCRATCH!r}.")
         _positive("DecoderConfig.n_pseudo", self.n_pseudo)
@@ -489,11 +493,7 @@ class FinetuneConfig:
         from .device import DEVICES, DTYPES
 
         _one_of("FinetuneConfig.source", self.source, FINETUNE_SOURCES)
-        _one_of("FinetuneConfig.launcher", self.launcher, LAUNCHERS)
-        _positive("FinetuneConfig.num_processes", self.num_processes)
-        if self.num_processes > 1 and self.launcher == "none":
-            raise ConfigError(f"FinetuneConfig.num_processes is {self.num_processes} but launcher is 'none': set launcher to 'accelerate' "
-                              f"to train with several processes, or num_processes to 1.")
+        _check_launcher("FinetuneConfig", self.launcher, self.num_processes)
         _one_of("FinetuneConfig.gold_set", self.gold_set, GOLD_SETS)
         _one_of("FinetuneConfig.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _one_of("FinetuneConfig.device", self.device.split(":")[0], DEVICES)

@@ -304,13 +304,18 @@ def signal_group(pid: int, sig: int) -> None:
 
 
 def alive(pid: int) -> bool:
+    """True while ``pid`` is a live process: a zombie (exited, not yet reaped) counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 # -- the workers' side ---------------------------------------------------------------------------------

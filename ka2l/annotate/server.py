@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import Ka2lError
+from ..launcher import alive
 from ..paths import PROJECT_ROOT, data_dir
 from ..progress import NullProgress, Progress
 from . import connection
@@ -188,17 +189,7 @@ def _alive(pid: int) -> bool:
             _children.pop(pid, None)
             return False
         return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    return alive(pid)
 
 
 def _is_label_studio(pid: int) -> bool:

@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..config import GENERATE_SOURCES, LAUNCHERS, POOLINGS, DecoderConfig, FilterConfig, GenerateConfig, from_dict, to_dict
+from ..config import GENERATE_SOURCES, POOLINGS, DecoderConfig, FilterConfig, GenerateConfig, from_dict, to_dict
 from ..errors import ConfigError
-from .parsing import add_command, add_run_flags, submit_job
+from .parsing import add_command, add_launcher_flags, add_run_flags, submit_job
 
 GROUP = "Stage 2: augmentation"
 
@@ -131,12 +131,8 @@ def add_commands(sub) -> None:
     p.add_argument("--frozen-backbone", action="store_true", help="train the projection only")
     p.add_argument("--device", help="auto, cpu, cuda, mps")
     p.add_argument("--seed", type=int, help="seed for the held-out split, initialisation and data order (default 0)")
-    p.add_argument("--launcher", choices=LAUNCHERS, help="none (train in this process, the default) or accelerate (the training "
-                                                        "steps run in --num-processes workers under `accelerate launch`: several GPUs)")
-    p.add_argument("--num-processes", type=int, help="training processes under --launcher accelerate, one per GPU (on CPU: DDP over "
-                                                     "gloo); each takes its share of every batch (default 1)")
-    p.add_argument("--accelerate-config", help="a DDP (MULTI_GPU) accelerate config file for the launcher (default: plain DDP; "
-                                               "the decoder is not sharded)")
+    add_launcher_flags(p, "the training steps run", "each takes its share of every batch",
+                       ": a DDP (MULTI_GPU) one; the decoder is not sharded")
     p.add_argument("--no-resume", action="store_true", help="train a new decoder even if one with this config exists")
     add_run_flags(p)
     p.set_defaults(func=_cmd_decoder_train)

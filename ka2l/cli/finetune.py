@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import FINETUNE_PRESETS, FINETUNE_SOURCES, GOLD_SETS, LAUNCHERS, LR_SCHEDULERS, FinetuneConfig, from_dict, to_dict
-from .parsing import add_command, add_run_flags, submit_job
+from ..config import FINETUNE_PRESETS, FINETUNE_SOURCES, GOLD_SETS, LR_SCHEDULERS, FinetuneConfig, from_dict, to_dict
+from .parsing import add_command, add_launcher_flags, add_run_flags, submit_job
 
 GROUP = "Stage 3: fine-tuning"
 
@@ -119,12 +119,8 @@ def add_commands(sub) -> None:
     p.add_argument("--mix-known", type=int, help="mix in k known questions with the model's own answers (default 0 = off)")
     p.add_argument("--device", help="auto, cpu, cuda, mps")
     p.add_argument("--dtype", help="auto, float32, float16, bfloat16")
-    p.add_argument("--launcher", choices=LAUNCHERS, help="none (train in this process, the default) or accelerate "
-                                                        "(start `accelerate launch` with --num-processes workers: several GPUs)")
-    p.add_argument("--num-processes", type=int, help="training processes under --launcher accelerate, one per GPU (on CPU: DDP "
-                                                     "over gloo); effective batch = batch size x grad accum x processes (default 1)")
-    p.add_argument("--accelerate-config", help="accelerate config file for the launcher, e.g. configs/accelerate/fsdp.yaml or "
-                                               "deepspeed-zero3.yaml for models too large for one GPU (default: plain DDP)")
+    add_launcher_flags(p, "the fine-tune runs", "effective batch = batch size x grad accum x processes",
+                       ", e.g. configs/accelerate/fsdp.yaml or deepspeed-zero3.yaml for models too large for one GPU")
     add_run_flags(p)
     p.set_defaults(func=_cmd_finetune)
 

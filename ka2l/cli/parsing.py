@@ -51,3 +51,14 @@ def submit_job(kind: str, config: dict, follow: str) -> int:
         return 0
     print(f"submitted job {job_id}: follow it on {follow} or with `python -m ka2l jobs`")
     return 0
+
+
+def add_launcher_flags(parser: argparse.ArgumentParser, what: str, processes: str, config: str) -> None:
+    """--launcher / --num-processes / --accelerate-config for work that trains under ``accelerate launch``."""
+    from ..config import LAUNCHERS
+
+    parser.add_argument("--launcher", choices=LAUNCHERS, help=f"none (train in this process, the default) or accelerate ({what} "
+                                                             f"in --num-processes workers under `accelerate launch`: several GPUs)")
+    parser.add_argument("--num-processes", type=int, help=f"training processes under --launcher accelerate, one per GPU (on CPU: DDP "
+                                                          f"over gloo); {processes} (default 1)")
+    parser.add_argument("--accelerate-config", help=f"accelerate config file for the launcher{config} (default: plain DDP)")
