@@ -186,6 +186,7 @@ def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel_a
     assert {f["value"] for f in rep["frame"] if f["strategy"] == R.BASE_NAME} == {rep["base"]["value"]}
     assert rep["frame"] and {f["strategy"] for f in rep["frame"]} == {"random", "ka2l-unknown", R.BASE_NAME}
     assert not rep["rq1"]["available"] and not rep["rq3"]["available"]
+    assert "budget 1 (all the data)" in rep["rq1"]["why"]  # 0.5 is this grid's largest budget, not all the data
     assert "did not include ka2l-augmented" in rep["rq3"]["why"]  # says why, not just "no cells"
     costs = {c["strategy"]: c for c in rep["costs"]}
     assert costs["ka2l-unknown"]["one_off_seconds"] > costs["random"]["one_off_seconds"] == 0  # SE sampling counts for KA2L

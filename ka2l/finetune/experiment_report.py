@@ -159,6 +159,8 @@ def _rq1(groups, per_q, cfg: ExperimentConfig, one_off: dict[str, float], n_boot
     if not budgets or not any(s == "ka2l-unknown" for s, _ in groups):
         return {"available": False, "why": "needs finished ka2l-unknown cells"}
     full_b = budgets[-1]
+    if full_b < 1.0:  # the largest budget of a grid without 1.0 is not "all the data"
+        return {"available": False, "why": f"needs finished cells at budget 1 (all the data); the largest finished is {full_b:g}"}
     at_full = [s for s, b in groups if b == full_b]
     full_s = "random" if "random" in at_full else (at_full[0] if at_full else None)
     ka2l = sorted((b for s, b in groups if s == "ka2l-unknown"), key=lambda b: (abs(b - full_b / 2), b))
