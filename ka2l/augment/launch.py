@@ -4,7 +4,7 @@
                         and calls ``launch``: ``ka2l.launcher.follow`` runs ``-m ka2l.augment.launch ID`` in
                         ``num_processes`` workers (progress relayed, a cancel becomes a stop file); it then loads the
                         workers' checkpoint, decodes the final report and saves the decoder
-    every worker        ``main``: ``train.train_in_worker``, the same training steps as one process, each worker
+    every worker        ``main``: ``train_in_worker``, the same training steps as one process, each worker
                         taking its share of every batch, DDP averaging the gradients; rank 0 writes the loss rows and
                         the checkpoint and says how training ended in ``launch/outcome.json``
 
@@ -14,6 +14,7 @@ FSDP or ZeRO-3 accelerate config is refused (``check``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -65,11 +66,46 @@ def launch(decoder_id: int, cfg: DecoderConfig, deadline: float | None, job_seco
                       f"Fix what the log names and resume the job: it continues from the last checkpoint.")
 
 
+def train_in_worker(decoder_id: int, cfg: DecoderConfig, worker) -> str:
+    """One ``accelerate launch`` worker's part of ``train_decoder`` (``worker``: a ``ka2l.launcher.Worker``): the
+    training steps from the checkpoint the job's process left, until the last step or the job's deadline, in
+    DDP with the other workers; rank 0 then leaves its checkpoint for the job's process (which decodes the
+    final report and saves the decoder). Returns 'trained' or 'stopped'."""
+    from accelerate import Accelerator
+
+    from ..device import resolve_device
+    from .steps import total_steps, train_steps
+    from .train import Budget, Trainer
+
+    spec = worker.config
+    deadline, launched, spent = spec["deadline"], float(spec["launched_at"]), float(spec["job_seconds"])
+    accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu")
+    t = Trainer(decoder_id, cfg, worker.progress, None, Budget(None))
+    t.device = str(accelerator.device)
+    vectors = t.vectors()  # cached by the job's process
+    decoder, opt, st = t.build(vectors)
+    model, opt = accelerator.prepare(decoder, opt)
+    total = total_steps(cfg, len(t.train_rows))
+    worker.progress.stage("training", total=total, done=st["step"])
+    stop = train_steps(t, model, opt, st, vectors, total, lambda step_s: deadline is None or time.time() + step_s <= deadline,
+                       lambda: spent + time.time() - launched, accelerator, worker.stop_requested)
+    st["job_seconds"] = spent + time.time() - launched
+    trained = accelerator.unwrap_model(model)
+    digest = hashlib.sha256()  # one parameter at a time: a checksum, not a second copy of the weights
+    for p in trained.parameters():
+        if p.requires_grad:
+            digest.update(p.detach().cpu().numpy().tobytes())
+    log.info("rank %d of %d: %d steps, %d questions, weights %s", accelerator.process_index, accelerator.num_processes, st["step"],
+             t.rows_seen, digest.hexdigest()[:16])
+    if accelerator.is_main_process:
+        t.checkpoint(trained, opt, st)
+    accelerator.wait_for_everyone()
+    return "stopped" if stop else "trained"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """One worker: ``python -m ka2l.augment.launch DECODER_ID``, started by ``accelerate launch``. Exit code 0
     trained or stopped (``outcome.json`` says which), 1 failed."""
-    from .train import train_in_worker
-
     args = list(sys.argv[1:] if argv is None else argv)
     decoder_id = int(args[0])
     worker = Worker(folder(decoder_id))

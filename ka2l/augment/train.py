@@ -42,6 +42,7 @@ from ..progress import NullProgress, Progress, marks_status
 from ..store import queries as Q
 from ..store import augment as S
 from ..store.db import connect
+from .steps import total_steps, train_steps
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def _start(db, cfg: DecoderConfig, resume: bool) -> tuple[int, str]:
                                  "status": "training", "versions": versions()}), "new"
 
 
-class _Trainer:
+class Trainer:
     """One decoder's training state, so a cancel at any point can checkpoint it."""
 
     def __init__(self, decoder_id: int, cfg: DecoderConfig, progress: Progress, lm: LoadedLM | None, budget: Budget):
@@ -331,7 +332,7 @@ def train_decoder(cfg: DecoderConfig, progress: Progress | None = None, resume: 
 
     with marks_status(update, progress):
         budget = Budget(cfg.max_minutes * 60 if cfg.max_minutes else None, clock)
-        t = _Trainer(decoder_id, cfg, progress, lm, budget)
+        t = Trainer(decoder_id, cfg, progress, lm, budget)
         budget.start -= float(t.saved_state().get("job_seconds", 0.0))  # time earlier attempts spent counts too
         vectors = t.vectors()
         decoder, opt, st = t.build(vectors)
@@ -399,144 +400,3 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def total_steps(cfg: DecoderConfig, n_train: int) -> int:
-    """Optimiser steps of ``cfg.epochs`` over ``n_train`` questions in batches of ``cfg.batch_size`` (whatever the processes).
-
-    >>> total_steps(DecoderConfig(epochs=3, batch_size=4), 10)
-    9
-    """
-    return cfg.epochs * math.ceil(n_train / cfg.batch_size)
-
-
-def share(batch: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """Process ``rank``'s rows of a step's batch: every ``world``-th from ``rank``, so the processes together take
-    the batch one process takes. A batch smaller than the processes gives each one row (one is seen twice):
-    every process must take part in every step.
-
-    >>> share(np.arange(5), 0, 2), share(np.arange(5), 1, 2), share(np.arange(1), 1, 2)
-    (array([0, 2, 4]), array([1, 3]), array([0]))
-    """
-    return batch[rank::world] if len(batch) >= world else batch[[rank % len(batch)]]
-
-
-def train_steps(t: _Trainer, model, opt, st: dict[str, Any], vectors: np.ndarray, total: int, go_on: Callable[[float], bool],
-                job_seconds: Callable[[], float], accelerator=None, stop_requested: Callable[[], bool] | None = None) -> bool:
-    """Optimiser steps from ``st['step']`` to ``total`` while ``go_on(the slowest step's seconds)``: the loss rows
-    (written about every second), the progress, a checkpoint every ``checkpoint_minutes``. Returns whether a
-    stop was asked for (``stop_requested``). Under ``accelerate launch`` (an ``accelerator``) every process takes
-    its ``share`` of each batch, its loss weighted by its share of the batch's target tokens so that DDP's mean of
-    the gradients is the one-process step's; the processes agree at every step's end on going on, and rank 0
-    alone writes the rows (the batch's loss: the mean of the weighted shares) and checkpoints."""
-    import torch
-
-    cfg, progress, clock = t.cfg, t.progress, t.budget.clock
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    main = rank == 0
-    stop_requested = stop_requested or (lambda: False)
-
-    def agree(stop: bool, go: bool) -> tuple[bool, bool]:
-        """(any process was asked to stop, every process may go on): all processes leave at the same step."""
-        if accelerator is None:
-            return stop, go
-        flags = accelerator.reduce(torch.tensor([float(stop), float(not go)], device=accelerator.device), reduction="sum")
-        return bool(flags[0] > 0), bool(flags[1] == 0)
-
-    bs = cfg.batch_size
-    per_epoch = math.ceil(len(t.train_rows) / bs)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if t.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
-    pending: list[tuple[int, int, float]] = []
-    last_write, last_ckpt = time.monotonic(), clock()
-    step_seconds = 0.0  # the slowest step so far
-    stop = False
-    try:
-        while st["step"] < total:
-            stop, go = agree(stop_requested(), go_on(step_seconds))
-            if stop or not go:
-                break
-            epoch, b = divmod(st["step"], per_epoch)
-            order = np.random.default_rng(cfg.seed * 7919 + epoch).permutation(t.train_rows)
-            batch = order[b * bs : (b + 1) * bs]
-            rows = share(batch, rank, world)
-            texts = [t.texts[i] for i in rows]
-            t0 = clock()
-            with autocast:
-                loss = model(torch.as_tensor(vectors[rows]), texts, cfg.max_length)
-            if world > 1:  # this share's token mean, weighted so DDP's mean over processes is the batch's token mean
-                count = accelerator.unwrap_model(model).target_tokens
-                shares = [count([t.texts[i] for i in share(batch, r, world)], cfg.max_length) for r in range(world)]
-                loss = loss * (world * shares[rank] / sum(shares))
-            opt.zero_grad()
-            if accelerator is None:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            else:
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            value = float(loss.detach()) if accelerator is None else float(accelerator.reduce(loss.detach().float(), reduction="mean"))
-            t.rows_seen += len(rows)
-            took = clock() - t0
-            step_seconds = max(step_seconds, took)
-            st["seconds"] += took
-            st["step"] += 1
-            if main:
-                pending.append((st["step"], epoch, value))
-                if time.monotonic() - last_write >= 1.0 or st["step"] >= total:
-                    _flush(t.id, pending, st)
-                    last_write = time.monotonic()
-            progress.advance(1, f"epoch {epoch + 1}/{cfg.epochs} · loss {value:.3f}")
-            if clock() - last_ckpt >= cfg.checkpoint_minutes * 60:
-                st["job_seconds"] = job_seconds()
-                if main:
-                    _flush(t.id, pending, st)  # the rows first: a kill after the checkpoint leaves no gap before its step
-                    t.checkpoint(accelerator.unwrap_model(model) if accelerator else model, opt, st)
-                last_ckpt = clock()
-    finally:
-        if main:  # also when a cancel interrupts a step: the rows of the steps taken are kept
-            _flush(t.id, pending, st)
-    return stop
-
-
-def _flush(decoder_id: int, pending: list[tuple[int, int, float]], st: dict[str, Any]) -> None:
-    with connect() as db:
-        if pending:
-            S.add_losses(db, decoder_id, pending)
-        S.update_decoder(db, decoder_id, step=st["step"], train_seconds=st["seconds"])
-    pending.clear()
-
-
-def train_in_worker(decoder_id: int, cfg: DecoderConfig, worker) -> str:
-    """One ``accelerate launch`` worker's part of ``train_decoder`` (``worker``: a ``ka2l.launcher.Worker``): the
-    training steps from the checkpoint the job's process left, until the last step or the job's deadline, in
-    DDP with the other workers; rank 0 then leaves its checkpoint for the job's process (which decodes the
-    final report and saves the decoder). Returns 'trained' or 'stopped'."""
-    from accelerate import Accelerator
-
-    from ..device import resolve_device
-
-    spec = worker.config
-    deadline, launched, spent = spec["deadline"], float(spec["launched_at"]), float(spec["job_seconds"])
-    accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu")
-    t = _Trainer(decoder_id, cfg, worker.progress, None, Budget(None))
-    t.device = str(accelerator.device)
-    vectors = t.vectors()  # cached by the job's process
-    decoder, opt, st = t.build(vectors)
-    model, opt = accelerator.prepare(decoder, opt)
-    total = total_steps(cfg, len(t.train_rows))
-    worker.progress.stage("training", total=total, done=st["step"])
-    stop = train_steps(t, model, opt, st, vectors, total, lambda step_s: deadline is None or time.time() + step_s <= deadline,
-                       lambda: spent + time.time() - launched, accelerator, worker.stop_requested)
-    st["job_seconds"] = spent + time.time() - launched
-    trained = accelerator.unwrap_model(model)
-    digest = hashlib.sha256()  # one parameter at a time: a checksum, not a second copy of the weights
-    for p in trained.parameters():
-        if p.requires_grad:
-            digest.update(p.detach().cpu().numpy().tobytes())
-    log.info("rank %d of %d: %d steps, %d questions, weights %s", accelerator.process_index, accelerator.num_processes, st["step"],
-             t.rows_seen, digest.hexdigest()[:16])
-    if accelerator.is_main_process:
-        t.checkpoint(trained, opt, st)
-    accelerator.wait_for_everyone()
-    return "stopped" if stop else "trained"
