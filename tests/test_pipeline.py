@@ -4,6 +4,7 @@ project's real loader, store and resume logic."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ka2l.config import TriageConfig
+from ka2l.config import ThresholdConfig, TriageConfig
 from ka2l.errors import Cancelled, ProbeError
 from ka2l.paths import PROJECT_ROOT
 from ka2l.probing.stage1 import run_stage1, run_triage
@@ -251,12 +252,29 @@ def test_a_threshold_that_leaves_too_few_of_one_label_stores_no_label(memo_model
     import_pool(capitals, rows=capitals[:4] + capitals[40:44])
     with pytest.raises(ProbeError, match=r"need at least 5 of each") as err:
         run_stage1("caps", stage1_cfg(memo_model))
-    assert "--threshold-rule" in str(err.value)
+    assert "too few for 5 of each label, whatever the threshold: import a larger pool" in str(err.value)
     with connect() as db:
         run = Q.list_runs(db)[0]
         scores = Q.load_scores(db, run["id"])
     assert len({s["se"] for s in scores}) > 1, "SE varies: this is not the equal-SE refusal"
     assert run["threshold"] is None and len(scores) == 8 and all(s["bise"] is None for s in scores)
+
+
+def test_a_pool_beyond_the_model_says_so_and_suggests_steadier_samples_not_more_varied_ones(memo_model, capitals):
+    """FanOutQA with the embedded 135M model: almost every question's samples all differ. The advice for a pool
+    with too few known questions is the opposite of the one for too few unknown ones (a higher temperature would
+    only make it worse), and it says how many questions sit at the highest SE the samples allow."""
+    import_pool(capitals, rows=capitals[:3] + capitals[40:80])  # 3 memorised, 40 the model never saw
+    cfg = replace(stage1_cfg(memo_model), threshold=ThresholdConfig(rule="paper-mse"))  # unknown = SE above about 0.5
+    with pytest.raises(ProbeError, match=r"need at least 5 of each") as err:
+        run_stage1("caps", cfg)
+    with connect() as db:
+        se = np.array([s["se"] for s in Q.load_scores(db, Q.list_runs(db)[0]["id"])])
+    at_max = int((se >= np.log(cfg.sampling.k) - 1e-6).sum())
+    msg = str(err.value)
+    assert re.search(r"labels [0-4] questions known and \d+ unknown", msg), msg
+    assert "unsure of almost every question" in msg and "lower --temperature" in msg and "higher --k" not in msg
+    assert at_max > 0 and f"({at_max} of 43 have all {cfg.sampling.k} samples in different meanings)" in msg
 
 
 @pytest.mark.parametrize("cancel_stage, n", [("answers", 16), ("semantic entropy", 32)])

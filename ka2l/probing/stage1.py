@@ -13,6 +13,7 @@ interrupted one stopped (Ctrl-C, kill, crash) and recomputes nothing that was st
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -304,6 +305,30 @@ def _stage_scores(db, run_id: int, questions: list[dict], cfg: Stage1Config, pro
             progress.advance(len(chunk))
 
 
+def one_sided_advice(se: np.ndarray, n_known: int, n_unknown: int, cfg: Stage1Config) -> str:
+    """What to change when a threshold leaves too few questions of one label: the fix depends on which side is short.
+
+    >>> from ka2l.config import Stage1Config
+    >>> one_sided_advice(np.log([10.0] * 9 + [1.0]), 1, 9, Stage1Config()).split(":")[0]
+    'The model is unsure of almost every question (9 of 10 have all 10 samples in different meanings)'
+    """
+    from .probes import MIN_PER_CLASS
+
+    s = cfg.sampling
+    if len(se) < 2 * MIN_PER_CLASS:
+        return (f"The pool's {len(se)} questions are too few for {MIN_PER_CLASS} of each label, whatever the threshold: "
+                f"import a larger pool.")
+    if n_known < MIN_PER_CLASS:
+        at_max = int(np.sum(se >= math.log(s.k) - 1e-6))
+        spread = f" ({at_max} of {len(se)} have all {s.k} samples in different meanings)" if at_max else ""
+        return (f"The model is unsure of almost every question{spread}: the pool lies beyond what it knows, so there is "
+                f"nothing known to contrast. Use a pool with questions it can answer, a larger model, or steadier samples: "
+                f"a lower --temperature (now {s.temperature}); another --threshold-rule moves the line too.")
+    return (f"The model agrees with itself on almost every question: add harder questions, or sample more varied "
+            f"answers with a higher --k or --temperature (now k = {s.k}, temperature = {s.temperature}); another "
+            f"--threshold-rule moves the line too.")
+
+
 _KEPT = "No label was stored; the hidden states, answers and semantic entropies computed so far are kept."
 
 
@@ -330,7 +355,7 @@ def _stage_labels(db, run_id: int, cfg: Stage1Config) -> dict[str, Any]:
         raise ProbeError(
             f"The {th.rule} threshold gamma* = {th.gamma:.3f} nats labels {len(labels) - n_unknown} questions known and "
             f"{n_unknown} unknown, but the probes need at least {MIN_PER_CLASS} of each to split train / validation / test. "
-            f"{_KEPT} Use a larger or more varied pool, a higher --k or --temperature, or another --threshold-rule."
+            f"{_KEPT} {one_sided_advice(se, len(labels) - n_unknown, n_unknown, cfg)}"
         )
     Q.set_bise(db, run_id, {r["question_id"]: int(l) for r, l in zip(rows, labels)})
     threshold = {"rule": th.rule, "gamma": th.gamma, "candidates": list(th.candidates), "criterion": list(th.criterion),
