@@ -291,6 +291,8 @@ class FilterConfig:
     max_chars: int = _f(300, "Candidates longer than this many characters are dropped.")
     min_words: int = _f(3, "Candidates with fewer words are dropped.")
     require_question: bool = _f(True, "Drop candidates that are not questions (no '?' and no question word at the start).")
+    max_repeats: int = _f(2, "Candidates in which a stretch of 3-30 characters occurs more than this many times back to back "
+                             "(a decoder loop: 'What isWhat isWhat is') are dropped; 0 = no check.")
     similarity: float = _f(0.97, "Cosine similarity (of centred decoder input vectors) at or above which a candidate duplicates "
                                  "an existing question or an earlier candidate.")
     word_overlap: float = _f(0.9, "Lexical near-duplicate check beside the vector one: the share of the shorter question's content "
@@ -301,6 +303,7 @@ class FilterConfig:
     def __post_init__(self) -> None:
         _positive("FilterConfig.max_chars", self.max_chars)
         _positive("FilterConfig.min_words", self.min_words, allow_zero=True)
+        _positive("FilterConfig.max_repeats", self.max_repeats, allow_zero=True)
         if not -1 <= self.similarity <= 1:
             raise ConfigError(f"FilterConfig.similarity is a cosine similarity in [-1, 1], got {self.similarity}.")
         if not 0 < self.word_overlap <= 1:
@@ -417,7 +420,7 @@ def config_hash(cfg: Any) -> str:
 
 # Settings added after runs were stored, hashed only when they differ from their default: runs stored before
 # they existed keep their hash. Where work runs (device, executor) is never hashed: a run may resume elsewhere.
-_ADDED_LATER = {"adapter": None, "backend": "hf", "launcher": "none", "num_processes": 1, "accelerate_config": ""}
+_ADDED_LATER = {"adapter": None, "backend": "hf", "launcher": "none", "num_processes": 1, "accelerate_config": "", "max_repeats": 2}
 _NOT_HASHED = ("device", "executor")
 
 

@@ -154,10 +154,26 @@ def test_normalise_screen_and_keys():
     cfg = FilterConfig(max_chars=60, min_words=3)
     assert screen("", cfg)[1] == "empty"
     assert screen("Chad?", cfg)[1] == "under 3 words"
-    assert screen("What " + "very " * 20 + "long?", cfg)[1] == "over 60 characters"
+    assert screen("What " + " ".join(f"w{i}" for i in range(30)) + "?", cfg)[1] == "over 60 characters"
+    assert screen("What " + "very " * 20 + "long?", cfg)[1] == "repeats itself"
     assert screen("The capital of Chad is here.", cfg)[1] == "not a question"
     assert screen("The capital of Chad is here.", FilterConfig(require_question=False))[1] is None
     assert dedupe_key("What is the capital of Chad?") == dedupe_key("what is the CAPITAL of chad")
+
+
+def test_decoder_loops_are_dropped_and_glued_fragments_cut_off():
+    """Seen in decoded capitals candidates: a loop kept as a 'question', and fragments glued to the question word."""
+    loop = "What interpreWhat whatWhatWhat What What whoWhatWhat is whatWhat is theWhatWhat isWhat isWhat is structuresWhat"
+    assert screen(loop, FilterConfig())[1] == "repeats itself"
+    assert screen(loop, FilterConfig(max_repeats=0))[1] is None, "0 turns the check off"
+    assert screen("What isWhat is the capital of Peru?", FilterConfig())[1] is None, "twice is not a loop"
+    assert screen("Where is Mississippi's capital, Jackson, Mississippi?", FilterConfig())[1] is None
+    assert normalise("AustWhat is the capital of Saint Martin?") == "What is the capital of Saint Martin?"
+    assert normalise("ÍWhat is the capital of the Maldives?") == "What is the capital of the Maldives?"
+    assert normalise("What is the capital of Chad? Who knows") == "What is the capital of Chad?", "nothing glued: unchanged"
+    assert normalise("Somehow Who wrote it?") == "Somehow Who wrote it?", "only a fragment glued to the question word goes"
+    with pytest.raises(ConfigError, match="max_repeats"):
+        FilterConfig(max_repeats=-1)
 
 
 # -- training, generation and review on a stored Stage 1 run ---------------------------------------

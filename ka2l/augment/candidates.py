@@ -45,11 +45,21 @@ _LABEL = re.compile(r"^(question|q)\s*[:.)-]\s*", re.IGNORECASE)
 _QUOTES = "\"'`“”‘’*"
 
 
+# A decoder often glues a stray fragment to the question it then writes: 'AustWhat is the capital of ...?'
+_GLUED = re.compile(r"^\S+?(?=(?:What|Who|Whom|Whose|Which|Where|When|Why|How)\s)")
+LOOP_MIN, LOOP_MAX = 3, 30  # the lengths of stretch a decoder loop repeats ('What isWhat isWhat is')
+
+
 def normalise(text: str) -> str:
-    """Collapse whitespace, drop a 'Question:' label and wrapping quotes, keep text up to the first
-    '?', capitalise the first letter."""
+    """Collapse whitespace, drop a 'Question:' label, wrapping quotes and a fragment glued to the question
+    word, keep text up to the first '?', capitalise the first letter.
+
+    >>> normalise("WFWhat is the capital of the Czech Republic?")
+    'What is the capital of the Czech Republic?'
+    """
     t = " ".join(text.split()).strip(_QUOTES + " ")
     t = _LABEL.sub("", t).strip(_QUOTES + " ")
+    t = _GLUED.sub("", t, count=1)
     if "?" in t:
         t = t[: t.index("?") + 1]
     t = re.sub(r"\s+\?$", "?", t)
@@ -61,11 +71,29 @@ def is_question(text: str) -> bool:
     return text.endswith("?") or (bool(words) and words[0] in QUESTION_WORDS)
 
 
+def longest_loop(text: str) -> int:
+    """How many times the most repeated stretch of 3-30 characters occurs back to back (casefolded).
+
+    >>> longest_loop("What isWhat isWhat isWhat is"), longest_loop("What is the capital of Peru?")
+    (4, 1)
+    """
+    t, best = text.casefold(), 1
+    for i in range(len(t)):
+        for n in range(LOOP_MIN, min(LOOP_MAX, (len(t) - i) // 2) + 1):
+            unit, times = t[i : i + n], 1
+            while t.startswith(unit, i + times * n):
+                times += 1
+            best = max(best, times)
+    return best
+
+
 def screen(raw: str, cfg: FilterConfig) -> tuple[str, str | None]:
     """(normalised text, reason to drop it or None)."""
     t = normalise(raw)
     if not t:
         return t, "empty"
+    if cfg.max_repeats and longest_loop(t) > cfg.max_repeats:
+        return t, "repeats itself"
     if len(t) > cfg.max_chars:
         return t, f"over {cfg.max_chars} characters"
     if len(t.split()) < cfg.min_words:
