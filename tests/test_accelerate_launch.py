@@ -18,7 +18,8 @@ from ka2l import jobs, launcher
 from ka2l.config import FinetuneConfig, ModelSpec, to_dict
 from ka2l.errors import ConfigError
 from ka2l.finetune import launch as L
-from ka2l.finetune.lora import checkpoints, finetune, folder_of, load_finetuned
+from ka2l.finetune.lora import finetune, folder_of, load_finetuned
+from ka2l.finetune.trainer import checkpoints
 from ka2l.models.llm import build_prompt, load_model
 from ka2l.paths import PROJECT_ROOT
 from ka2l.store import finetune as S

@@ -108,7 +108,8 @@ def few_lora_steps_on_the_run(pool: str, tmp_path) -> None:
     from ka2l.config import FinetuneConfig, ModelSpec
     from ka2l.finetune.data import Pair
     from ka2l.finetune.export import save_merged
-    from ka2l.finetune.lora import encode_pairs, finetune, load_finetuned, load_tuned, run_model
+    from ka2l.finetune.lora import finetune, load_finetuned, load_tuned, run_model
+    from ka2l.finetune.trainer import encode_pairs
     from ka2l.models.embedded import embedded_gguf
     from ka2l.models.llm import build_prompt, load_model
     from ka2l.store import finetune as S

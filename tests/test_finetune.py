@@ -15,7 +15,8 @@ from ka2l.config import FinetuneConfig, ModelSpec, PromptConfig, SamplingConfig,
 from ka2l.errors import ConfigError
 from ka2l.finetune import preflight as P
 from ka2l.finetune.data import Pair
-from ka2l.finetune.lora import checkpoints, encode_pairs, finetune, folder_of, load_finetuned, make_trainer
+from ka2l.finetune.lora import finetune, folder_of, load_finetuned
+from ka2l.finetune.trainer import checkpoints, encode_pairs, make_trainer
 from ka2l.models.llm import build_prompt, generate_answers, load_model
 from ka2l.store import finetune as S
 from ka2l.store.db import connect

@@ -38,6 +38,7 @@ from ..progress import NullProgress, Progress
 from ..store import finetune as S
 from ..store.db import connect
 from . import lora
+from .trainer import replace_dir
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", lora.SIDECAR)
 MERGED_DIR = "merged"
@@ -63,7 +64,7 @@ UNMAPPED = {
               "alpaca file holds the bare question as 'instruction', so LLaMA-Factory's template wraps the question alone.",
     "loss": "Completion-only loss is LLaMA-Factory's default (train_on_prompt: false), so it needs no setting.",
 }
-SCHEDULERS = {"constant": "constant_with_warmup"}  # as ka2l's trainer runs it (lora.make_trainer)
+SCHEDULERS = {"constant": "constant_with_warmup"}  # as ka2l's trainer runs it (trainer.make_trainer)
 
 
 # -- the fine-tune and the output folder ---------------------------------------------------------
@@ -100,7 +101,7 @@ def _staged(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; an export is as readable as any folder
-        lora._replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

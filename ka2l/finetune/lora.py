@@ -1,5 +1,5 @@
-"""The LoRA fine-tune as resumable work, and loading a tuned model. The only module that imports
-``peft`` and ``trl`` (both lazily, inside functions).
+"""The LoRA fine-tune as resumable work, and loading a tuned model. With ``ka2l.finetune.trainer`` (the
+SFTTrainer set-up) the only modules that import ``peft`` and ``trl`` (both lazily, inside functions).
 
     data        ``ka2l.finetune.data.build``: pairs, the held-out split, the dataset hash; stored in finetune_data
     preflight   the memory estimate against the device (``ka2l.finetune.preflight``); a config that cannot fit is refused
@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,18 +41,18 @@ from typing import Any
 from ..config import FinetuneConfig, ModelSpec, PromptConfig, Stage1Config, config_hash, from_dict, to_dict
 from ..errors import Cancelled, ConfigError, ModelLoadError
 from ..launcher import stop_requests
-from ..models.llm import LoadedLM, build_prompt, load_model, resolve_source
+from ..models.llm import LoadedLM, load_model, resolve_source
 from ..paths import data_dir
 from ..progress import NullProgress, Progress, marks_status
 from ..store import finetune as S
 from ..store import queries as Q
 from ..store.db import connect
 from . import data as D
+from .trainer import any_rank, checkpoints, encode_pairs, lora_checksum, make_trainer, replace_dir, save_adapter, sharded, total_steps
 
 log = logging.getLogger(__name__)
 
 SIDECAR = "ka2l-finetune.json"
-KEEP_CHECKPOINTS = 2
 
 
 def finetunes_dir() -> Path:
@@ -76,195 +75,7 @@ def versions() -> dict[str, str]:
             "trl": trl.__version__}
 
 
-# -- tokenising ----------------------------------------------------------------------------------
-
-def encode_pair(tokenizer, prompt: str, answer: str) -> dict[str, list[int]]:
-    """``input_ids`` = prompt tokens (as Stage 1 encodes them) + answer tokens + EOS, and a ``completion_mask``
-    that is 0 on the prompt, 1 on the answer and EOS. The two are tokenised apart, as at generation time."""
-    bos = tokenizer.bos_token
-    prompt_ids = tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
-    sep = "" if prompt.endswith((" ", "\n")) else " "  # a plain 'Answer:' prompt is continued after a space
-    answer_ids = tokenizer(sep + answer, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        answer_ids = answer_ids + [tokenizer.eos_token_id]
-    return {"input_ids": list(prompt_ids) + list(answer_ids), "completion_mask": [0] * len(prompt_ids) + [1] * len(answer_ids)}
-
-
-def encode_pairs(tokenizer, pairs: Sequence[D.Pair], prompt: PromptConfig, max_length: int) -> list[dict[str, list[int]]]:
-    """Every pair encoded; a prompt that leaves no room for its answer within ``max_length`` is refused."""
-    rows = [encode_pair(tokenizer, build_prompt(tokenizer, p.question, prompt), p.answer) for p in pairs]
-    long = [sum(1 for m in r["completion_mask"] if m == 0) for r in rows]
-    over = [n for n in long if n >= max_length - 1]
-    if over:
-        raise ConfigError(f"{len(over)} of {len(rows)} prompts are {max(over)} tokens or longer, more than max_length = {max_length} "
-                          f"leaves for an answer. Raise max_length to at least {max(over) + 32}, or shorten those questions.")
-    return rows
-
-
-# -- the trainer ---------------------------------------------------------------------------------
-
-def _trainer_class():
-    from trl import SFTTrainer
-
-    class AtomicSFTTrainer(SFTTrainer):
-        """SFTTrainer whose checkpoints are written under ``.partial`` and renamed into place when complete."""
-
-        _ka2l_partial: str | None = None
-        _ka2l_before_commit: Any = None  # writes the loss rows up to this step before its checkpoint exists
-
-
-        def _get_output_dir(self, trial):
-            return self._ka2l_partial or super()._get_output_dir(trial)
-
-        def _save_checkpoint(self, model, trial):
-            # Several processes: rank 0 prepares the folder and renames it when every rank wrote its part (its RNG state).
-            out = Path(self.args.output_dir)
-            name = f"checkpoint-{self.state.global_step}"
-            partial = out / ".partial"
-            if self.args.should_save:
-                shutil.rmtree(partial, ignore_errors=True)
-                partial.mkdir(parents=True)
-            self.accelerator.wait_for_everyone()
-            self._ka2l_partial = str(partial)
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._ka2l_partial = None
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                if self._ka2l_before_commit is not None:  # a kill after the rename must not lose the rows a resume skips
-                    self._ka2l_before_commit()
-                _replace_dir(partial / name, out / name)
-                shutil.rmtree(partial, ignore_errors=True)
-                for old in checkpoints(out)[:-KEEP_CHECKPOINTS]:
-                    shutil.rmtree(old, ignore_errors=True)
-
-    return AtomicSFTTrainer
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Put folder ``src`` at ``dst``: an existing ``dst`` is moved aside first and removed after."""
-    old = dst.with_name(dst.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints in ``folder``, oldest step first."""
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint-") and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def world_size(cfg: FinetuneConfig) -> int:
-    """Training processes ``cfg`` asks for: ``num_processes`` under the accelerate launcher, else 1."""
-    return cfg.num_processes if cfg.launcher == "accelerate" else 1
-
-
-def total_steps(n_train: int, cfg: FinetuneConfig) -> int:
-    """Optimizer steps for ``cfg.epochs`` passes over ``n_train`` pairs; with several processes each step
-    takes ``batch_size x grad_accum`` pairs on every process (accelerate deals the batches out in turn).
-
-    >>> total_steps(10, FinetuneConfig(batch_size=4, grad_accum=2, epochs=3.0))
-    6
-    >>> total_steps(16, FinetuneConfig(batch_size=4, grad_accum=1, epochs=1.0, launcher="accelerate", num_processes=2))
-    2
-    """
-    batches = math.ceil(math.ceil(n_train / cfg.batch_size) / world_size(cfg))  # per process
-    per_epoch = math.ceil(batches / cfg.grad_accum)
-    return max(1, math.ceil(cfg.epochs * per_epoch))
-
-
-def make_trainer(lm: LoadedLM, train_rows: list[dict], eval_rows: list[dict], cfg: FinetuneConfig, output_dir: Path,
-                 max_steps: int | None = None, callbacks: Sequence[Any] = (), eval_on_start: bool = True, device: str | None = None):
-    """TRL's SFTTrainer over pre-tokenised rows (``encode_pairs``), LoRA as ``cfg`` says, completion-only loss.
-    ``device`` is where training runs when the weights were loaded elsewhere (FSDP / ZeRO-3 workers load on
-    the CPU and train on their GPU); default: the model's device."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from trl import SFTConfig
-
-    max_steps = max_steps or total_steps(len(train_rows), cfg)
-    device = device or lm.device
-    use_cpu = device == "cpu"
-    bf16 = device.startswith("cuda") and next(lm.model.parameters()).dtype == torch.bfloat16
-    sched = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
-    args = SFTConfig(
-        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr,
-        lr_scheduler_type=sched, warmup_steps=int(round(cfg.warmup_ratio * max_steps)), logging_steps=1,
-        eval_strategy="steps", eval_steps=cfg.eval_every, eval_on_start=eval_on_start, save_strategy="steps",
-        save_steps=cfg.checkpoint_every, save_total_limit=None, seed=cfg.seed, report_to="none", completion_only_loss=True,
-        max_length=cfg.max_length, use_cpu=use_cpu, bf16=bf16, dataloader_num_workers=0, disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding", packing=False, padding_free=False)
-    targets = "all-linear" if "all-linear" in cfg.targets else list(cfg.targets)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-                      task_type="CAUSAL_LM", bias="none")
-    from datasets.utils.logging import disable_progress_bar
-    from transformers import PrinterCallback
-
-    disable_progress_bar()  # the job reports progress; no bars in its log
-    torch.manual_seed(cfg.seed)  # LoRA's initialisation
-    lm.tokenizer.padding_side = "right"  # training pads right (TRL's collator does); generation sets left again
-    try:
-        trainer = _trainer_class()(model=lm.model, args=args, train_dataset=Dataset.from_list(train_rows),
-                                   eval_dataset=Dataset.from_list(eval_rows), processing_class=lm.tokenizer, peft_config=lora,
-                                   callbacks=list(callbacks))
-    except ValueError as exc:
-        if "target modules" in str(exc).lower() or "target_modules" in str(exc):
-            raise ConfigError(f"LoRA targets {list(cfg.targets)} match no module of this model ({exc}). Use 'all-linear'.") from exc
-        raise
-    trainer.remove_callback(PrinterCallback)  # losses go to the store, not stdout
-    return trainer
-
-
 # -- what the training loop records ---------------------------------------------------------------
-
-def _any_rank(flag: bool, device: Any) -> bool:
-    """``flag`` of this process, or'ed over every training process (an all-reduce), so that all of them stop at
-    the same step: a process that stopped alone would leave the others waiting in their next gradient sync."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _sharded(trainer) -> bool:
-    return bool(getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False))
-
-
-def save_adapter(trainer, folder: Path) -> None:
-    """The trainer's LoRA weights as a PEFT adapter folder (safetensors + adapter_config.json). Under FSDP or
-    ZeRO-3 the weights are sharded, so every process takes part (``Trainer.save_model`` gathers them and rank 0
-    writes); otherwise rank 0 saves its copy (DDP keeps every copy equal)."""
-    if _sharded(trainer):
-        trainer.save_model(str(folder))
-        if trainer.args.should_save:
-            (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle; the sidecar records the config
-    elif trainer.args.should_save:
-        trainer.model.save_pretrained(str(folder))
-
-
-def lora_checksum(model) -> str:
-    """A short hash of the trainable (LoRA) weights: equal on every process when DDP keeps them in sync."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if p.requires_grad:
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
 
 def _callback_class():
     from transformers import TrainerCallback
@@ -294,7 +105,7 @@ def _callback_class():
             except Cancelled:
                 self.cancelled = True
             asked = self.cancelled or bool(self.run.stop["signal"]) or self.run.stop_requested()
-            if _any_rank(asked, args.device):
+            if any_rank(asked, args.device):
                 self.stopped = True
                 control.should_save = True  # a checkpoint at this step, then out
                 control.should_training_stop = True
@@ -386,7 +197,7 @@ class _Run:
             save_adapter(trainer, tmp)
             if self.main:
                 (tmp / SIDECAR).write_text(json.dumps({"step": step, "eval_loss": loss}))
-                _replace_dir(tmp, self.best_dir)
+                replace_dir(tmp, self.best_dir)
             self.best_saved = True
         if self.cfg.patience and self.bad >= self.cfg.patience:
             self.stopped_early = True
@@ -573,7 +384,7 @@ def train(finetune_id: int, cfg: FinetuneConfig, progress: Progress | None = Non
             raise Cancelled(f"fine-tune {finetune_id} stopped at step {trainer.state.global_step}; its checkpoint resumes it")
         if run.last_eval_step != trainer.state.global_step:
             trainer.evaluate()
-    if not _sharded(trainer):
+    if not sharded(trainer):
         log.info("rank %d of %d: %d steps, LoRA weights %s", rank, world, trainer.state.global_step, lora_checksum(trainer.model))
     progress.stage("saving adapter")
     # early stopping keeps the adapter with the lowest held-out loss; without it, the weights training ended with
@@ -596,7 +407,7 @@ def train(finetune_id: int, cfg: FinetuneConfig, progress: Progress | None = Non
                "stopped_early": run.stopped_early, "world_size": world, "device": train_on,
                "dtype": resolve_dtype_name(load_spec.dtype, train_on), "versions": versions()}
     (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
-    _replace_dir(tmp, run.adapter_dir)
+    replace_dir(tmp, run.adapter_dir)
     shutil.rmtree(run.ckpt_dir, ignore_errors=True)
     shutil.rmtree(run.best_dir, ignore_errors=True)
     update(status="done", adapter_dir=str(run.adapter_dir), step=trainer.state.global_step, best_eval_loss=run.best,
