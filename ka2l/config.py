@@ -567,7 +567,7 @@ class EvaluateConfig:
     seed: int = _f(0, "Sampling and bootstrap seed.")
     batch_size: int = _f(16, "Questions per generate call (and BERTScore batch).")
     bootstrap: int = _f(1000, "Bootstrap resamples for the 95% intervals (0 = none).")
-    bertscore_model: str | None = _f(None, "Local model folder for BERTScore; unset = the offline all-MiniLM-L6-v2.")
+    bertscore_model: str | None = _f(None, "Local model folder for BERTScore; unset = the offline all-MiniLM-L6-v2. Changing it scores BERTScore again and keeps the answers.")
     device: str | None = _f(None, "Device: auto, cpu, cuda, cuda:N or mps; unset = the fine-tune's own.")
     fresh: bool = _f(False, "Forget the stored answers and answer every question again.")
 

@@ -98,8 +98,33 @@ def test_one_row_per_heldout_question_per_model_a_summary_and_nothing_answered_t
         assert len(E.answers(db, fid)) == len(rows)
     with pytest.raises(ConfigError, match=r"other settings \(temperature 0.1 -> 0.7; seed 0 -> 3\).*--fresh"):
         EV.evaluate(fid, Recorder(), temperature=0.7, seed=3, batch_size=BATCH, bootstrap=200)  # stored T=0.1 answers are not T=0.7's
-    with pytest.raises(ConfigError, match="bertscore_model"):
-        EV.evaluate(fid, Recorder(), batch_size=BATCH, bootstrap=200, bertscore_model=str(memo_model))
+    # another BERTScore model (here the same one named by its folder): the answers are kept, BERTScore alone is scored
+    # again (a sentinel in the stored column shows it was), and every row names the model that scored it
+    default_name, folder = summary["bertscore_model"], T.bertscore_model_dir()
+    with connect() as db:
+        E.set_scores(db, fid, "bertscore", [(r["model"], r["item_key"], -1.0) for r in rows], bertscore_model=default_name)
+    rescored = EV.evaluate(fid, Recorder(), batch_size=BATCH, bootstrap=200, bertscore_model=str(folder))
+    with connect() as db:
+        after = E.answers(db, fid)
+    assert rescored["answered_now"] == {"base": 0, "tuned": 0} and rescored["bertscore_model"] == T.bertscore_model_name(folder)
+    assert [r["answer"] for r in after] == [r["answer"] for r in rows]
+    assert [r["bertscore"] for r in after] == pytest.approx([r["bertscore"] for r in rows], abs=1e-4)
+    assert {r["bertscore_model"] for r in after} == {T.bertscore_model_name(folder)} != {default_name}
+    assert rescored["metrics"]["rouge_l"] == summary["metrics"]["rouge_l"]
+
+
+def test_answers_of_an_interrupted_attempt_at_other_settings_are_not_mixed_with_new_ones(memo_model, capitals):
+    """No summary is written before an evaluation finishes: the settings check used to read only the summary, so a
+    cancelled first attempt at T=0.7 left answers that a T=0.1 evaluation then reused as its own."""
+    fid = finetuned(memo_model, capitals)
+    with pytest.raises(Cancelled):
+        EV.evaluate(fid, Recorder(cancel_in="base answers"), temperature=0.7, batch_size=BATCH, bootstrap=50)
+    with connect() as db:
+        assert E.get_evaluation(db, fid) is None and E.answered_keys(db, fid, "base")
+    with pytest.raises(ConfigError, match=r"other settings \(temperature 0.7 -> 0.1\).*--fresh"):
+        EV.evaluate(fid, Recorder(), batch_size=BATCH, bootstrap=50)
+    done = EV.evaluate(fid, Recorder(), temperature=0.7, batch_size=BATCH, bootstrap=50)  # the same settings resume
+    assert done["answered_now"]["base"] == len(held_out(fid)) - BATCH
 
 
 def test_a_cancel_keeps_its_batch_and_the_rerun_answers_only_the_rest(memo_model, capitals, monkeypatch):

@@ -17,6 +17,7 @@ Resumable: an item a model has answered is not answered again; a cancel keeps ev
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -112,7 +113,7 @@ def _answer(finetune_id: int, model: str, ctx: dict[str, Any], temperature: floa
                 stored.append({"item_key": it["item_key"], "question": it["question"], "gold": it["answer"], "answer": answer,
                                "correct": int(T.correct(answer, golds, it["question"])), "bleu": T.sentence_bleu(answer, it["answer"]),
                                "rouge_l": T.rouge_l(answer, it["answer"]), "meteor": T.meteor(answer, it["answer"], cache_dir),
-                               "bertscore": None})
+                               "bertscore": None, "made_with": json.dumps({"temperature": temperature, "seed": seed})})
             with connect() as db:
                 E.add_answers(db, finetune_id, model, stored)
             progress.advance(len(rows), f"e.g. {stored[0]['answer'][:40]!r}")
@@ -122,19 +123,34 @@ def _answer(finetune_id: int, model: str, ctx: dict[str, Any], temperature: floa
     return len(todo)
 
 
-def _require_same_settings(finetune_id: int, models: Sequence[str], **settings: Any) -> None:
-    """Stored answers and scores are reused, so they must come from the settings asked for now: answers made at another
-    temperature or seed (or scored by another BERTScore model) are refused, not passed off as the new settings'."""
+def _require_same_answers(finetune_id: int, models: Sequence[str], temperature: float, seed: int) -> None:
+    """Stored answers are reused, so they must have been made with the settings asked for now: answers made at another
+    temperature or seed are refused, not passed off as the new settings'. Each answer records its settings (older
+    rows: the last finished evaluation's), so this holds after an interrupted first attempt too."""
+    want = {"temperature": temperature, "seed": seed}
     with connect() as db:
+        if not any(E.answered_keys(db, finetune_id, m) for m in models):
+            return
+        seen = E.made_with(db, finetune_id, models)
         previous = E.get_evaluation(db, finetune_id)
-        stored = any(E.answered_keys(db, finetune_id, m) for m in models)
-    if not previous or not stored:
-        return
-    changed = [f"{name} {previous.get(name)!r} -> {value!r}" for name, value in settings.items() if previous.get(name) != value]
-    if changed:
+    if not seen and previous:
+        seen = [{k: previous.get(k) for k in want}]
+    other = next((s for s in seen if s != want), None)
+    if other is not None:
+        changed = [f"{k} {other.get(k)!r} -> {v!r}" for k, v in want.items() if other.get(k) != v]
         raise ConfigError(f"Fine-tune {finetune_id}'s stored answers were made with other settings ({'; '.join(changed)}). Evaluate "
                           f"with the stored settings to reuse them, or answer every question again: tick 'Answer again (fresh)' on the "
                           f"Fine-tune page, or `python -m ka2l evaluate --fresh`.")
+
+
+def _forget_other_bertscores(finetune_id: int, name: str) -> int:
+    """BERTScores from another model are scored again with ``name``'s; the answers are kept."""
+    with connect() as db:
+        previous = E.get_evaluation(db, finetune_id)
+        n = E.clear_bertscore(db, finetune_id, name, previous.get("bertscore_model") if previous else None)
+    if n:
+        log.info("fine-tune %d: %d BERTScores from another model are scored again with %s", finetune_id, n, name)
+    return n
 
 
 def _free_memory() -> None:
@@ -160,7 +176,8 @@ def _score_bertscore(finetune_id: int, progress: Progress, model_dir, device: st
         chunk = rows[b : b + 256]
         scores = T.bertscore([r["answer"] for r in chunk], [r["gold"] for r in chunk], model_dir, device=device, batch_size=batch_size)
         with connect() as db:
-            E.set_scores(db, finetune_id, "bertscore", [(r["model"], r["item_key"], s) for r, s in zip(chunk, scores)])
+            E.set_scores(db, finetune_id, "bertscore", [(r["model"], r["item_key"], s) for r, s in zip(chunk, scores)],
+                         bertscore_model=T.bertscore_model_name(model_dir))
         progress.advance(len(chunk))
     return len(rows)
 
@@ -234,8 +251,8 @@ def evaluate(finetune_id: int, progress: Progress | None = None, *, temperature:
     cache_dir = None  # WordNet's folder under the data folder
     T.wordnet_data(cache_dir)  # a missing WordNet is reported before any model is loaded
     if not fresh:
-        _require_same_settings(finetune_id, models, temperature=temperature, seed=seed,
-                               bertscore_model=T.bertscore_model_name(bertscore_model))
+        _require_same_answers(finetune_id, models, temperature, seed)
+        _forget_other_bertscores(finetune_id, T.bertscore_model_name(bertscore_model))
     if fresh:
         with connect() as db:
             E.clear_answers(db, finetune_id)

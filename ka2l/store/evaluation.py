@@ -36,13 +36,32 @@ def unscored(db: Db, finetune_id: int, metric: str = "bertscore") -> list[dict[s
                      "ORDER BY model, item_key", [finetune_id])
 
 
-def set_scores(db: Db, finetune_id: int, metric: str, scores: Sequence[tuple[str, str, float]]) -> None:
-    """(model, item_key, value) for one metric column, in one transaction."""
+def set_scores(db: Db, finetune_id: int, metric: str, scores: Sequence[tuple[str, str, float]], bertscore_model: str | None = None) -> None:
+    """(model, item_key, value) for one metric column, in one transaction; BERTScore's with the model that scored it."""
     if metric not in METRICS:
         raise ValueError(f"Unknown metric {metric!r}; one of {', '.join(METRICS)}.")
+    extra, args = (", bertscore_model = ?", [bertscore_model]) if metric == "bertscore" else ("", [])
     with db.atomic():
-        db.conn.executemany(f"UPDATE finetune_answers SET {metric} = ? WHERE finetune_id = ? AND model = ? AND item_key = ?",
-                            [(v, finetune_id, m, k) for m, k, v in scores])
+        db.conn.executemany(f"UPDATE finetune_answers SET {metric} = ?{extra} WHERE finetune_id = ? AND model = ? AND item_key = ?",
+                            [(v, *args, finetune_id, m, k) for m, k, v in scores])
+
+
+def made_with(db: Db, finetune_id: int, models: Sequence[str]) -> list[dict[str, Any]]:
+    """The distinct answering settings (temperature, seed) of ``models``' stored answers that record them."""
+    marks = ", ".join("?" for _ in models)
+    rows = db.query(f"SELECT DISTINCT made_with FROM finetune_answers WHERE finetune_id = ? AND model IN ({marks}) "
+                    "AND made_with IS NOT NULL", [finetune_id, *models])
+    return [json.loads(r["made_with"]) for r in rows]
+
+
+def clear_bertscore(db: Db, finetune_id: int, keep_model: str, legacy_model: str | None) -> int:
+    """Forget BERTScores not scored by ``keep_model`` (rows stored before the model was recorded count as
+    ``legacy_model``'s); the answers stay. Returns how many were forgotten."""
+    with db.atomic():
+        n = db.execute("UPDATE finetune_answers SET bertscore = NULL, bertscore_model = NULL WHERE finetune_id = ? "
+                       "AND bertscore IS NOT NULL AND COALESCE(bertscore_model, ?, '') != ?",
+                       [finetune_id, legacy_model, keep_model]).rowcount
+    return int(n)
 
 
 def answers(db: Db, finetune_id: int, model: str | None = None) -> list[dict[str, Any]]:

@@ -415,6 +415,13 @@ MIGRATIONS: list[str] = [
         UNIQUE (experiment_id, strategy, budget, seed)
     );
     """,
+    # 10: each evaluation answer says how it was made (``made_with``: temperature and seed, JSON) and which model
+    #     scored its BERTScore, so a resumed or repeated evaluation never mixes settings, even when the first
+    #     attempt was interrupted before its summary was written. NULL on rows stored before.
+    """
+    ALTER TABLE finetune_answers ADD COLUMN made_with TEXT;
+    ALTER TABLE finetune_answers ADD COLUMN bertscore_model TEXT;
+    """,
 ]
 
 
