@@ -30,7 +30,7 @@ from ka2l.config import ALL_CONFIGS, field_help
 from ka2l.paths import PROJECT_ROOT
 
 PKG = PROJECT_ROOT / "ka2l"
-BASE = {"__init__", "__main__", "config", "errors", "device", "paths", "progress", "jobs", "launcher", "metrics", "settings"}
+BASE = {"__init__", "__main__", "config", "errors", "device", "paths", "progress", "jobs", "job_plans", "launcher", "metrics", "settings"}
 FOUNDATION = ["models", "pools", "store"]
 STAGES = ["probing", "augment", "annotate", "finetune", "scale"]  # in the method's order: a stage may use earlier ones
 TOP = ["views", "cli", "ui"]

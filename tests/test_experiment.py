@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from ka2l import jobs
+from ka2l import job_plans
 from ka2l.cli.main import main
 from ka2l.config import EXPERIMENT_STRATEGIES, ExperimentConfig, FinetuneConfig, from_dict, to_dict
 from ka2l.errors import Cancelled, ConfigError
@@ -210,7 +210,7 @@ def test_the_experiment_runs_reports_from_its_cells_and_resumes_after_a_cancel_a
         assert cell["finetune_id"] == random_cell["finetune_id"] and len(SF.list_finetunes(db)) == 2
 
     # a background job's plan names the stages the run reports: every stage lands in a planned phase
-    tracker = PhaseTracker(jobs.plan("experiment", {"pool": "caps", "experiment": to_dict(c)}))
+    tracker = PhaseTracker(job_plans.plan("experiment", {"pool": "caps", "experiment": to_dict(c)}))
     planned = [p["name"] for p in tracker.phases]
     for name in recorder.stages:
         tracker.stage(name)

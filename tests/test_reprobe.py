@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from ka2l import jobs
+from ka2l import job_plans, jobs
 from ka2l.config import FinetuneConfig, ModelSpec, ReprobeConfig, Stage1Config, config_hash, from_dict, to_dict
 from ka2l.errors import Cancelled, ConfigError, ModelLoadError, NotFound
 from ka2l.finetune.lora import finetune, load_tuned
@@ -240,10 +240,10 @@ def test_unfinished_fine_tunes_and_missing_reprobes_are_refused_with_the_fix(sto
 
 
 def test_reprobe_and_evaluate_jobs_plan_the_stages_their_code_reports(store):
-    phases = jobs.plan("reprobe", {"reprobe": {"finetune_id": store["fid"]}})
+    phases = job_plans.plan("reprobe", {"reprobe": {"finetune_id": store["fid"]}})
     assert [p.name for p in phases][:3] == ["hidden states", "answers", "semantic entropy"] and phases[-1].name == STAGE
     assert all(any(p.covers(stage) for p in phases) for stage in store["stages"]), store["stages"]  # every stage it reported
-    evaluate_phases = [p.name for p in jobs.plan("evaluate", {"evaluate": {"finetune_id": store["fid"], "models": ["tuned"]}})]
+    evaluate_phases = [p.name for p in job_plans.plan("evaluate", {"evaluate": {"finetune_id": store["fid"], "models": ["tuned"]}})]
     assert evaluate_phases == ["preparing", "tuned answers", "BERTScore", "summary"]
 
 
