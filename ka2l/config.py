@@ -237,6 +237,8 @@ def _check_launcher(owner: str, launcher: str, num_processes: int) -> None:
     if num_processes > 1 and launcher == "none":
         raise ConfigError(f"{owner}.num_processes is {num_processes} but launcher is 'none': set launcher to 'accelerate' "
                           f"to train with several processes, or num_processes to 1.")
+
+
 T5_SCRATCH = "t5-scratch"
 
 
@@ -567,7 +569,8 @@ class EvaluateConfig:
     seed: int = _f(0, "Sampling and bootstrap seed.")
     batch_size: int = _f(16, "Questions per generate call (and BERTScore batch).")
     bootstrap: int = _f(1000, "Bootstrap resamples for the 95% intervals (0 = none).")
-    bertscore_model: str | None = _f(None, "Local model folder for BERTScore; unset = the offline all-MiniLM-L6-v2. Changing it scores BERTScore again and keeps the answers.")
+    bertscore_model: str | None = _f(None, "Local model folder for BERTScore; unset = the offline all-MiniLM-L6-v2. Changing it "
+                                           "scores BERTScore again and keeps the answers.")
     device: str | None = _f(None, "Device: auto, cpu, cuda, cuda:N or mps; unset = the fine-tune's own.")
     fresh: bool = _f(False, "Forget the stored answers and answer every question again.")
 

@@ -49,3 +49,14 @@ def dtype_name(dtype) -> str:
 def resolve_dtype_name(name: str, device: str) -> str:
     """What ``name`` means on ``device``, by name: 'auto' on a bf16-capable CUDA GPU -> 'bfloat16'."""
     return dtype_name(resolve_dtype(name, device))
+
+
+def free_memory() -> None:
+    """Hand memory back before other work needs it: Python's garbage, then CUDA's cached blocks."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

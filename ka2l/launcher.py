@@ -320,6 +320,19 @@ def alive(pid: int) -> bool:
 
 # -- the workers' side ---------------------------------------------------------------------------------
 
+def weights_checksum(model) -> str:
+    """A short hash of ``model``'s trainable weights, parameter by parameter (never a second copy of them):
+    equal on every worker while DDP keeps them in sync, so each worker logs it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class Worker:
     """One worker's place: its rank, local rank and world size (set by ``accelerate launch``), the spec the job
     wrote, its progress (rank 0 writes the file the job replays) and whether to stop."""

@@ -14,7 +14,6 @@ FSDP or ZeRO-3 accelerate config is refused (``check``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from ..config import DecoderConfig, from_dict, to_dict
 from ..errors import Cancelled
-from ..launcher import LaunchError, Worker, follow, tail, worker_logging
+from ..launcher import LaunchError, Worker, follow, tail, weights_checksum, worker_logging
 from ..launcher import check as check_settings
 from ..paths import decoders_dir
 from ..progress import NullProgress, Progress
@@ -91,12 +90,8 @@ def train_in_worker(decoder_id: int, cfg: DecoderConfig, worker) -> str:
                        lambda: spent + time.time() - launched, accelerator, worker.stop_requested)
     st["job_seconds"] = spent + time.time() - launched
     trained = accelerator.unwrap_model(model)
-    digest = hashlib.sha256()  # one parameter at a time: a checksum, not a second copy of the weights
-    for p in trained.parameters():
-        if p.requires_grad:
-            digest.update(p.detach().cpu().numpy().tobytes())
     log.info("rank %d of %d: %d steps, %d questions, weights %s", accelerator.process_index, accelerator.num_processes, st["step"],
-             t.rows_seen, digest.hexdigest()[:16])
+             t.rows_seen, weights_checksum(trained))
     if accelerator.is_main_process:
         t.checkpoint(trained, opt, st)
     accelerator.wait_for_everyone()

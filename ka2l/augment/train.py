@@ -35,6 +35,7 @@ import numpy as np
 
 from ..config import T5_SCRATCH, DecoderConfig, Stage1Config, config_hash, from_dict, to_dict
 from ..errors import Cancelled, ConfigError
+from ..device import free_memory
 from ..models.llm import LoadedLM, build_prompt, load_model, question_states
 from ..metrics import bleu, exact_match, rouge_l
 from ..paths import decoders_dir
@@ -363,7 +364,7 @@ def train_decoder(cfg: DecoderConfig, progress: Progress | None = None, resume: 
             t.checkpoint(decoder, opt, st)  # the workers start from it, and leave theirs in its place
             del decoder, opt  # the workers need the memory (rank 0 shares this process's GPU)
             t.lm = None
-            _free_memory()
+            free_memory()
             deadline = None if math.isinf(train_until) else time.time() + (train_until - budget.elapsed())
             launch(decoder_id, cfg, deadline=deadline, job_seconds=budget.elapsed(), progress=progress)  # its stages are the workers'
             decoder, opt, st = t.build(vectors)
@@ -390,13 +391,3 @@ def train_decoder(cfg: DecoderConfig, progress: Progress | None = None, resume: 
         with connect() as db:
             S.update_decoder(db, decoder_id, status="done", path=str(path), metrics=metrics)
     return decoder_id
-
-
-def _free_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

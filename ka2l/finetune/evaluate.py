@@ -25,6 +25,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..config import FinetuneConfig, ModelSpec, PromptConfig, SamplingConfig, Stage1Config, from_dict
+from ..device import free_memory
 from ..errors import ConfigError
 from ..progress import NullProgress, Progress
 from ..store import evaluation as E
@@ -119,7 +120,7 @@ def _answer(finetune_id: int, model: str, ctx: dict[str, Any], temperature: floa
             progress.advance(len(rows), f"e.g. {stored[0]['answer'][:40]!r}")
     finally:
         del lm
-        _free_memory()
+        free_memory()
     return len(todo)
 
 
@@ -151,19 +152,6 @@ def _forget_other_bertscores(finetune_id: int, name: str) -> int:
     if n:
         log.info("fine-tune %d: %d BERTScores from another model are scored again with %s", finetune_id, n, name)
     return n
-
-
-def _free_memory() -> None:
-    import gc
-
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
 
 
 def _score_bertscore(finetune_id: int, progress: Progress, model_dir, device: str, batch_size: int) -> int:

@@ -38,7 +38,7 @@ from ..progress import NullProgress, Progress
 from ..store import finetune as S
 from ..store.db import connect
 from . import lora
-from .trainer import replace_dir
+from .trainer import SCHEDULERS, replace_dir
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", lora.SIDECAR)
 MERGED_DIR = "merged"
@@ -64,7 +64,6 @@ UNMAPPED = {
               "alpaca file holds the bare question as 'instruction', so LLaMA-Factory's template wraps the question alone.",
     "loss": "Completion-only loss is LLaMA-Factory's default (train_on_prompt: false), so it needs no setting.",
 }
-SCHEDULERS = {"constant": "constant_with_warmup"}  # as ka2l's trainer runs it (trainer.make_trainer)
 
 
 # -- the fine-tune and the output folder ---------------------------------------------------------

@@ -40,7 +40,7 @@ from typing import Any
 
 from ..config import FinetuneConfig, ModelSpec, PromptConfig, Stage1Config, config_hash, from_dict, to_dict
 from ..errors import Cancelled, ConfigError, ModelLoadError
-from ..launcher import stop_requests
+from ..launcher import stop_requests, weights_checksum
 from ..models.llm import LoadedLM, load_model, resolve_source
 from ..paths import data_dir
 from ..progress import NullProgress, Progress, marks_status
@@ -48,7 +48,7 @@ from ..store import finetune as S
 from ..store import queries as Q
 from ..store.db import connect
 from . import data as D
-from .trainer import any_rank, checkpoints, encode_pairs, lora_checksum, make_trainer, replace_dir, save_adapter, sharded, total_steps
+from .trainer import any_rank, checkpoints, encode_pairs, make_trainer, replace_dir, save_adapter, sharded, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +385,7 @@ def train(finetune_id: int, cfg: FinetuneConfig, progress: Progress | None = Non
         if run.last_eval_step != trainer.state.global_step:
             trainer.evaluate()
     if not sharded(trainer):
-        log.info("rank %d of %d: %d steps, LoRA weights %s", rank, world, trainer.state.global_step, lora_checksum(trainer.model))
+        log.info("rank %d of %d: %d steps, LoRA weights %s", rank, world, trainer.state.global_step, weights_checksum(trainer.model))
     progress.stage("saving adapter")
     # early stopping keeps the adapter with the lowest held-out loss; without it, the weights training ended with
     best = cfg.patience and run.best_saved

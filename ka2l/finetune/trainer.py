@@ -18,6 +18,7 @@ from ..models.llm import LoadedLM, build_prompt
 from . import data as D
 
 KEEP_CHECKPOINTS = 2
+SCHEDULERS = {"constant": "constant_with_warmup"}  # ka2l's scheduler names -> transformers' (constant keeps the warm-up)
 
 
 # -- tokenising ----------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ def make_trainer(lm: LoadedLM, train_rows: list[dict], eval_rows: list[dict], cf
     device = device or lm.device
     use_cpu = device == "cpu"
     bf16 = device.startswith("cuda") and next(lm.model.parameters()).dtype == torch.bfloat16
-    sched = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
+    sched = SCHEDULERS.get(cfg.lr_scheduler, cfg.lr_scheduler)
     args = SFTConfig(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr,
@@ -196,15 +197,3 @@ def save_adapter(trainer, folder: Path) -> None:
             (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle; the sidecar records the config
     elif trainer.args.should_save:
         trainer.model.save_pretrained(str(folder))
-
-
-def lora_checksum(model) -> str:
-    """A short hash of the trainable (LoRA) weights: equal on every process when DDP keeps them in sync."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if p.requires_grad:
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
