@@ -108,7 +108,8 @@ def build_store(n: int, folder: Path, seed: int = 0) -> dict:
     from ka2l.paths import arrays_dir, probes_dir
     from ka2l.pools.reader import read_pool
     from ka2l.probing.probes import probe_layers, save_probe
-    from ka2l.probing.stage1 import _stage_labels, versions
+    from ka2l.probing.runs import versions
+    from ka2l.probing.stage1 import _stage_labels
     from ka2l.store import curation
     from ka2l.store import queries as Q
     from ka2l.store.arrays import create_array

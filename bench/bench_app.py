@@ -24,7 +24,8 @@ def build_synthetic_run(n: int, layers: int = 30, dim: int = 576, seed: int = 0)
 
     from ka2l.config import ProbeConfig, Stage1Config, config_hash, to_dict
     from ka2l.paths import arrays_dir, probes_dir
-    from ka2l.probing.stage1 import _stage_labels, versions
+    from ka2l.probing.runs import versions
+    from ka2l.probing.stage1 import _stage_labels
     from ka2l.pools.reader import PoolData, QuestionRow
     from ka2l.probing.probes import probe_layers, save_probe
     from ka2l.store import queries as Q

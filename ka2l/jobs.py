@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from .errors import Cancelled, ConfigError, Ka2lError, NotFound
 from .launcher import signal_group as _signal
 from .paths import PROJECT_ROOT, data_dir
 from .job_plans import plan
-from .progress import PhaseTracker
+from .progress import PhaseSpec, PhaseTracker
 from .store.db import connect, now
 
 log = logging.getLogger(__name__)

@@ -183,7 +183,8 @@ def test_vllm_is_imported_by_its_backend_alone_and_only_when_used():
 def test_light_modules_do_not_import_torch_at_import_time():
     heavy = {"torch", "transformers", "peft", "trl"}
     light = [n for n in modules() if layer(n) in {"base", "store", "pools", "views", "cli"}] + [
-        "ka2l.probing.entropy", "ka2l.probing.report", "ka2l.augment.review", "ka2l.augment.candidates", "ka2l.augment.train", "ka2l.augment.steps"]
+        "ka2l.probing.entropy", "ka2l.probing.report", "ka2l.augment.review", "ka2l.augment.candidates", "ka2l.augment.train", "ka2l.augment.steps",
+        "ka2l.probing.runs"]
     mods = modules()
     for name in light:
         assert not third_party(mods[name], module_level_only=True) & heavy, name

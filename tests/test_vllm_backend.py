@@ -31,9 +31,10 @@ from ka2l.models import vllm_backend  # noqa: E402
 from ka2l.models.llm import _sample_tokens, _stop_token_ids, build_prompt, generate_answers  # noqa: E402
 from ka2l.models.sampling import HfSampler, make_sampler  # noqa: E402
 from ka2l.models.vllm_backend import LOGPROBS_MODE, VllmSampler, sample_seed  # noqa: E402
-from ka2l.probing import stage1  # noqa: E402
+from ka2l.probing import runs, stage1  # noqa: E402
 from ka2l.probing.probes import auroc, load_probe, predict_unknown  # noqa: E402
-from ka2l.probing.stage1 import check_same_backend, run_stage1  # noqa: E402
+from ka2l.probing.runs import check_same_backend  # noqa: E402
+from ka2l.probing.stage1 import run_stage1  # noqa: E402
 from ka2l.store import queries as Q  # noqa: E402
 from ka2l.store.db import connect  # noqa: E402
 from ka2l.store.hidden import HiddenStates  # noqa: E402
@@ -255,7 +256,7 @@ def test_stage1_with_vllm_end_to_end(memo_model, capitals, use_fake, monkeypatch
     # a second run of the same config is the finished run; under hf it is another run, never this one resumed
     assert run_stage1("caps", cfg) == run_id
     with connect() as db:
-        hf_id, state = stage1._start_run(db, run["pool_id"], "stage1", replace(cfg, sampling=replace(cfg.sampling, backend="hf")),
+        hf_id, state = runs.start_run(db, run["pool_id"], "stage1", replace(cfg, sampling=replace(cfg.sampling, backend="hf")),
                                          cfg.model.name_or_path, True, "float32")
     assert hf_id != run_id and state == "new"
     # the CLI's probe command prints the left-out question after the report
@@ -273,16 +274,16 @@ def test_a_run_is_never_resumed_under_another_backend(memo_model, capitals, monk
     hcfg = replace(vcfg, sampling=replace(vcfg.sampling, backend="hf"))
     with connect() as db:
         pool_id = Q.get_pool(db, "caps")["id"]
-        vid, _ = stage1._start_run(db, pool_id, "stage1", vcfg, "m", True, "float32")
+        vid, _ = runs.start_run(db, pool_id, "stage1", vcfg, "m", True, "float32")
         row = Q.get_run(db, vid)
         with pytest.raises(ConfigError, match=f"Run {vid} .*vllm backend; it cannot be resumed with --backend hf.*--backend vllm"):
             check_same_backend(row, hcfg)
         check_same_backend(row, vcfg)  # the same backend continues
-        # whatever finds the run (here: a hash that ignores the backend), _start_run refuses to continue it
-        monkeypatch.setattr(stage1, "_run_hash", lambda cfg: row["config_hash"])
+        # whatever finds the run (here: a hash that ignores the backend), start_run refuses to continue it
+        monkeypatch.setattr(runs, "run_hash", lambda cfg: row["config_hash"])
         with pytest.raises(ConfigError, match="cannot be resumed with --backend hf"):
-            stage1._start_run(db, pool_id, "stage1", hcfg, "m", True, "float32")
-        assert stage1._start_run(db, pool_id, "stage1", vcfg, "m", True, "float32") == (vid, "resumed")
+            runs.start_run(db, pool_id, "stage1", hcfg, "m", True, "float32")
+        assert runs.start_run(db, pool_id, "stage1", vcfg, "m", True, "float32") == (vid, "resumed")
 
 
 def test_cli_backend_flag_and_no_gpu_message(capitals, monkeypatch, capsys):

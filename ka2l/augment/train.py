@@ -156,7 +156,7 @@ def _start(db, cfg: DecoderConfig, resume: bool) -> tuple[int, str]:
         S.update_decoder(db, row["id"], status="training", error=None)
         return int(row["id"]), "resumed"
     layer = cfg.layer if cfg.layer >= 0 else int(probe["layer"])
-    from ..probing.stage1 import versions
+    from ..probing.runs import versions
 
     return S.create_decoder(db, {"probe_id": probe["id"], "run_id": run["id"], "pool_id": run["pool_id"], "layer": layer,
                                  "pooling": cfg.pooling, "backbone": cfg.backbone, "config": to_dict(cfg), "config_hash": h,

@@ -104,13 +104,14 @@ def reprobe(finetune_id: int, progress: Progress | None = None, device: str | No
 def _run(pool_id: int, cfg: Stage1Config, progress: Progress) -> int:
     """Stage 1 with the adapter. A run whose own labels or probes cannot be made (the tuned model is sure of
     nearly everything) is still a complete re-probe once its states, answers and scores are stored."""
-    from ..probing.stage1 import _run_hash, run_stage1
+    from ..probing.runs import run_hash
+    from ..probing.stage1 import run_stage1
 
     try:
         return run_stage1(pool_id, cfg, progress=progress)
     except ProbeError as exc:
         with connect() as db:
-            runs = Q.find_matching_runs(db, pool_id, "stage1", _run_hash(cfg))
+            runs = Q.find_matching_runs(db, pool_id, "stage1", run_hash(cfg))
             n = len(Q.pool_questions(db, pool_id))
             complete = [r for r in runs if r["hidden_path"] and len(Q.hidden_done_ids(db, r["id"])) == n
                         and len(Q.scored_ids(db, r["id"])) == n]

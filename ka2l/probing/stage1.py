@@ -14,170 +14,27 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from .. import __version__
-from ..config import Stage1Config, TriageConfig, config_hash, from_dict, to_dict
+from ..config import Stage1Config, TriageConfig, from_dict, to_dict
 from ..device import dtype_name, resolve_device, resolve_dtype_name
 from .entropy import discrete_semantic_entropy, find_threshold, binarize, is_correct, mean_log_likelihood, regular_entropy, weighted_semantic_entropy
-from ..errors import Cancelled, ConfigError, ProbeError
+from ..errors import ConfigError, ProbeError
 from ..models.llm import LoadedLM, build_prompt, extract_hidden_states, extract_layer_states, load_model
 from ..models.sampling import check_backend, make_sampler
 from ..paths import probes_dir
 from ..progress import NullProgress, Progress
 from ..store import queries as Q
-from ..store.hidden import HiddenStates, hidden_dir
-from .storage import check_hidden_space, hidden_layers, model_dims, run_hidden_path
+from ..store.hidden import HiddenStates
+from .runs import StageTimer, forget_lost_hidden_states, open_run_hidden, run_status, start_run
+from .storage import check_hidden_space, model_dims, run_hidden_path
 from ..store.db import connect
 
 log = logging.getLogger(__name__)
-
-
-def versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    return {"ka2l": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def _run_hash(cfg: Any) -> str:
-    """The hash that identifies a resumable run. Like the device, the dtype setting is left out: a run
-    is tied to the dtype its model actually ran in (``versions['dtype']``), so ``--dtype bfloat16``
-    finds the run that 'auto' resolved to bfloat16 on a GPU."""
-    if isinstance(cfg, Stage1Config):
-        cfg = replace(cfg, model=replace(cfg.model, dtype="auto"))
-    return config_hash(cfg)
-
-
-def _start_run(db, pool_id: int, kind: str, cfg: Any, model: str, resume: bool, dtype: str) -> tuple[int, str]:
-    """(run id, 'new' | 'resumed' | 'done'): a matching finished run is reused, an unfinished one resumed,
-    only if it was computed in ``dtype`` (the torch dtype the model runs in now): one run never holds
-    hidden states and samples of two precisions. A matching run in another dtype is refused."""
-    h = _run_hash(cfg)
-    if resume:
-        runs = Q.find_matching_runs(db, pool_id, kind, h)
-        same = [r for r in runs if r["versions"].get("dtype") in (None, dtype)]  # None: made before the dtype was recorded
-        if runs and not same:
-            raise ConfigError(_dtype_conflict(runs[0], dtype, kind, cfg))
-        row = same[0] if same else None
-        if row is not None:
-            check_same_backend(row, cfg)
-        if row is not None and row["status"] == "done":
-            return int(row["id"]), "done"
-        if row is not None:
-            Q.update_run(db, row["id"], status="running", error=None, versions=_resumed_versions(row["versions"], dtype))
-            return int(row["id"]), "resumed"
-    return Q.create_run(db, pool_id, kind, to_dict(cfg), h, model, {**versions(), "dtype": dtype}), "new"
-
-
-def check_same_backend(row: dict[str, Any], cfg: Any) -> None:
-    """Refuse to continue run ``row`` under another sampling backend than the one it started with: one run's
-    answers (and so its SE labels and the probes trained on them) come from one engine. Hidden states are
-    always the HF forward pass. Any code that resumes a stored run by its id calls this."""
-    if not isinstance(cfg, Stage1Config) or row["kind"] != "stage1":
-        return
-    stored = from_dict(Stage1Config, row["config"]).sampling.backend
-    if stored != cfg.sampling.backend:
-        raise ConfigError(f"Run {row['id']} ({row['status']}) drew its answers with the {stored} backend; it cannot be resumed with "
-                          f"--backend {cfg.sampling.backend}: one run's answers, SE labels and probes come from one engine. "
-                          f"Pass --backend {stored} to continue run {row['id']}, or --no-resume to start a new run with "
-                          f"{cfg.sampling.backend}.")
-
-
-def _resumed_versions(stored: dict[str, Any], dtype: str) -> dict[str, Any]:
-    """A resumed run's record: its dtype (set now for runs made before it was recorded), and the package
-    versions of each resume that ran other versions than the run started with."""
-    out = {**stored, "dtype": stored.get("dtype") or dtype}
-    now = versions()
-    if any(stored.get(k) != v for k, v in now.items()) and now not in out.get("resumed_with", []):
-        out["resumed_with"] = [*out.get("resumed_with", []), now]
-    return out
-
-
-def _dtype_conflict(row: dict[str, Any], dtype: str, kind: str, cfg: Any) -> str:
-    old, verb = row["versions"]["dtype"], "reuse" if row["status"] == "done" else "resume"
-    if kind == "stage1":
-        auto = " ('auto' means bfloat16 on CUDA GPUs that support it, float32 elsewhere)" if cfg.model.dtype == "auto" else ""
-        return (f"Run {row['id']} ({row['status']}) of this pool and config computed its hidden states and answers in {old}, "
-                f"but the model would run in {dtype} here{auto}. One run must not mix {old} and {dtype} results. "
-                f"On the command line pass --dtype {old} to {verb} run {row['id']}, or --no-resume to start a new run in {dtype}; "
-                f"in the app, set the device in Settings back to the one run {row['id']} used.")
-    return (f"Triage run {row['id']} ({row['status']}) of this pool and probe computed its hidden states in {old}, but they "
-            f"would now be computed in {dtype}. On the command line pass --no-resume to start a new triage run in {dtype}; "
-            f"in the app, set the device in Settings back to the one that run used.")
-
-
-class _Timer:
-    """Adds a stage's wall time to the run row when the block ends (also on interruption)."""
-
-    def __init__(self, db, run_id: int, stage: str):
-        self.db, self.run_id, self.stage, self.n = db, run_id, stage, 0
-
-    def __enter__(self) -> "_Timer":
-        self.t0 = time.perf_counter()
-        Q.update_run(self.db, self.run_id, stage=self.stage)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.n:
-            Q.add_timing(self.db, self.run_id, self.stage, time.perf_counter() - self.t0, self.n)
-
-
-@contextmanager
-def _run_status(db, run_id: int, progress: Progress) -> Iterator[None]:
-    """Mark the run done when the block completes, interrupted on cancel / Ctrl-C, failed (with the
-    error) otherwise. A run killed outright stays 'running' and is resumed by the next call."""
-    try:
-        yield
-    except (Cancelled, KeyboardInterrupt):
-        Q.update_run(db, run_id, status="interrupted")
-        raise
-    except Exception as exc:
-        Q.update_run(db, run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        progress.close()
-    Q.update_run(db, run_id, status="done", stage="done")
-
-
-def _forget_lost_hidden_states(db, run_id: int) -> None:
-    """Rows marked done whose store is gone or incomplete (a folder, its meta or a layer file deleted)
-    would be read back as zeros: clear the marks so the states are recomputed (answers and scores do
-    not depend on them and are kept)."""
-    path = run_hidden_path(Q.get_run(db, run_id))
-    if not HiddenStates.exists(path) and Q.hidden_done_ids(db, run_id):
-        log.warning("run %d: hidden states %s are missing or incomplete; they will be recomputed", run_id, path)
-        Q.clear_hidden_done(db, run_id)
-
-
-def open_run_hidden(db, run_id: int, n_questions: int, n_layers: int, hidden_size: int, model: str,
-                    layer: int | None = None) -> HiddenStates:
-    """The run's hidden-state store, open for writing: the stored one when it is complete and fits (a
-    resumed run made before per-layer storage keeps writing its single file), else a new per-layer
-    folder, recorded on the run. Refuses a disk with too little free space before anything is written."""
-    run = Q.get_run(db, run_id)
-    path, layers = run_hidden_path(run), hidden_layers(n_layers, layer)
-    shape = (n_questions, len(layers), hidden_size)
-    check_hidden_space(db, run_id, n_questions, n_layers, hidden_size, layer)
-    if run["hidden_path"] and HiddenStates.exists(path):
-        store = HiddenStates.open(path, mode="r+")
-        if store.shape != shape or list(store.layers) != layers:
-            raise ProbeError(f"Stored hidden states {store.shape} (layers {list(store.layers)}) do not match the model/pool {shape} "
-                             f"(layers {layers}); start a new run (--no-resume).")
-        return store
-    Q.clear_hidden_done(db, run_id)  # nothing of an incomplete store is kept
-    folder = hidden_dir(run_id)
-    extra = {"layer0": "embeddings"} if layer is None else {}
-    store = HiddenStates.create(folder, n_questions, layers, hidden_size,
-                                meta={"run_id": run_id, "model": model, "position": "last prompt token", **extra})
-    Q.update_run(db, run_id, hidden_path=str(folder), n_layers=n_layers, hidden_size=hidden_size)
-    return store
 
 
 def _check_space_before_loading(db, run_id: int, n_questions: int, cfg: Stage1Config, lm: LoadedLM | None) -> None:
@@ -192,12 +49,12 @@ def _stage_hidden(db, run_id: int, lm: LoadedLM, questions: list[dict], prompts:
                   layer: int | None = None) -> HiddenStates:
     """Last-prompt-token states, (n, L+1, hidden) at every layer; or with ``layer`` (triage), (n, 1, hidden)
     at that layer alone, from a forward pass that stops there. One file per layer (``ka2l.store.hidden``)."""
-    _forget_lost_hidden_states(db, run_id)
+    forget_lost_hidden_states(db, run_id)
     store = open_run_hidden(db, run_id, len(questions), lm.n_layers, lm.hidden_size, lm.source, layer)
     done = Q.hidden_done_ids(db, run_id)
     todo = [i for i, q in enumerate(questions) if q["id"] not in done]
     progress.stage("hidden states", total=len(questions), done=len(questions) - len(todo))
-    with _Timer(db, run_id, "hidden") as timer:
+    with StageTimer(db, run_id, "hidden") as timer:
         todo_prompts = [prompts[i] for i in todo]
         batches = (extract_hidden_states(lm, todo_prompts, batch_size) if layer is None else
                    ((start, states[:, None]) for start, states in extract_layer_states(lm, todo_prompts, layer, batch_size)))
@@ -221,7 +78,7 @@ def _stage_answers(db, run_id: int, lm: LoadedLM, questions: list[dict], prompts
     progress.stage("answers", total=len(questions), done=len(questions) - len(todo))
     sampler = make_sampler(s, lm) if todo else None
     left_out: dict[str, str] = {}
-    with _Timer(db, run_id, "answers") as timer:
+    with StageTimer(db, run_id, "answers") as timer:
         for b in range(0, len(todo), s.batch_size):
             rows = todo[b : b + s.batch_size]
             refused = sampler.refusals([prompts[i] for i in rows])
@@ -296,7 +153,7 @@ def _stage_scores(db, run_id: int, questions: list[dict], cfg: Stage1Config, pro
     if not todo:
         return
     judge = make_judge(cfg.judge)
-    with _Timer(db, run_id, "scores") as timer:
+    with StageTimer(db, run_id, "scores") as timer:
         for b in range(0, len(todo), batch):
             chunk = todo[b : b + batch]
             answers = Q.load_answers(db, run_id, [q["id"] for q in chunk])
@@ -374,7 +231,7 @@ def _stage_probes(db, run_id: int, cfg: Stage1Config, hidden: np.ndarray, progre
     has_gold = any(r["correct"] is not None for r in rows)
     incorrect = np.array([-1 if r["correct"] is None else 1 - r["correct"] for r in rows], dtype=np.int64) if has_gold else None
     device = _probe_device(cfg)
-    with _Timer(db, run_id, "probes") as timer:
+    with StageTimer(db, run_id, "probes") as timer:
         main = probe_layers(hidden, bise, cfg.probe, incorrect=incorrect, device=device, progress=progress)
         scores = {k: np.array([r[k] for r in rows], dtype=np.float64) for k in ("se", "se_weighted", "regular_entropy", "mean_loglik")}
         table = baseline_table(hidden, scores, bise, incorrect, main, cfg.probe, progress, device=device)
@@ -412,13 +269,13 @@ def run_stage1(pool: int | str, cfg: Stage1Config, progress: Progress | None = N
         pool_row = Q.get_pool(db, pool)
         questions = Q.pool_questions(db, pool_row["id"])
         dtype = dtype_name(lm.model.dtype) if lm is not None else resolve_dtype_name(cfg.model.dtype, resolve_device(cfg.model.device))
-        run_id, state = _start_run(db, pool_row["id"], "stage1", cfg, cfg.model.name_or_path, resume, dtype)
+        run_id, state = start_run(db, pool_row["id"], "stage1", cfg, cfg.model.name_or_path, resume, dtype)
         log.info("run %d on pool %r (%d questions): %s", run_id, pool_row["name"], len(questions), state)
         if state == "done":
             return run_id
-        with _run_status(db, run_id, progress):
+        with run_status(db, run_id, progress):
             hidden = None
-            _forget_lost_hidden_states(db, run_id)
+            forget_lost_hidden_states(db, run_id)
             if model_stages is not None:
                 hidden = model_stages(db, run_id, questions, cfg, dtype, progress)
             elif len(Q.hidden_done_ids(db, run_id)) < len(questions) or len(Q.answered_ids(db, run_id)) < len(questions):
@@ -474,10 +331,10 @@ def run_triage(pool: int | str, cfg: TriageConfig, progress: Progress | None = N
             raise ConfigError(f"The model given to triage runs in {dtype_name(lm.model.dtype)}, but probe {cfg.probe_id} was trained on "
                               f"hidden states computed in {dtype} (Stage 1 run {source_run['id']}). Load the model in {dtype}, "
                               f"or let triage load it.")
-        run_id, state = _start_run(db, pool_row["id"], "triage", cfg, source.model.name_or_path, resume, dtype)
+        run_id, state = start_run(db, pool_row["id"], "triage", cfg, source.model.name_or_path, resume, dtype)
         if state == "done":
             return run_id
-        with _run_status(db, run_id, progress):
+        with run_status(db, run_id, progress):
             layer = int(meta["layer"])
             if hidden_stage is not None:
                 hidden = hidden_stage(db, run_id, questions, source, cfg, dtype, layer, progress)
@@ -485,7 +342,7 @@ def run_triage(pool: int | str, cfg: TriageConfig, progress: Progress | None = N
                 lm = lm or load_model(replace(source.model, dtype=dtype), device=device)
                 prompts = [build_prompt(lm.tokenizer, q["question"], source.prompt) for q in questions]
                 hidden = _stage_hidden(db, run_id, lm, questions, prompts, cfg.batch_size, progress, layer=layer)  # (n, 1, hidden)
-            with _Timer(db, run_id, "predict") as timer:
+            with StageTimer(db, run_id, "predict") as timer:
                 x = np.asarray(hidden.layer(layer), dtype=np.float32)
                 p = predict_unknown(net, x)
                 Q.insert_predictions(db, run_id, cfg.probe_id, [

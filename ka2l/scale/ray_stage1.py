@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..config import ExecutorConfig, Stage1Config, TriageConfig
-from ..probing.stage1 import _forget_lost_hidden_states, open_run_hidden
+from ..probing.runs import forget_lost_hidden_states, open_run_hidden
 from ..probing.storage import check_hidden_space, model_dims
 from ..progress import Progress
 from ..store import queries as Q
@@ -119,7 +119,7 @@ def triage_on_ray(db, run_id: int, questions: list[dict], source: Stage1Config, 
     t0 = time.perf_counter()
     work, ex, n = WorkDir(run_id), cfg.executor, len(questions)
     spec = replace(model_spec(source.model, dtype), device=cfg.device)
-    _forget_lost_hidden_states(db, run_id)
+    forget_lost_hidden_states(db, run_id)
     dims = model_dims(source.model)
     if dims is not None:
         check_hidden_space(db, run_id, n, dims[0], dims[1], layer)
